@@ -1,0 +1,20 @@
+"""The admin listener: key management, audit, probes and metrics (spec 7)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.middleware import error_middleware
+
+from .handlers import AdminApi, routes
+
+MAX_BODY = 64 * 1024
+
+
+def build_admin_app(api: AdminApi) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
+    app.add_routes(routes(api))
+    return app
+
+
+__all__ = ["AdminApi", "build_admin_app"]

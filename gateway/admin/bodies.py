@@ -1,0 +1,218 @@
+"""Admin API input, checked before anything touches Redis. Pure.
+
+Each parser takes the decoded JSON (or query) and returns a typed request or
+raises BadInput naming the field, the rule and never echoing a key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
+
+import orjson
+
+from gateway.config import SCOPE_RULE
+from gateway.credentials import B64TOKEN, MAX_TOKEN_LENGTH
+from gateway.keys import PREFIX_RULE, SHA256_HEX
+
+MAX_TEXT: Final = 256
+MAX_META_BYTES: Final = 16 * 1024
+MAX_SCOPES: Final = 100
+MAX_GRACE_SECONDS: Final = 30 * 86400
+MIN_IMPORTED_KEY: Final = 16
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class BadInput(ValueError):
+    """400 invalid_request; the message names the field and the rule."""
+
+
+@dataclass(frozen=True, slots=True)
+class CreateKey:
+    name: str | None = None
+    owner: str | None = None
+    scopes: tuple[str, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict)
+    expires_at: float | None = None
+    prefix: str | None = None
+    key: str | None = field(default=None, repr=False)  # import by plaintext
+    key_sha256: str | None = None  # import by digest
+
+    @property
+    def is_import(self) -> bool:
+        return self.key is not None or self.key_sha256 is not None
+
+
+@dataclass(frozen=True, slots=True)
+class ListQuery:
+    owner: str | None
+    enabled: bool | None
+    cursor: str | None
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    key_id: str | None
+    cursor: str | None
+    limit: int
+
+
+def parse_json_object(raw: bytes, *, empty_ok: bool) -> dict[str, Any]:
+    if not raw.strip():
+        if empty_ok:
+            return {}
+        raise BadInput("the request body must be a JSON object")
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadInput("the request body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise BadInput("the request body must be a JSON object")
+    return value
+
+
+def _only(body: Mapping[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise BadInput(f"unknown field(s): {', '.join(unknown)[:200]} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _text(body: Mapping[str, Any], name: str, *, required: bool = False) -> str | None:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise BadInput(f"{name}: is required")
+        return None
+    if not isinstance(value, str):
+        raise BadInput(f"{name}: must be a string")
+    if not value.strip() or len(value) > MAX_TEXT or _CONTROL.search(value):
+        raise BadInput(f"{name}: must be 1-{MAX_TEXT} characters without control characters")
+    return value
+
+
+def timestamp(value: object, name: str) -> float | None:
+    """An RFC 3339 date-time with an offset, as seconds since the epoch."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadInput(f"{name}: must be an RFC 3339 date-time string, e.g. 2027-01-31T12:00:00Z")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise BadInput(f"{name}: must be an RFC 3339 date-time, e.g. 2027-01-31T12:00:00Z") from None
+    if parsed.tzinfo is None or "T" not in value.upper():
+        raise BadInput(f"{name}: must be an RFC 3339 date-time with a time zone, e.g. 2027-01-31T12:00:00Z")
+    return parsed.timestamp()
+
+
+def create(body: Mapping[str, Any], now: float) -> CreateKey:
+    _only(body, {"name", "owner", "scopes", "meta", "expires_at", "prefix", "key", "key_sha256"})
+    scopes = body.get("scopes") or []
+    if not isinstance(scopes, list) or len(scopes) > MAX_SCOPES:
+        raise BadInput(f"scopes: must be a list of at most {MAX_SCOPES} scope names")
+    for scope in scopes:
+        if not isinstance(scope, str) or not SCOPE_RULE.fullmatch(scope):
+            raise BadInput("scopes: each must be a scope name (letters, digits, _ . : / * -)")
+    meta = body.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise BadInput("meta: must be a JSON object")
+    if len(orjson.dumps(meta)) > MAX_META_BYTES:
+        raise BadInput(f"meta: must be at most {MAX_META_BYTES} bytes of JSON")
+    expires_at = timestamp(body.get("expires_at"), "expires_at")
+    if expires_at is not None and expires_at <= now:
+        raise BadInput("expires_at: must be in the future")
+    prefix = body.get("prefix")
+    if prefix is not None and (not isinstance(prefix, str) or not PREFIX_RULE.fullmatch(prefix)):
+        raise BadInput("prefix: must be a letter, up to 15 letters or digits, then '_' (e.g. 'gw_')")
+    key = body.get("key")
+    key_sha256 = body.get("key_sha256")
+    if key is not None and key_sha256 is not None:
+        raise BadInput("key, key_sha256: give one or the other, not both")
+    if key is not None:
+        # Never echo the key back, not even in the error.
+        if (
+            not isinstance(key, str)
+            or not (MIN_IMPORTED_KEY <= len(key) <= MAX_TOKEN_LENGTH)
+            or not B64TOKEN.fullmatch(key)
+        ):
+            raise BadInput(
+                f"key: must be a string of {MIN_IMPORTED_KEY}-{MAX_TOKEN_LENGTH} characters "
+                "that a client can send as a bearer token (A-Z a-z 0-9 - . _ ~ + / =)"
+            )
+    if key_sha256 is not None:
+        if not isinstance(key_sha256, str) or not SHA256_HEX.fullmatch(key_sha256.lower()):
+            raise BadInput("key_sha256: must be 64 hexadecimal characters (the SHA-256 of the key)")
+        key_sha256 = key_sha256.lower()
+    if prefix is not None and (key is not None or key_sha256 is not None):
+        raise BadInput("prefix: applies to generated keys only, not to an import")
+    return CreateKey(
+        name=_text(body, "name"),
+        owner=_text(body, "owner"),
+        scopes=tuple(scopes),
+        meta=meta,
+        expires_at=expires_at,
+        prefix=prefix,
+        key=key,
+        key_sha256=key_sha256,
+    )
+
+
+def reason(body: Mapping[str, Any]) -> str | None:
+    _only(body, {"reason"})
+    value = body.get("reason")
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 1024 or _CONTROL.search(value):
+        raise BadInput("reason: must be a string of at most 1024 characters without control characters")
+    return value
+
+
+def grace_seconds(body: Mapping[str, Any]) -> int:
+    _only(body, {"grace_seconds"})
+    value = body.get("grace_seconds", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_GRACE_SECONDS:
+        raise BadInput(f"grace_seconds: must be a whole number from 0 to {MAX_GRACE_SECONDS}")
+    return value
+
+
+def _limit(query: Mapping[str, str], default: int, most: int) -> int:
+    raw = query.get("limit")
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= most:
+        raise BadInput(f"limit: must be a whole number from 1 to {most}")
+    return int(raw)
+
+
+def list_query(query: Mapping[str, str]) -> ListQuery:
+    _only(query, {"owner", "enabled", "cursor", "limit"})
+    enabled_raw = query.get("enabled")
+    enabled: bool | None = None
+    if enabled_raw is not None:
+        if enabled_raw not in ("true", "false"):
+            raise BadInput("enabled: must be true or false")
+        enabled = enabled_raw == "true"
+    return ListQuery(query.get("owner") or None, enabled, query.get("cursor") or None, _limit(query, 20, 100))
+
+
+_STREAM_ID: Final = re.compile(r"\d{1,20}-\d{1,20}")
+_KEY_ID: Final = re.compile(r"key_[0-9a-f]{20}")
+
+
+def audit_query(query: Mapping[str, str]) -> AuditQuery:
+    _only(query, {"key_id", "cursor", "limit"})
+    key_id = query.get("key_id") or None
+    if key_id is not None and not _KEY_ID.fullmatch(key_id):
+        raise BadInput("key_id: must be a key id (key_...)")
+    cursor = query.get("cursor") or None
+    if cursor is not None and not _STREAM_ID.fullmatch(cursor):
+        raise BadInput("cursor: must be a cursor this API returned")
+    return AuditQuery(key_id, cursor, _limit(query, 50, 500))
+
+
+def valid_key_id(value: str) -> bool:
+    return _KEY_ID.fullmatch(value) is not None

@@ -1,0 +1,318 @@
+"""Admin API handlers (spec 7): check the caller, parse, change the table, evict, answer."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway import errors, keys
+from gateway.config import KeysConfig
+from gateway.errors import Denial
+from gateway.keys import KeyRecord
+from gateway.metrics import CONTENT_TYPE, Metrics
+from gateway.propagation import Propagator
+from gateway.store import AuditEntry, KeyStore, Refused, decode_cursor, encode_cursor
+
+from . import bodies
+from .auth import Principal, TokenVerifier
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Action = Callable[["AdminApi", web.Request, Principal, str], Awaitable[web.StreamResponse]]
+
+
+def json_response(data: Any, request_id: str, status: int = 200) -> web.Response:
+    return web.Response(
+        status=status,
+        body=orjson.dumps(data),
+        content_type="application/json",
+        headers={"X-Request-Id": request_id, "Cache-Control": "no-store"},
+    )
+
+
+def requires(role: str) -> Callable[[Action], Callable[[AdminApi, web.Request], Awaitable[web.StreamResponse]]]:
+    """Authenticate the caller and check their role before the action runs."""
+
+    def wrap(action: Action) -> Callable[[AdminApi, web.Request], Awaitable[web.StreamResponse]]:
+        async def handler(self: AdminApi, request: web.Request) -> web.StreamResponse:
+            request_id = errors.request_id_from(request.headers.get("X-Request-Id"))
+            principal = await self.authenticate(request)
+            if isinstance(principal, Denial):
+                return errors.render(principal, request_id, realm=errors.ADMIN_WWW_AUTHENTICATE)
+            if not principal.may(role):
+                denial = Denial("insufficient_permissions", f"This action requires the {role} role")
+                return errors.render(denial, request_id)
+            try:
+                return await action(self, request, principal, request_id)
+            except bodies.BadInput as exc:
+                return errors.render(Denial("invalid_request", str(exc)), request_id)
+            except Refused as exc:
+                return errors.render(Denial(exc.code, exc.detail, status=409), request_id)
+
+        return handler
+
+    return wrap
+
+
+@dataclass
+class AdminApi:
+    store: KeyStore
+    verifier: TokenVerifier
+    propagator: Propagator
+    keys_config: KeysConfig
+    metrics: Metrics
+
+    async def authenticate(self, request: web.Request) -> Principal | Denial:
+        values = request.headers.getall("Authorization", ())
+        if not values:
+            return Denial("missing_token")
+        if len(values) > 1:
+            return Denial("invalid_request", "The request carries more than one Authorization header")
+        scheme, _, token = values[0].strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token or len(token) > 1024:
+            return Denial("invalid_token")
+        principal = await self.verifier.verify(token)
+        return principal if principal is not None else Denial("invalid_token")
+
+    def _audit(self, request: web.Request, principal: Principal, action: str, key_id: str,
+               request_id: str, reason: str | None = None, **detail: Any) -> AuditEntry:  # fmt: skip
+        self.metrics.admin_changes.labels(action).inc()
+        return AuditEntry(
+            actor=principal.name,
+            action=action,
+            key_id=key_id,
+            remote=request.remote,
+            reason=reason,
+            request_id=request_id,
+            detail=detail or None,
+        )
+
+    async def _body(self, request: web.Request, *, empty_ok: bool) -> dict[str, Any]:
+        return bodies.parse_json_object(await request.read(), empty_ok=empty_ok)
+
+    @staticmethod
+    def _key_id(request: web.Request) -> str:
+        key_id = request.match_info["key_id"]
+        if not bodies.valid_key_id(key_id):
+            raise bodies.BadInput("the key id must look like key_ followed by 20 hex digits")
+        return key_id
+
+    def _not_found(self, request_id: str) -> web.Response:
+        return errors.render(Denial("key_not_found", "No key has this id", status=404), request_id)
+
+    # endpoints --------------------------------------------------------------
+
+    @requires("developer")
+    async def create(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
+        now = time.time()
+        spec = bodies.create(await self._body(request, empty_ok=True), now)
+        plaintext: str | None = None
+        if spec.key is not None:
+            key_hash, start = keys.digest(spec.key), keys.start_of(spec.key)
+        elif spec.key_sha256 is not None:
+            key_hash, start = spec.key_sha256, None
+        else:
+            plaintext = keys.generate(spec.prefix or keys.DEFAULT_PREFIX)
+            key_hash, start = keys.digest(plaintext), keys.start_of(plaintext)
+        record = KeyRecord(
+            id=keys.new_id(),
+            hash=key_hash,
+            name=spec.name,
+            owner=spec.owner,
+            scopes=spec.scopes,
+            meta=spec.meta,
+            start=start,
+            prefix=spec.prefix or (keys.DEFAULT_PREFIX if plaintext else None),
+            created_at=now,
+            expires_at=spec.expires_at,
+            imported=spec.is_import,
+        )
+        action = "import" if spec.is_import else "create"
+        audit = self._audit(request, principal, action, record.id, request_id)
+        if not await self.store.insert(record, [audit]):
+            return errors.render(Denial("key_exists", status=409), request_id)
+        # A client that tried an imported key before may have a cached "unknown key".
+        await self.propagator.evict([record.hash])
+        body = record.public()
+        if plaintext is not None:
+            body["key"] = plaintext
+        return json_response(body, request_id, status=201)
+
+    @requires("viewer")
+    async def list_keys(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
+        query = bodies.list_query(request.query)
+        try:
+            position = decode_cursor(query.cursor) if query.cursor else 0
+        except ValueError:
+            raise bodies.BadInput("cursor: must be a cursor this API returned") from None
+        records, next_position = await self.store.page(
+            owner=query.owner, enabled=query.enabled, cursor=position, limit=query.limit
+        )
+        next_cursor = encode_cursor(next_position) if next_position is not None else None
+        return json_response({"keys": [r.public() for r in records], "next_cursor": next_cursor}, request_id)
+
+    @requires("viewer")
+    async def show(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
+        record = await self.store.get_by_id(self._key_id(request))
+        if record is None:
+            return self._not_found(request_id)
+        return json_response(record.public(), request_id)
+
+    @requires("developer")
+    async def disable(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
+        key_id = self._key_id(request)
+        why = bodies.reason(await self._body(request, empty_ok=True))
+
+        def change(r: KeyRecord) -> KeyRecord:
+            if r.revoked or not r.enabled:
+                return r  # idempotent: already refused everywhere
+            return r.bump(enabled=False, disabled_at=time.time(), disabled_by=principal.name, disabled_reason=why)
+
+        audit = self._audit(request, principal, "disable", key_id, request_id, why)
+        return await self._change(key_id, change, [audit], request_id)
+
+    @requires("developer")
+    async def enable(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
+        key_id = self._key_id(request)
+        bodies.reason(await self._body(request, empty_ok=True))
+        allow = self.keys_config.allow_reenable
+
+        def change(r: KeyRecord) -> KeyRecord:
+            if r.revoked:
+                raise Refused("key_revoked", "A revoked key can never be enabled again")
+            if r.enabled:
+                return r
+            if not allow:
+                raise Refused("reenable_not_allowed")
+            return r.bump(enabled=True, disabled_at=None, disabled_by=None, disabled_reason=None)
+
+        audit = self._audit(request, principal, "enable", key_id, request_id)
+        return await self._change(key_id, change, [audit], request_id)
+
+    @requires("admin")
+    async def revoke(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
+        key_id = self._key_id(request)
+        why = bodies.reason(await self._body(request, empty_ok=True))
+
+        def change(r: KeyRecord) -> KeyRecord:
+            if r.revoked:
+                return r
+            now = time.time()
+            return r.bump(enabled=False, revoked=True, revoked_at=now, revoked_by=principal.name,
+                          disabled_at=r.disabled_at or now, disabled_by=r.disabled_by or principal.name,
+                          disabled_reason=why if why is not None else r.disabled_reason)  # fmt: skip
+
+        audit = self._audit(request, principal, "revoke", key_id, request_id, why)
+        return await self._change(key_id, change, [audit], request_id)
+
+    @requires("developer")
+    async def rotate(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
+        key_id = self._key_id(request)
+        grace = bodies.grace_seconds(await self._body(request, empty_ok=True))
+        now = time.time()
+        new_id = keys.new_id()
+        plaintext: str = ""
+        original_expiry: float | None = None
+
+        def change(r: KeyRecord) -> KeyRecord:
+            nonlocal original_expiry
+            if r.revoked:
+                raise Refused("key_revoked", "A revoked key cannot be rotated")
+            if not r.enabled:
+                raise Refused("key_disabled", "A disabled key cannot be rotated; enable it first")
+            if r.rotated_to is not None:
+                raise Refused("key_rotated")
+            original_expiry = r.expires_at
+            ends = now + grace
+            expires = ends if r.expires_at is None else min(r.expires_at, ends)
+            return r.bump(expires_at=expires, rotated_to=new_id)
+
+        def successor(old: KeyRecord) -> KeyRecord:
+            nonlocal plaintext
+            plaintext = keys.generate(old.prefix or keys.DEFAULT_PREFIX)
+            return KeyRecord(
+                id=new_id, hash=keys.digest(plaintext), name=old.name, owner=old.owner,
+                scopes=old.scopes, meta=old.meta, start=keys.start_of(plaintext),
+                prefix=old.prefix or keys.DEFAULT_PREFIX, created_at=now,
+                expires_at=original_expiry,
+            )  # fmt: skip
+
+        audits = [
+            self._audit(request, principal, "rotate", key_id, request_id, new_key_id=new_id, grace_seconds=grace),
+            self._audit(request, principal, "create", new_id, request_id, rotated_from=key_id),
+        ]
+        outcome = await self.store.update(key_id, change, audits, also_insert=successor)
+        if outcome is None:
+            return self._not_found(request_id)
+        _, after, inserted = outcome
+        assert inserted is not None
+        propagation = await self.propagator.evict([after.hash, inserted.hash])
+        body = inserted.public()
+        body["key"] = plaintext
+        body["rotated_from"] = {"id": after.id, "expires_at": keys.rfc3339(after.expires_at)}
+        body["propagation"] = propagation.public()
+        return json_response(body, request_id, status=201)
+
+    async def _change(
+        self, key_id: str, change: Callable[[KeyRecord], KeyRecord], audits: list[AuditEntry], request_id: str
+    ) -> web.Response:
+        outcome = await self.store.update(key_id, change, audits)
+        if outcome is None:
+            return self._not_found(request_id)
+        _, after, _ = outcome
+        # Evict even on a no-op: a repeated disable re-confirms that no cache holds the key.
+        propagation = await self.propagator.evict([after.hash])
+        body = after.public()
+        body["propagation"] = propagation.public()
+        return json_response(body, request_id)
+
+    @requires("admin")
+    async def audit(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
+        query = bodies.audit_query(request.query)
+        entries, next_cursor = await self.store.audit(key_id=query.key_id, cursor=query.cursor, limit=query.limit)
+        return json_response({"entries": entries, "next_cursor": next_cursor}, request_id)
+
+    # probes ---------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.StreamResponse:
+        return json_response({"status": "ok"}, errors.request_id_from(request.headers.get("X-Request-Id")))
+
+    async def readyz(self, request: web.Request) -> web.StreamResponse:
+        request_id = errors.request_id_from(request.headers.get("X-Request-Id"))
+        try:
+            ok = await self.store.ping()
+        except Exception:
+            ok = False
+        if not ok:
+            return errors.render(Denial("not_ready", "Redis does not answer"), request_id)
+        return json_response({"status": "ready", "redis": "ok"}, request_id)
+
+    async def metrics_text(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def routes(api: AdminApi) -> list[web.RouteDef]:
+    def bound(fn: Callable[[AdminApi, web.Request], Awaitable[web.StreamResponse]]) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return await fn(api, request)
+
+        return handler
+
+    return [
+        web.post("/v1/keys", bound(AdminApi.create)),
+        web.get("/v1/keys", bound(AdminApi.list_keys), allow_head=False),
+        web.get("/v1/keys/{key_id}", bound(AdminApi.show), allow_head=False),
+        web.post("/v1/keys/{key_id}/disable", bound(AdminApi.disable)),
+        web.post("/v1/keys/{key_id}/enable", bound(AdminApi.enable)),
+        web.post("/v1/keys/{key_id}/revoke", bound(AdminApi.revoke)),
+        web.post("/v1/keys/{key_id}/rotate", bound(AdminApi.rotate)),
+        web.get("/v1/audit", bound(AdminApi.audit), allow_head=False),
+        web.get("/healthz", api.healthz),
+        web.get("/readyz", api.readyz),
+        web.get("/metrics", api.metrics_text),
+    ]

@@ -1,0 +1,74 @@
+"""The in-process key cache: positive and negative TTLs, bounded size, generations.
+
+The generation counter closes the stale-refill race (spec 8): a lookup notes
+the generation before it reads Redis and may only store its answer if no
+eviction happened since. An eviction that lands while the read is in flight
+bumps the generation, so the (possibly stale) answer is served once to the
+request that asked before the eviction and never cached.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Final
+
+from .keys import KeyRecord
+
+_MISS: Final = object()
+
+
+class KeyCache:
+    def __init__(
+        self,
+        ttl_seconds: float,
+        negative_ttl_seconds: float,
+        max_entries: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ttl = ttl_seconds
+        self._negative_ttl = negative_ttl_seconds
+        self._max = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, KeyRecord | None]] = OrderedDict()
+        self.generation = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key_hash: str) -> KeyRecord | object | None:
+        """The cached record, None for a cached "unknown key", or `MISS`."""
+        entry = self._entries.get(key_hash)
+        if entry is None:
+            return _MISS
+        expires, record = entry
+        if self._clock() >= expires:
+            del self._entries[key_hash]
+            return _MISS
+        self._entries.move_to_end(key_hash)
+        return record
+
+    def put(self, key_hash: str, record: KeyRecord | None, generation: int) -> bool:
+        """Store an answer read at `generation`; refused if anything was evicted since."""
+        if generation != self.generation:
+            return False
+        ttl = self._ttl if record is not None else self._negative_ttl
+        if ttl <= 0:
+            return False
+        self._entries[key_hash] = (self._clock() + ttl, record)
+        self._entries.move_to_end(key_hash)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+        return True
+
+    def evict(self, key_hash: str) -> None:
+        self.generation += 1
+        self._entries.pop(key_hash, None)
+
+    def clear(self) -> None:
+        self.generation += 1
+        self._entries.clear()
+
+
+MISS: Final = _MISS

@@ -1,0 +1,110 @@
+"""The `gateway` command: serve, check-config, hash-token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+
+from . import config as config_mod
+from .embedded import MissingRedis
+
+EXIT_CONFIG = 2
+
+
+def _load(path: str) -> config_mod.Config | None:
+    try:
+        return config_mod.load(path, os.environ)
+    except config_mod.ConfigError as exc:
+        print(f"{exc.source}: {len(exc.problems)} problem(s):", file=sys.stderr)
+        for problem in exc.problems:
+            print("  " + problem.format(exc.source), file=sys.stderr)
+        return None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    if cfg is None:
+        return EXIT_CONFIG
+    print(f"{args.config}: ok ({len(cfg.routes)} route(s), {len(cfg.admin.tokens)} admin token(s))")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    if cfg is None:
+        return EXIT_CONFIG
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    from .server import serve
+
+    try:
+        asyncio.run(serve(cfg))
+    except MissingRedis as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"gateway: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_hash_token(args: argparse.Namespace) -> int:
+    from .admin.auth import hash_token
+
+    if args.generate:
+        token = "gwadm_" + secrets.token_urlsafe(32)
+    elif sys.stdin.isatty():
+        token = getpass.getpass("admin token: ")
+    else:
+        token = sys.stdin.readline().rstrip("\r\n")
+    if len(token) < 16:
+        print("gateway: an admin token must be at least 16 characters", file=sys.stderr)
+        return EXIT_CONFIG
+    digest = hash_token(token)
+    if args.generate:
+        print(f"token: {token}")
+        print("# keep the token secret; put this entry under admin.tokens:")
+    print(f'- name: {args.name}\n  role: {args.role}\n  hash: "{digest}"')
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gateway", description="API-key gateway")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy and the admin listener")
+    serve.add_argument("--config", required=True, help="path to gateway.yaml")
+    serve.add_argument("--log-level", default=os.environ.get("GATEWAY_LOG_LEVEL", "info"),
+                       choices=["debug", "info", "warning", "error"])  # fmt: skip
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser("check-config", help="validate a config file; exit 2 listing every problem")
+    check.add_argument("--config", required=True)
+    check.set_defaults(func=cmd_check_config)
+
+    ht = sub.add_parser("hash-token", help="print an argon2id hash for an admin token (read from stdin)")
+    ht.add_argument("--generate", action="store_true", help="generate a new random token and print it too")
+    ht.add_argument("--name", default="ops", help="token name for the printed config entry")
+    ht.add_argument("--role", default="admin", choices=list(config_mod.ROLES))
+    ht.set_defaults(func=cmd_hash_token)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Every answer the gateway gives itself: codes, statuses and the one renderer (spec 5).
+
+A denial is a value, not an exception: the request path returns a `Denial` and
+`render` turns it into a response. Nothing here echoes a key or a header value.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Final
+
+import orjson
+from aiohttp import web
+
+ERROR_TYPE_BASE: Final = "https://gateway.dev/errors/"
+WWW_AUTHENTICATE: Final = 'Bearer realm="gateway"'
+ADMIN_WWW_AUTHENTICATE: Final = 'Bearer realm="gateway-admin"'
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorKind:
+    status: int
+    title: str
+    detail: str
+
+
+# code -> (status, title, detail). The proxy table of spec 5, then the admin API's own.
+KINDS: Final[dict[str, ErrorKind]] = {
+    "missing_key": ErrorKind(
+        401, "Unauthorized", "This route requires an API key in the Authorization header: Bearer <key>"
+    ),
+    "malformed_key": ErrorKind(401, "Unauthorized", "The Authorization header must be of the form: Bearer <key>"),
+    "key_not_found": ErrorKind(401, "Unauthorized", "The API key used for authentication is not valid"),
+    "key_disabled": ErrorKind(403, "Forbidden", "The API key used for authentication has been disabled"),
+    "key_revoked": ErrorKind(403, "Forbidden", "The API key used for authentication has been revoked"),
+    "key_expired": ErrorKind(401, "Unauthorized", "The API key used for authentication has expired"),
+    "insufficient_permissions": ErrorKind(
+        403, "Forbidden", "The credential used lacks a permission this resource requires"
+    ),
+    "invalid_request": ErrorKind(400, "Bad Request", "The request is malformed"),
+    "route_not_found": ErrorKind(404, "Not Found", "No route matches this path"),
+    "method_not_allowed": ErrorKind(405, "Method Not Allowed", "This method is not allowed on this route"),
+    "auth_unavailable": ErrorKind(503, "Service Unavailable", "The key table cannot be reached; try again shortly"),
+    "upstream_unavailable": ErrorKind(
+        502, "Bad Gateway", "The upstream service could not be reached or answered badly"
+    ),
+    "upstream_timeout": ErrorKind(504, "Gateway Timeout", "The upstream service did not answer in time"),
+    "payload_too_large": ErrorKind(413, "Payload Too Large", "The request body is too large"),
+    "internal_error": ErrorKind(500, "Internal Server Error", "The gateway failed to handle this request"),
+    # admin API
+    "missing_token": ErrorKind(
+        401, "Unauthorized", "The admin API requires a token in the Authorization header: Bearer <token>"
+    ),
+    "invalid_token": ErrorKind(401, "Unauthorized", "The admin token is not valid"),
+    "not_found": ErrorKind(404, "Not Found", "No such resource"),
+    "key_exists": ErrorKind(409, "Conflict", "A key with this value is already in the table"),
+    "key_rotated": ErrorKind(409, "Conflict", "This key has been rotated already; rotate its successor instead"),
+    "not_ready": ErrorKind(503, "Service Unavailable", "The gateway cannot serve authenticated traffic yet"),
+    "reenable_not_allowed": ErrorKind(
+        409, "Conflict", "This gateway does not allow re-enabling a disabled key (keys.allow_reenable is false)"
+    ),
+}
+
+_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_ID_ALPHABET: Final = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def new_request_id() -> str:
+    return "req_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(16))
+
+
+def request_id_from(client_value: str | None) -> str:
+    """The client's X-Request-Id when it is well-formed, else a new one."""
+    if client_value is not None and _REQUEST_ID_OK.fullmatch(client_value):
+        return client_value
+    return new_request_id()
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """A decision not to forward: a code from KINDS, an optional detail and status override."""
+
+    code: str
+    detail: str | None = None
+    status: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def body(code: str, request_id: str, *, detail: str | None = None, status: int | None = None) -> bytes:
+    kind = KINDS[code]
+    status = status or kind.status
+    # A status override (keys.disabled_status: 401) takes the title of its own status.
+    title = kind.title if status == kind.status else HTTPStatus(status).phrase
+    return orjson.dumps(
+        {
+            "meta": {"requestId": request_id},
+            "error": {
+                "code": code,
+                "title": title,
+                "detail": detail or kind.detail,
+                "status": status,
+                "type": ERROR_TYPE_BASE + code,
+            },
+        }
+    )
+
+
+def render(denial: Denial, request_id: str, *, realm: str = WWW_AUTHENTICATE) -> web.Response:
+    """The single renderer of every error the gateway answers itself."""
+    status = denial.status or KINDS[denial.code].status
+    headers = {"X-Request-Id": request_id, "Cache-Control": "no-store", **denial.headers}
+    if status == 401:
+        headers["WWW-Authenticate"] = realm
+    return web.Response(
+        status=status,
+        body=body(denial.code, request_id, detail=denial.detail, status=status),
+        content_type="application/json",
+        headers=headers,
+    )

@@ -1,0 +1,246 @@
+"""Fixtures: real redis-server processes, a real upstream HTTP server, a real gateway on loopback.
+
+- `redis_server`: one redis-server per test session on a free port (tests isolate by prefix).
+- `upstream`: an aiohttp echo server (tests/upstream_app.py) on a free port.
+- `gw`: a gateway replica (proxy + admin listeners) built from a Config around them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from redis.asyncio import Redis
+
+from gateway import config as config_mod
+from gateway.admin.auth import hash_token
+from gateway.app import Replica, build
+from tests.upstream_app import make_upstream
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RedisProcess:
+    port: int
+    data_dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed: `make test` installs it (apt-get install redis-server)")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir),
+             "--save", "", "--appendonly", "no", "--daemonize", "no", *self.extra],  # fmt: skip
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    server = RedisProcess(free_port(), tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def redis(redis_server: RedisProcess) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url, socket_timeout=2, socket_connect_timeout=1)
+    yield client
+    await client.aclose()
+
+
+@dataclass(frozen=True)
+class AdminTokens:
+    viewer: str
+    developer: str
+    admin: str
+    entries: list[dict[str, str]]
+
+
+@pytest.fixture(scope="session")
+def admin_tokens() -> AdminTokens:
+    tokens = {role: f"gwadm_{role}_" + secrets.token_urlsafe(24) for role in ("viewer", "developer", "admin")}
+    entries = [{"name": f"ops-{role}", "role": role, "hash": hash_token(tok)} for role, tok in tokens.items()]
+    return AdminTokens(tokens["viewer"], tokens["developer"], tokens["admin"], entries)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[TestServer]:
+    server = TestServer(make_upstream(), host="127.0.0.1")
+    await server.start_server()
+    yield server
+    await server.close()
+
+
+def make_config(
+    *,
+    redis_url: str,
+    upstream_url: str,
+    tokens: list[dict[str, str]],
+    overrides: dict[str, Any] | None = None,
+) -> config_mod.Config:
+    """A config dict like an operator's file, validated by the real loader."""
+    raw: dict[str, Any] = {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "admin": {"listen": {"host": "127.0.0.1", "port": 0}, "tokens": tokens},
+        "redis": {"url": redis_url, "prefix": f"t{secrets.token_hex(4)}:"},
+        "cache": {"ttl_seconds": 30, "negative_ttl_seconds": 2},
+        "routes": [
+            {"name": "billing", "path_prefix": "/billing", "upstream": upstream_url, "scopes": ["billing:read"]},
+            {"name": "api", "path_prefix": "/api", "upstream": upstream_url},
+            {"name": "api-stripped", "path_prefix": "/stripped", "upstream": upstream_url + "/base",
+             "strip_prefix": True},  # fmt: skip
+            {"name": "get-only", "path_prefix": "/readonly", "upstream": upstream_url, "methods": ["GET"]},
+            {"name": "public", "path_prefix": "/public", "upstream": upstream_url, "auth": "none"},
+            {"name": "with-auth", "path_prefix": "/passauth", "upstream": upstream_url,
+             "forward_authorization": True},  # fmt: skip
+            {"name": "slow", "path_prefix": "/slowroute", "upstream": upstream_url, "timeout_seconds": 0.3},
+            {"name": "dead", "path_prefix": "/dead", "upstream": "http://127.0.0.1:1"},
+        ],
+    }
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    import yaml
+
+    return config_mod.parse(yaml.safe_dump(raw), source="<test>")
+
+
+@dataclass
+class Gateway:
+    replica: Replica
+    proxy: TestServer
+    admin: TestServer
+    session: aiohttp.ClientSession
+    tokens: AdminTokens
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://127.0.0.1:{self.proxy.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin.port}"
+
+    async def call(
+        self, method: str, path: str, *, key: str | None = None, headers: dict[str, str] | None = None, **kw: Any
+    ) -> aiohttp.ClientResponse:
+        """A request to the proxy; `key` becomes the bearer credential."""
+        h = dict(headers or {})
+        if key is not None:
+            h["Authorization"] = f"Bearer {key}"
+        return await self.session.request(method, self.proxy_url + path, headers=h, allow_redirects=False, **kw)
+
+    async def admin_call(
+        self, method: str, path: str, *, token: str | None = "admin", json: Any = None, **kw: Any
+    ) -> aiohttp.ClientResponse:
+        """A request to the admin API; `token` is a role name (its token is used) or a raw token."""
+        headers = dict(kw.pop("headers", {}))
+        if token is not None:
+            headers["Authorization"] = f"Bearer {getattr(self.tokens, token, token)}"
+        return await self.session.request(method, self.admin_url + path, headers=headers, json=json, **kw)
+
+    async def create_key(self, **body: Any) -> dict[str, Any]:
+        async with await self.admin_call("POST", "/v1/keys", token="developer", json=body) as r:
+            assert r.status == 201, await r.text()
+            data: dict[str, Any] = await r.json()
+            return data
+
+
+GatewayFactory = Callable[..., "asyncio.Future[Gateway]"]
+
+
+@pytest.fixture
+async def gateway_factory(
+    redis_server: RedisProcess, upstream: TestServer, admin_tokens: AdminTokens
+) -> AsyncIterator[Callable[..., Any]]:
+    started: list[tuple[TestServer, TestServer, aiohttp.ClientSession, Redis]] = []
+
+    async def start(redis_url: str | None = None, **overrides: Any) -> Gateway:
+        cfg = make_config(
+            redis_url=redis_url or redis_server.url,
+            upstream_url=str(upstream.make_url("")).rstrip("/"),
+            tokens=admin_tokens.entries,
+            overrides=overrides,
+        )
+        client = Redis.from_url(cfg.redis.url or "", socket_timeout=1, socket_connect_timeout=0.5)
+        replica = build(cfg, client)
+        proxy = TestServer(replica.proxy_app, host="127.0.0.1")
+        admin = TestServer(replica.admin_app, host="127.0.0.1")
+        await proxy.start_server()
+        await admin.start_server()
+        session = aiohttp.ClientSession(auto_decompress=False)
+        started.append((proxy, admin, session, client))
+        return Gateway(replica, proxy, admin, session, admin_tokens)
+
+    yield start
+    for proxy, admin, session, client in started:
+        await session.close()
+        await proxy.close()
+        await admin.close()
+        await client.aclose()
+
+
+@pytest.fixture
+async def gw(gateway_factory: Callable[..., Any]) -> Gateway:
+    gateway: Gateway = await gateway_factory()
+    return gateway
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("GATEWAY_TEST", "1")
+
+
+__all__ = ["Gateway", "RedisProcess", "free_port", "make_config", "web"]
