@@ -119,7 +119,7 @@ class EmbeddedRedis:
     async def start(self) -> str:
         await self._spawn()
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
-        log.info("embedded redis-server started", extra={"port": self.port, "data_dir": str(self.data_dir)})
+        log.info("embedded redis-server started on 127.0.0.1:%d, data in %s", self.port, self.data_dir)
         return self.url
 
     async def _supervise(self) -> None:

@@ -8,6 +8,7 @@ renderer turns into the JSON error. No path that returns a Denial forwards.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -23,6 +24,8 @@ from .metrics import Metrics
 from .routing import RouteTable, UnsafePath, split_target
 from .upstream import Forwarder
 
+access = logging.getLogger("gateway.access")
+
 
 @dataclass
 class Proxy:
@@ -37,34 +40,40 @@ class Proxy:
         try:
             target = split_target(request.raw_path)
         except UnsafePath as exc:
-            return self._deny(Denial("invalid_request", str(exc)), request_id, "-")
+            return self._deny(request, Denial("invalid_request", str(exc)), request_id, "-")
 
         route = self.routes.match(target.path)
         if route is None:
-            return self._deny(Denial("route_not_found"), request_id, "-")
+            return self._deny(request, Denial("route_not_found"), request_id, "-")
         if route.methods is not None and request.method not in route.methods:
             allow = ", ".join(sorted(route.methods))
-            return self._deny(Denial("method_not_allowed", headers={"Allow": allow}), request_id, route.name)
+            return self._deny(request, Denial("method_not_allowed", headers={"Allow": allow}), request_id, route.name)
 
         record: KeyRecord | None = None
         if route.requires_key:
             credential = bearer_from(request.headers.getall("Authorization", ()))
             if isinstance(credential, Denial):
-                return self._deny(credential, request_id, route.name)
+                return self._deny(request, credential, request_id, route.name)
             try:
                 record = await self.lookup.find(digest(credential.token))
             except AuthUnavailable:
-                return self._deny(Denial("auth_unavailable"), request_id, route.name)
+                return self._deny(request, Denial("auth_unavailable"), request_id, route.name)
             denial = decide(record, route, time.time(), self.keys.disabled_status)
             if denial is not None:
-                return self._deny(denial, request_id, route.name)
+                return self._deny(request, denial, request_id, route.name)
 
         outcome = await self.forwarder.forward(request, route, target, record, request_id)
         if isinstance(outcome, Denial):
-            return self._deny(outcome, request_id, route.name)
-        self.metrics.request(route.name, "forwarded")
+            return self._deny(request, outcome, request_id, route.name)
+        self._record(request, request_id, route.name, "forwarded", outcome.status)
         return outcome
 
-    def _deny(self, denial: Denial, request_id: str, route: str) -> web.Response:
-        self.metrics.request(route, denial.code)
-        return errors.render(denial, request_id)
+    def _deny(self, request: web.Request, denial: Denial, request_id: str, route: str) -> web.Response:
+        response = errors.render(denial, request_id)
+        self._record(request, request_id, route, denial.code, response.status)
+        return response
+
+    def _record(self, request: web.Request, request_id: str, route: str, code: str, status: int) -> None:
+        # Route names and codes only: never the path, a header or the key.
+        self.metrics.request(route, code)
+        access.info("%s %s route=%s code=%s status=%d", request_id, request.method, route, code, status)
