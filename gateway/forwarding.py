@@ -51,7 +51,8 @@ def upstream_request_headers(
     forwarded_for: list[str] = []
     for name, value in headers.items():
         lower = name.lower()
-        if lower in drop or lower.startswith(GATEWAY_HEADER_PREFIX):
+        # `X_Gateway_Key_Id` too: CGI/WSGI upstreams read '_' and '-' alike.
+        if lower in drop or lower.replace("_", "-").startswith(GATEWAY_HEADER_PREFIX):
             continue
         if lower == "authorization" and not forward_authorization:
             continue

@@ -32,7 +32,16 @@ class Target:
 
 
 def split_target(raw_target: str) -> Target:
-    """Split a request-target into a normalised path and the raw query."""
+    """Split a request-target into a normalised path and the raw query.
+
+    Absolute-form (`http://host/path`, RFC 9112 3.2.2) is accepted: its path is used.
+    """
+    scheme, sep, rest = raw_target.partition("://")
+    if sep and scheme.lower() in ("http", "https"):
+        cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+        raw_target = rest[cut:]
+        if not raw_target.startswith("/"):
+            raw_target = "/" + raw_target
     path, sep, query = raw_target.partition("?")
     path = path.partition("#")[0]
     return Target(normalise(path), query if sep else "")

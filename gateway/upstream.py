@@ -91,7 +91,7 @@ class Forwarder:
             request_id=request_id,
             peer=request.remote,
             scheme=request.scheme,
-            host=request.host,
+            host=request.headers.get("Host"),
         )
         body = request.content if request.body_exists else None
         try:

@@ -2,9 +2,10 @@
 
 argon2id costs tens of milliseconds on purpose, so each token is verified
 against the configured hashes once per process (in a worker thread, at most two
-at a time so a flood of wrong tokens cannot starve the event loop) and then
-recognised by its SHA-256 in memory. A wrong token is remembered too, in a
-bounded set, so repeating it costs nothing.
+at a time so a flood of wrong tokens cannot starve the event loop; concurrent
+calls with the same token share one verification) and then recognised by its
+SHA-256 in memory. A wrong token is remembered too, in a bounded set, so
+repeating it costs nothing.
 """
 
 from __future__ import annotations
@@ -40,25 +41,35 @@ class TokenVerifier:
         self._known: dict[str, Principal] = {}
         self._wrong: OrderedDict[str, None] = OrderedDict()
         self._gate = asyncio.Semaphore(2)
+        self._inflight: dict[str, asyncio.Future[Principal | None]] = {}
 
     async def verify(self, token: str) -> Principal | None:
         fingerprint = hashlib.sha256(token.encode("utf-8")).hexdigest()
         principal = self._known.get(fingerprint)
         if principal is not None or fingerprint in self._wrong:
             return principal
-        async with self._gate:
-            principal = self._known.get(fingerprint)
-            if principal is not None or fingerprint in self._wrong:
-                return principal
-            loop = asyncio.get_running_loop()
-            principal = await loop.run_in_executor(None, self._verify_slowly, token)
-        if principal is not None:
-            self._known[fingerprint] = principal
-        else:
-            self._wrong[fingerprint] = None
-            if len(self._wrong) > _REMEMBER_WRONG:
-                self._wrong.popitem(last=False)
-        return principal
+        inflight = self._inflight.get(fingerprint)
+        if inflight is not None:
+            return await asyncio.shield(inflight)
+        future: asyncio.Future[Principal | None] = asyncio.get_running_loop().create_future()
+        self._inflight[fingerprint] = future
+        try:
+            async with self._gate:
+                principal = await asyncio.get_running_loop().run_in_executor(None, self._verify_slowly, token)
+            if principal is not None:
+                self._known[fingerprint] = principal
+            else:
+                self._wrong[fingerprint] = None
+                if len(self._wrong) > _REMEMBER_WRONG:
+                    self._wrong.popitem(last=False)
+            future.set_result(principal)
+            return principal
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning when nobody else waits
+            raise
+        finally:
+            del self._inflight[fingerprint]
 
     def _verify_slowly(self, token: str) -> Principal | None:
         for candidate in self._tokens:

@@ -111,13 +111,17 @@ def timestamp(value: object, name: str) -> float | None:
 
 def create(body: Mapping[str, Any], now: float) -> CreateKey:
     _only(body, {"name", "owner", "scopes", "meta", "expires_at", "prefix", "key", "key_sha256"})
-    scopes = body.get("scopes") or []
+    scopes = body.get("scopes")
+    if scopes is None:
+        scopes = []
     if not isinstance(scopes, list) or len(scopes) > MAX_SCOPES:
         raise BadInput(f"scopes: must be a list of at most {MAX_SCOPES} scope names")
     for scope in scopes:
         if not isinstance(scope, str) or not SCOPE_RULE.fullmatch(scope):
             raise BadInput("scopes: each must be a scope name (letters, digits, _ . : / * -)")
-    meta = body.get("meta") or {}
+    meta = body.get("meta")
+    if meta is None:
+        meta = {}
     if not isinstance(meta, dict):
         raise BadInput("meta: must be a JSON object")
     if len(orjson.dumps(meta)) > MAX_META_BYTES:
