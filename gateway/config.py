@@ -41,6 +41,7 @@ class AdminToken:
 class AdminConfig:
     listen: Listen
     tokens: tuple[AdminToken, ...]
+    propagation_timeout_seconds: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,7 @@ class RedisConfig:
     prefix: str
     channel_secret: str | None = field(repr=False)
     data_dir: Path
+    health_check_seconds: float = 1.0
 
     @property
     def embedded(self) -> bool:
@@ -104,7 +106,7 @@ class Problem:
     rule: str
 
     def format(self, source: str) -> str:
-        shown = "(absent)" if self.value is _ABSENT else repr(self.value)
+        shown = repr(self.value)
         return f"{source}: {self.path}: {shown}: {self.rule}"
 
 
@@ -117,12 +119,20 @@ class ConfigError(ValueError):
         super().__init__("\n".join(p.format(source) for p in problems))
 
 
-class _Absent:
+class _Shown:
+    """A value placeholder in problem reports: printed as its label, without quotes."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
     def __repr__(self) -> str:
-        return "(absent)"
+        return self.label
 
 
-_ABSENT: Final = _Absent()
+_ABSENT: Final = _Shown("(absent)")
+_SECRET: Final = _Shown("(secret)")
+# An unknown key's value is not echoed: a misspelt secret key must not print the secret.
+_NOT_SHOWN: Final = _Shown("(value not shown)")
 
 # Environment variable -> key path in the file. Values are parsed as YAML scalars
 # (so "8080" is a number and "false" a boolean) and then validated like the file.
@@ -132,10 +142,12 @@ ENV_OVERRIDES: Final[dict[str, tuple[str, ...]]] = {
     "GATEWAY_ADMIN_LISTEN_HOST": ("admin", "listen", "host"),
     "GATEWAY_ADMIN_LISTEN_PORT": ("admin", "listen", "port"),
     "GATEWAY_ADMIN_TOKENS": ("admin", "tokens"),
+    "GATEWAY_ADMIN_PROPAGATION_TIMEOUT_SECONDS": ("admin", "propagation_timeout_seconds"),
     "GATEWAY_REDIS_URL": ("redis", "url"),
     "GATEWAY_REDIS_PREFIX": ("redis", "prefix"),
     "GATEWAY_REDIS_CHANNEL_SECRET": ("redis", "channel_secret"),
     "GATEWAY_REDIS_DATA_DIR": ("redis", "data_dir"),
+    "GATEWAY_REDIS_HEALTH_CHECK_SECONDS": ("redis", "health_check_seconds"),
     "GATEWAY_CACHE_TTL_SECONDS": ("cache", "ttl_seconds"),
     "GATEWAY_CACHE_NEGATIVE_TTL_SECONDS": ("cache", "negative_ttl_seconds"),
     "GATEWAY_CACHE_MAX_ENTRIES": ("cache", "max_entries"),
@@ -194,7 +206,7 @@ def _apply_env(raw: dict[str, Any], environ: Mapping[str, str], problems: list[P
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
-            shown: object = "(secret)" if path in _SECRET_PATHS else text
+            shown: object = _SECRET if path in _SECRET_PATHS else text
             problems.append(Problem(var, shown, "not a valid value"))
             continue
         if path in {("redis", "url"), ("redis", "channel_secret"), ("redis", "prefix")}:
@@ -229,7 +241,7 @@ class _Validator:
         for key in raw:
             if key not in allowed:
                 where = f"{path}.{key}" if path else str(key)
-                self.bad(where, raw[key], f"unknown key (allowed: {', '.join(sorted(allowed))})")
+                self.bad(where, _NOT_SHOWN, f"unknown key (allowed: {', '.join(sorted(allowed))})")
         return raw
 
     def value(
@@ -249,7 +261,7 @@ class _Validator:
                 return None
             return default
         value = raw[key]
-        shown = "(secret)" if secret else value
+        shown = _SECRET if secret else value
         kinds = kind if isinstance(kind, tuple) else (kind,)
         # bool is an int in Python; a port of `true` is still wrong.
         if isinstance(value, bool) and bool not in kinds:
@@ -273,13 +285,12 @@ class _Validator:
         self.section(raw, "", {"listen", "admin", "redis", "cache", "keys", "routes"})
         listen = self.listen(raw.get("listen"), "listen", Listen("0.0.0.0", 8080))
         admin = self.admin(raw.get("admin"))
-        if admin is not None and listen is not None and admin.listen.port == listen.port:
-            if admin.listen.port != 0 and _hosts_overlap(admin.listen.host, listen.host):
-                self.bad(
-                    "admin.listen.port",
-                    admin.listen.port,
-                    "must differ from listen.port: the admin API never shares the proxy port",
-                )
+        if admin is not None and listen is not None and admin.listen.port == listen.port != 0:
+            self.bad(
+                "admin.listen.port",
+                admin.listen.port,
+                "must differ from listen.port: the admin API never shares the proxy port",
+            )
         redis = self.redis(raw.get("redis"))
         cache = self.cache(raw.get("cache"))
         keys = self.keys(raw.get("keys"))
@@ -298,7 +309,8 @@ class _Validator:
         return Listen(host, port)
 
     def admin(self, raw: Any) -> AdminConfig | None:
-        sec = self.section(raw, "admin", {"listen", "tokens"})
+        sec = self.section(raw, "admin", {"listen", "tokens", "propagation_timeout_seconds"})
+        wait = self.value(sec, "propagation_timeout_seconds", "admin", float, 1.0, _range(0, 30))
         listen = self.listen(sec.get("listen"), "admin.listen", Listen("127.0.0.1", 8081))
         tokens_raw = sec.get("tokens") or []
         tokens: list[AdminToken] = []
@@ -319,19 +331,20 @@ class _Validator:
             names.add(name)
             if name and role and digest:
                 tokens.append(AdminToken(name, role, digest))
-        if listen is None:
+        if listen is None or wait is None:
             return None
-        return AdminConfig(listen, tuple(tokens))
+        return AdminConfig(listen, tuple(tokens), wait)
 
     def redis(self, raw: Any) -> RedisConfig | None:
-        sec = self.section(raw, "redis", {"url", "prefix", "channel_secret", "data_dir"})
+        sec = self.section(raw, "redis", {"url", "prefix", "channel_secret", "data_dir", "health_check_seconds"})
         url = self.value(sec, "url", "redis", str, "embedded", _check_redis_url, secret=True)
         prefix = self.value(sec, "prefix", "redis", str, "gw:", _check_prefix)
         secret = self.value(sec, "channel_secret", "redis", str, None, _check_secret, secret=True)
         data_dir = self.value(sec, "data_dir", "redis", str, "./.gateway-data", _nonempty)
-        if url is None or prefix is None or data_dir is None:
+        health = self.value(sec, "health_check_seconds", "redis", float, 1.0, _range(0.05, 60))
+        if url is None or prefix is None or data_dir is None or health is None:
             return None
-        return RedisConfig(None if url == "embedded" else url, prefix, secret, Path(data_dir))
+        return RedisConfig(None if url == "embedded" else url, prefix, secret, Path(data_dir), health)
 
     def cache(self, raw: Any) -> CacheConfig | None:
         sec = self.section(raw, "cache", {"ttl_seconds", "negative_ttl_seconds", "max_entries", "serve_stale_seconds"})
@@ -533,7 +546,3 @@ def _check_scopes(v: list[Any]) -> str | None:
             return "must be a list of scope names (letters, digits, _ . : / * -)"
     return None
 
-
-def _hosts_overlap(a: str, b: str) -> bool:
-    wildcard = {"0.0.0.0", "::", ""}
-    return a == b or a in wildcard or b in wildcard

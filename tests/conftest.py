@@ -56,8 +56,22 @@ class RedisProcess:
             pytest.fail("redis-server is not installed: `make test` installs it (apt-get install redis-server)")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir),
-             "--save", "", "--appendonly", "no", "--daemonize", "no", *self.extra],  # fmt: skip
+            [
+                binary,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--dir",
+                str(self.data_dir),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                *self.extra,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -137,12 +151,15 @@ def make_config(
         "routes": [
             {"name": "billing", "path_prefix": "/billing", "upstream": upstream_url, "scopes": ["billing:read"]},
             {"name": "api", "path_prefix": "/api", "upstream": upstream_url},
-            {"name": "api-stripped", "path_prefix": "/stripped", "upstream": upstream_url + "/base",
-             "strip_prefix": True},  # fmt: skip
+            {
+                "name": "api-stripped",
+                "path_prefix": "/stripped",
+                "upstream": upstream_url + "/base",
+                "strip_prefix": True,
+            },
             {"name": "get-only", "path_prefix": "/readonly", "upstream": upstream_url, "methods": ["GET"]},
             {"name": "public", "path_prefix": "/public", "upstream": upstream_url, "auth": "none"},
-            {"name": "with-auth", "path_prefix": "/passauth", "upstream": upstream_url,
-             "forward_authorization": True},  # fmt: skip
+            {"name": "with-auth", "path_prefix": "/passauth", "upstream": upstream_url, "forward_authorization": True},
             {"name": "slow", "path_prefix": "/slowroute", "upstream": upstream_url, "timeout_seconds": 0.3},
             {"name": "dead", "path_prefix": "/dead", "upstream": "http://127.0.0.1:1"},
         ],
@@ -184,7 +201,13 @@ class Gateway:
         return await self.session.request(method, self.proxy_url + path, headers=h, allow_redirects=False, **kw)
 
     async def admin_call(
-        self, method: str, path: str, *, token: str | None = "admin", json: Any = None, **kw: Any
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = "admin",
+        json: Any = None,
+        **kw: Any,
     ) -> aiohttp.ClientResponse:
         """A request to the admin API; `token` is a role name (its token is used) or a raw token."""
         headers = dict(kw.pop("headers", {}))
