@@ -38,7 +38,8 @@ class Metrics:
         )
         self.coherent = Gauge(
             "gateway_cache_coherent",
-            "1 while the invalidation subscription is live and the cache is trusted; 0 while every key is read from Redis",
+            "1 while the invalidation subscription is live and the cache is trusted; "
+            "0 while every key is read from Redis",
             registry=self.registry,
         )
         self.live_replicas = Gauge(
