@@ -1,51 +1,102 @@
-"""Assembling one replica: the shared parts, the proxy app and the admin app.
+"""Assembling one replica: the shared parts, the proxy app, the admin app, and their lifetime.
 
-`build` takes its Redis client as an argument, so tests build the same apps
-around a redis-server of their own.
+`build` takes its Redis clients as arguments, so tests build the same replica
+around a redis-server of their own. `Replica.running()` runs the invalidation
+subscriber for as long as the replica serves.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiohttp import web
 from redis.asyncio import Redis
 
-from .admin import AdminApi, build_admin_app
-from .admin.auth import TokenVerifier
-from .cache import KeyCache
-from .config import Config
-from .lookup import KeyLookup
-from .metrics import Metrics
-from .middleware import error_middleware
-from .propagation import LocalPropagator, Propagator
-from .proxy import Proxy
-from .routing import RouteTable
-from .store import KeyStore
-from .upstream import Forwarder
+from gateway.admin import AdminApi, build_admin_app
+from gateway.admin.auth import TokenVerifier
+from gateway.cache import KeyCache
+from gateway.channel import Codec
+from gateway.config import Config
+from gateway.lookup import KeyLookup
+from gateway.metrics import Metrics
+from gateway.middleware import error_middleware
+from gateway.propagation import Propagator
+from gateway.proxy import Proxy
+from gateway.replicas import Registry
+from gateway.routing import RouteTable
+from gateway.store import KeyStore
+from gateway.subscriber import Coherence, Subscriber
+from gateway.upstream import Forwarder
 
 
 @dataclass
 class Replica:
+    replica_id: str
     config: Config
     store: KeyStore
     cache: KeyCache
+    coherence: Coherence
     lookup: KeyLookup
     propagator: Propagator
+    subscriber: Subscriber
+    registry: Registry
     metrics: Metrics
     proxy_app: web.Application
     admin_app: web.Application
 
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """The subscriber runs (and the replica is in the live set) inside this block."""
+        task = asyncio.get_running_loop().create_task(self.subscriber.run(), name="invalidation-subscriber")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.registry.leave(), 1.0)
 
-def build(config: Config, redis: Redis) -> Replica:
-    store = KeyStore(redis, config.redis.prefix)
-    cache = KeyCache(config.cache.ttl_seconds, config.cache.negative_ttl_seconds, config.cache.max_entries)
-    lookup = KeyLookup(store, cache)
-    propagator = LocalPropagator(cache)
+
+def build(config: Config, redis: Redis, listen_redis: Redis, *, replica_id: str | None = None) -> Replica:
+    """`redis` serves commands; `listen_redis` (retries off) holds the subscription."""
+    replica_id = replica_id or "r_" + secrets.token_hex(6)
+    prefix = config.redis.prefix
     metrics = Metrics()
-    forwarder = Forwarder()
+    codec = Codec(config.redis.channel_secret)
+    store = KeyStore(redis, prefix)
+    cache = KeyCache(config.cache.ttl_seconds, config.cache.negative_ttl_seconds, config.cache.max_entries)
+    coherence = Coherence()
+    lookup = KeyLookup(store, cache, coherence, config.cache.serve_stale_seconds)
+    health = config.redis.health_check_seconds
+    registry = Registry(redis, prefix, replica_id, ttl_ms=int(health * 3000))
+    propagator = Propagator(
+        redis=redis,
+        prefix=prefix,
+        codec=codec,
+        registry=registry,
+        cache=cache,
+        metrics=metrics,
+        timeout_seconds=config.admin.propagation_timeout_seconds,
+    )
+    subscriber = Subscriber(
+        listen_client=listen_redis,
+        redis=redis,
+        prefix=prefix,
+        codec=codec,
+        cache=cache,
+        coherence=coherence,
+        registry=registry,
+        metrics=metrics,
+        on_ack=propagator.on_ack,
+        health_check_seconds=health,
+    )
 
+    forwarder = Forwarder()
     proxy = Proxy(RouteTable(config.routes), lookup, forwarder, config.keys, metrics)
     proxy_app = web.Application(middlewares=[error_middleware])
     proxy_app.router.add_route("*", "/{tail:.*}", proxy.handle)
@@ -57,6 +108,9 @@ def build(config: Config, redis: Redis) -> Replica:
 
     proxy_app.cleanup_ctx.append(upstream_pool)
 
-    api = AdminApi(store, TokenVerifier(config.admin.tokens), propagator, config.keys, metrics)
+    api = AdminApi(store, TokenVerifier(config.admin.tokens), propagator, coherence, config.keys, metrics)
     admin_app = build_admin_app(api)
-    return Replica(config, store, cache, lookup, propagator, metrics, proxy_app, admin_app)
+    return Replica(
+        replica_id, config, store, cache, coherence, lookup, propagator, subscriber, registry, metrics,
+        proxy_app, admin_app,
+    )  # fmt: skip

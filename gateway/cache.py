@@ -49,6 +49,17 @@ class KeyCache:
         self._entries.move_to_end(key_hash)
         return record
 
+    def peek_stale(self, key_hash: str, max_age: float) -> KeyRecord | object | None:
+        """An entry even past its TTL, if it expired less than `max_age` ago; else `MISS`.
+
+        Only for serving through a Redis outage when the operator allowed it
+        (cache.serve_stale_seconds); evicted entries are gone and never come back here.
+        """
+        entry = self._entries.get(key_hash)
+        if entry is None or self._clock() - entry[0] > max_age:
+            return _MISS
+        return entry[1]
+
     def put(self, key_hash: str, record: KeyRecord | None, generation: int) -> bool:
         """Store an answer read at `generation`; refused if anything was evicted since."""
         if generation != self.generation:

@@ -36,6 +36,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if not 1 <= args.workers <= 256:
+        print("gateway: --workers must be between 1 and 256", file=sys.stderr)
+        return EXIT_CONFIG
     cfg = _load(args.config)
     if cfg is None:
         return EXIT_CONFIG
@@ -43,10 +46,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    from .server import serve
+    from gateway.server import serve, supervise_workers
 
     try:
-        asyncio.run(serve(cfg))
+        if args.workers > 1 and not args.worker:
+            return asyncio.run(supervise_workers(cfg, args.config, args.workers, args.log_level))
+        asyncio.run(serve(cfg, reuse_port=args.worker))
     except MissingRedis as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -86,6 +91,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", required=True, help="path to gateway.yaml")
     serve.add_argument("--log-level", default=os.environ.get("GATEWAY_LOG_LEVEL", "info"),
                        choices=["debug", "info", "warning", "error"])  # fmt: skip
+    serve.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="run N processes sharing the ports (SO_REUSEPORT), each with its own cache")  # fmt: skip
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # set by the parent of --workers
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check-config", help="validate a config file; exit 2 listing every problem")

@@ -545,4 +545,3 @@ def _check_scopes(v: list[Any]) -> str | None:
         if not isinstance(s, str) or not SCOPE_RULE.fullmatch(s):
             return "must be a list of scope names (letters, digits, _ . : / * -)"
     return None
-

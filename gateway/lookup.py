@@ -1,16 +1,21 @@
-"""Key lookup on the request path: the cache first, then Redis.
+"""Key lookup on the request path: the cache first (when it can be trusted), then Redis.
 
 Redis failures are translated here, once, into AuthUnavailable: the request
-path answers 503 auth_unavailable and never forwards.
+path answers 503 auth_unavailable and never forwards. While the replica is
+incoherent (its invalidation subscription may have missed a message) the cache
+is not read: every key comes from Redis. Only if the operator set
+cache.serve_stale_seconds, and only for that long after the break, may a
+cached entry answer while Redis cannot.
 """
 
 from __future__ import annotations
 
 from redis.exceptions import RedisError
 
-from .cache import MISS, KeyCache
-from .keys import KeyRecord
-from .store import KeyStore
+from gateway.cache import MISS, KeyCache
+from gateway.keys import KeyRecord
+from gateway.store import KeyStore
+from gateway.subscriber import Coherence
 
 
 class AuthUnavailable(Exception):
@@ -18,18 +23,29 @@ class AuthUnavailable(Exception):
 
 
 class KeyLookup:
-    def __init__(self, store: KeyStore, cache: KeyCache) -> None:
+    def __init__(self, store: KeyStore, cache: KeyCache, coherence: Coherence, serve_stale_seconds: float) -> None:
         self.store = store
         self.cache = cache
+        self.coherence = coherence
+        self.serve_stale_seconds = serve_stale_seconds
 
     async def find(self, key_hash: str) -> KeyRecord | None:
-        cached = self.cache.get(key_hash)
-        if cached is not MISS:
-            return cached  # type: ignore[return-value]
+        if self.coherence.coherent:
+            cached = self.cache.get(key_hash)
+            if cached is not MISS:
+                return cached  # type: ignore[return-value]
         generation = self.cache.generation
         try:
             record = await self.store.get_by_hash(key_hash)
         except (TimeoutError, RedisError, OSError):
-            raise AuthUnavailable from None
+            return self._stale_or_fail(key_hash)
         self.cache.put(key_hash, record, generation)
         return record
+
+    def _stale_or_fail(self, key_hash: str) -> KeyRecord | None:
+        window = self.serve_stale_seconds
+        if window > 0 and self.coherence.broken_for() <= window:
+            stale = self.cache.peek_stale(key_hash, window)
+            if stale is not MISS:
+                return stale  # type: ignore[return-value]
+        raise AuthUnavailable from None

@@ -1,17 +1,27 @@
-"""Telling every replica's cache that a key changed, and reporting who confirmed.
+"""Confirmed eviction: a key change answers only once every live replica dropped the key.
 
-A change is written to Redis and announced on the channel by the store; this
-module makes sure caches drop the key before the admin call answers. On one
-replica that is a local eviction; the cross-replica subscriber plugs in here.
+The admin handler opens an announcement (a nonce, registered for acks, and
+the Redis time), the store publishes the announcement's message inside the
+change's transaction, each replica's subscriber evicts and acks, and
+`confirmed()` waits, bounded by admin.propagation_timeout_seconds, until every
+live replica has acked or has cleared its cache since the announcement.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
 
-from .cache import KeyCache
+from redis.asyncio import Redis
+
+from gateway.cache import KeyCache
+from gateway.channel import Ack, Codec
+from gateway.metrics import Metrics
+from gateway.replicas import Registry
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,18 +34,90 @@ class Propagation:
         return {"replicas": self.replicas, "confirmed": self.confirmed, "ms": round(self.ms, 3)}
 
 
-class Propagator(Protocol):
-    async def evict(self, key_hashes: list[str]) -> Propagation: ...
+class Announcement:
+    """One change's eviction: its message for the store's transaction, then the wait for acks."""
+
+    def __init__(self, owner: Propagator, nonce: str, announced_at_ms: int) -> None:
+        self._owner = owner
+        self.nonce = nonce
+        self.announced_at_ms = announced_at_ms
+        self.hashes: list[str] = []
+        self.acked: set[str] = set()
+        self.arrived = asyncio.Event()
+
+    def message(self, keys: list[tuple[str, int]]) -> bytes:
+        """The evict message the store publishes inside the change's transaction."""
+        self.hashes.extend(h for h, _ in keys)
+        return self._owner.codec.evict(self.nonce, self._owner.registry.replica_id, keys)
+
+    async def publish(self, keys: list[tuple[str, int]]) -> None:
+        """For a change that wrote nothing (an idempotent repeat): announce it on its own."""
+        await self._owner.redis.publish(self._owner.channel, self.message(keys))
+
+    async def confirmed(self) -> Propagation:
+        return await self._owner._wait(self)
 
 
-class LocalPropagator:
-    """This process only: evicts from its own cache, one replica, confirmed."""
+class Propagator:
+    """Waits, bounded, until every live replica has evicted the announced keys."""
 
-    def __init__(self, cache: KeyCache) -> None:
+    def __init__(
+        self,
+        *,
+        redis: Redis,
+        prefix: str,
+        codec: Codec,
+        registry: Registry,
+        cache: KeyCache,
+        metrics: Metrics,
+        timeout_seconds: float,
+    ) -> None:
+        self.redis = redis
+        self.metrics = metrics
+        self.channel = prefix + "events"
+        self.codec = codec
+        self.registry = registry
         self.cache = cache
+        self.timeout = timeout_seconds
+        self._pending: dict[str, Announcement] = {}
 
-    async def evict(self, key_hashes: list[str]) -> Propagation:
+    def on_ack(self, ack: Ack) -> None:
+        announcement = self._pending.get(ack.nonce)
+        if announcement is not None:
+            announcement.acked.add(ack.replica)
+            announcement.arrived.set()
+
+    @contextlib.asynccontextmanager
+    async def announce(self) -> AsyncIterator[Announcement]:
+        # Redis time before the write: a replica whose cache was cleared after it needs no ack.
+        announcement = Announcement(self, secrets.token_hex(8), await self.registry.now_ms())
+        self._pending[announcement.nonce] = announcement
+        try:
+            yield announcement
+        finally:
+            del self._pending[announcement.nonce]
+
+    async def _wait(self, a: Announcement) -> Propagation:
         started = time.perf_counter()
-        for key_hash in key_hashes:
+        for key_hash in a.hashes:  # this process at once, whatever its subscriber's state
             self.cache.evict(key_hash)
-        return Propagation(1, 1, (time.perf_counter() - started) * 1000)
+        deadline = started + self.timeout
+        _, live = await self.registry.live()
+        refreshed = time.perf_counter()
+        while True:
+            done = {r for r, epoch in live.items() if r in a.acked or epoch > a.announced_at_ms}
+            now = time.perf_counter()
+            if len(done) == len(live) or now >= deadline:
+                self.metrics.live_replicas.set(len(live))
+                self.metrics.propagation_seconds.observe(now - started)
+                if len(done) < len(live):
+                    self.metrics.unconfirmed.inc()
+                return Propagation(len(live), len(done), (now - started) * 1000)
+            a.arrived.clear()
+            # Acks wake us at once; the live set is re-read now and then for
+            # replicas that dropped out or resubscribed (and so cleared their cache).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(a.arrived.wait(), min(deadline - now, 0.02))
+            if time.perf_counter() - refreshed >= 0.02:
+                _, live = await self.registry.live()
+                refreshed = time.perf_counter()

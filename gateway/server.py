@@ -1,76 +1,168 @@
-"""`gateway serve`: one replica's process, from config to listening sockets and back."""
+"""`gateway serve`: one replica's process, or a parent supervising N worker processes.
+
+One process: embedded Redis if configured, the replica's subscriber, the proxy
+and admin listeners, until SIGTERM/SIGINT. With `--workers N` the parent starts
+the embedded Redis (if any), then N copies of itself with `--worker`, which
+share both ports through SO_REUSEPORT and each keep their own cache,
+subscription and live-replica registration; the parent forwards SIGTERM/SIGINT
+and restarts a worker that dies.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import sys
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+from redis.retry import Retry
 
-from .app import build
-from .config import Config
-from .embedded import EmbeddedRedis
+from gateway.app import build
+from gateway.config import Config
+from gateway.embedded import EmbeddedRedis
 
 log = logging.getLogger("gateway")
 
 
 def redis_client(url: str) -> Redis:
     # Bounded waits: a dead Redis must become a quick 503, not a hung request.
-    return Redis.from_url(
-        url,
-        socket_connect_timeout=1.0,
-        socket_timeout=2.0,
-        health_check_interval=15,
-        decode_responses=False,
-    )
+    return Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0, health_check_interval=15)
+
+
+def listen_client(url: str) -> Redis:
+    # The subscription's own client: no retries, so a break surfaces at once (subscriber.py).
+    return Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0, retry=Retry(NoBackoff(), 0))
 
 
 @contextlib.asynccontextmanager
-async def redis_for(config: Config) -> AsyncIterator[Redis]:
-    embedded: EmbeddedRedis | None = None
-    url = config.redis.url
-    if url is None:
-        embedded = EmbeddedRedis(config.redis.data_dir)
-        url = await embedded.start()
-    client = redis_client(url)
+async def embedded_or_external(config: Config) -> AsyncIterator[str]:
+    if config.redis.url is not None:
+        yield config.redis.url
+        return
+    embedded = EmbeddedRedis(config.redis.data_dir)
+    url = await embedded.start()
     try:
-        yield client
+        yield url
     finally:
-        await client.aclose()
-        if embedded is not None:
-            await embedded.stop()
+        await embedded.stop()
 
 
-async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
-    stop = stop or asyncio.Event()
+async def check_persistence(redis: Redis) -> str:
+    """'aof', 'off' or 'unknown' (CONFIG refused, as managed Redis often does); logged."""
+    try:
+        reply = await redis.config_get("appendonly")
+    except ResponseError:
+        log.info("redis persistence cannot be checked (CONFIG GET not allowed); make sure AOF is on")
+        return "unknown"
+    except (RedisError, OSError):
+        return "unknown"
+    settings = {_text(k): _text(v) for k, v in cast(dict[Any, Any], reply).items()}
+    value = settings.get("appendonly")
+    if value == "yes":
+        return "aof"
+    log.warning(
+        "redis persistence is off (appendonly no): a disable acknowledged by the admin API "
+        "can be lost if Redis restarts; turn on appendonly with appendfsync always or everysec"
+    )
+    return "off"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    async with redis_for(config) as redis:
-        replica = build(config, redis)
-        proxy = web.AppRunner(replica.proxy_app, access_log=None, handle_signals=False)
-        admin = web.AppRunner(replica.admin_app, access_log=None, handle_signals=False)
-        await proxy.setup()
-        await admin.setup()
+
+async def serve(config: Config, *, reuse_port: bool = False, stop: asyncio.Event | None = None) -> None:
+    stop = stop or asyncio.Event()
+    _stop_on_signals(stop)
+    async with embedded_or_external(config) as url:
+        redis, listener = redis_client(url), listen_client(url)
         try:
-            await web.TCPSite(admin, config.admin.listen.host, config.admin.listen.port).start()
-            await web.TCPSite(proxy, config.listen.host, config.listen.port).start()
+            await _serve_replica(config, redis, listener, reuse_port, stop)
+        finally:
+            await listener.aclose()
+            await redis.aclose()
+
+
+async def _serve_replica(config: Config, redis: Redis, listener: Redis, reuse_port: bool, stop: asyncio.Event) -> None:
+    replica = build(config, redis, listener)
+    persistence = await check_persistence(redis)
+    log.info("redis persistence: %s", persistence)
+    proxy = web.AppRunner(replica.proxy_app, access_log=None, handle_signals=False)
+    admin = web.AppRunner(replica.admin_app, access_log=None, handle_signals=False)
+    await proxy.setup()
+    await admin.setup()
+    try:
+        async with replica.running():
+            await web.TCPSite(admin, config.admin.listen.host, config.admin.listen.port, reuse_port=reuse_port).start()
+            await web.TCPSite(proxy, config.listen.host, config.listen.port, reuse_port=reuse_port).start()
             mode = "embedded" if config.redis.embedded else "external"
             log.info(
-                "gateway listening: proxy %s:%d, admin %s:%d, %d route(s), redis %s",
-                config.listen.host, config.listen.port,
-                config.admin.listen.host, config.admin.listen.port,
-                len(config.routes), mode,
+                "gateway listening: proxy %s:%d, admin %s:%d, %d route(s), redis %s, replica %s",
+                config.listen.host, config.listen.port, config.admin.listen.host, config.admin.listen.port,
+                len(config.routes), mode, replica.replica_id,
             )  # fmt: skip
             for route in config.routes:
                 log.info("route %s: %s -> %s (auth %s)", route.name, route.path_prefix, route.upstream, route.auth)
             await stop.wait()
             log.info("gateway stopping")
-        finally:
-            await proxy.cleanup()
-            await admin.cleanup()
+    finally:
+        await proxy.cleanup()
+        await admin.cleanup()
+
+
+async def supervise_workers(config: Config, config_path: str, workers: int, log_level: str) -> int:
+    """The parent of `--workers N`: embedded Redis if any, N workers, signals forwarded."""
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    async with embedded_or_external(config) as url:
+        env = dict(os.environ, GATEWAY_REDIS_URL=url)
+        argv = [sys.executable, "-m", "gateway", "serve", "--config", config_path, "--worker", "--log-level", log_level]
+
+        async def start(index: int) -> asyncio.subprocess.Process:
+            proc = await asyncio.create_subprocess_exec(*argv, env=dict(env, GATEWAY_WORKER_INDEX=str(index)))
+            log.info("worker %d started (pid %d)", index, proc.pid)
+            return proc
+
+        procs = [await start(i) for i in range(workers)]
+        log.info("supervising %d workers on proxy port %d and admin port %d", workers, config.listen.port,
+                 config.admin.listen.port)  # fmt: skip
+        while not stop.is_set():
+            waits = {asyncio.ensure_future(p.wait()): i for i, p in enumerate(procs)}
+            stopper = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait([*waits, stopper], return_when=asyncio.FIRST_COMPLETED)
+            for fut in waits:
+                fut.cancel()
+            stopper.cancel()
+            if stop.is_set():
+                break
+            for fut in done:
+                if fut in waits:
+                    index = waits[fut]
+                    log.error("worker %d exited with status %s; restarting", index, procs[index].returncode)
+                    await asyncio.sleep(0.5)
+                    procs[index] = await start(index)
+        for proc in procs:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                await asyncio.wait_for(proc.wait(), 30)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        log.info("all workers stopped")
+        return 0

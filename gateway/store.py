@@ -6,7 +6,9 @@ Layout, every name under `redis.prefix` (P):
   P ids              sorted set of ids by creation time (listing)
   P owner:<owner>    sorted set of that owner's ids by creation time
   P audit            stream of every change; P audit:<id> the same, per key
-  P events           pub/sub channel announcing each change (hash, version)
+  P events           pub/sub channel announcing each change (see channel.py)
+  P acks             pub/sub channel of replicas' eviction acks
+  P replicas         live replicas (see replicas.py)
 
 Every change is one MULTI/EXEC under WATCH: the record, its audit entries and
 its announcement are written together or not at all.
@@ -55,6 +57,10 @@ class Refused(Exception):
         super().__init__(code)
         self.code = code
         self.detail = detail
+
+
+# Builds the channel message announcing changed keys, as (sha256, version) pairs.
+Announce = Callable[[list[tuple[str, int]]], bytes]
 
 
 class KeyStore:
@@ -143,7 +149,7 @@ class KeyStore:
 
     # writes ---------------------------------------------------------------
 
-    async def insert(self, record: KeyRecord, audit: list[AuditEntry]) -> bool:
+    async def insert(self, record: KeyRecord, audit: list[AuditEntry], announce: Announce) -> bool:
         """Add a new record; False when a key with the same hash already exists."""
         hk = self._k(record.hash)
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -155,6 +161,8 @@ class KeyStore:
                     pipe.multi()  # type: ignore[no-untyped-call]
                     self._queue_insert(pipe, record)
                     self._queue_audit(pipe, audit)
+                    # A negative answer cached anywhere for this hash must go too.
+                    pipe.publish(self.channel, announce([(record.hash, record.version)]))
                     await pipe.execute()
                     return True
                 except WatchError:
@@ -165,6 +173,7 @@ class KeyStore:
         key_id: str,
         change: Callable[[KeyRecord], KeyRecord],
         audit: list[AuditEntry],
+        announce: Announce,
         *,
         also_insert: Callable[[KeyRecord], KeyRecord] | None = None,
     ) -> tuple[KeyRecord, KeyRecord, KeyRecord | None] | None:
@@ -193,10 +202,12 @@ class KeyStore:
                     inserted = also_insert(after) if also_insert is not None else None
                     pipe.multi()  # type: ignore[no-untyped-call]
                     pipe.set(hk, after.to_json())
-                    self._queue_announce(pipe, after)
+                    changed = [(after.hash, after.version)]
                     if inserted is not None:
                         self._queue_insert(pipe, inserted)
+                        changed.append((inserted.hash, inserted.version))
                     self._queue_audit(pipe, audit)
+                    pipe.publish(self.channel, announce(changed))
                     await pipe.execute()
                     return before, after, inserted
                 except WatchError:
@@ -208,8 +219,6 @@ class KeyStore:
         pipe.zadd(self.prefix + "ids", {record.id: record.created_at})
         if record.owner is not None:
             pipe.zadd(self._owner(record.owner), {record.id: record.created_at})
-        # A negative answer cached anywhere for this hash must go too.
-        self._queue_announce(pipe, record)
 
     def _queue_audit(self, pipe: Any, entries: list[AuditEntry]) -> None:
         now = time.time()
@@ -217,9 +226,6 @@ class KeyStore:
             fields = entry.fields(now)
             pipe.xadd(self.prefix + "audit", fields)
             pipe.xadd(self.prefix + "audit:" + entry.key_id, fields)
-
-    def _queue_announce(self, pipe: Any, record: KeyRecord) -> None:
-        pipe.publish(self.channel, orjson.dumps({"h": record.hash, "v": record.version}))
 
 
 def _text(value: bytes | str) -> str:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
@@ -24,10 +25,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from gateway import config as config_mod
 from gateway.admin.auth import hash_token
 from gateway.app import Replica, build
+from gateway.server import listen_client
 from tests.upstream_app import make_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -222,38 +225,56 @@ class Gateway:
             return data
 
 
-GatewayFactory = Callable[..., "asyncio.Future[Gateway]"]
+async def start_replica(cfg: config_mod.Config, stack: contextlib.AsyncExitStack, **build_kw: Any) -> Replica:
+    """Build a replica around its own Redis clients and run its subscriber until `stack` closes.
+
+    When Redis answers, waits (bounded) until the subscription is live, so a test
+    starts from the steady state; a test of an unreachable Redis starts at once.
+    """
+    url = cfg.redis.url or ""
+    client = Redis.from_url(url, socket_timeout=1, socket_connect_timeout=0.5)
+    listener = listen_client(url)
+    stack.push_async_callback(client.aclose)
+    stack.push_async_callback(listener.aclose)
+    replica = build(cfg, client, listener, **build_kw)
+    await stack.enter_async_context(replica.running())
+    try:
+        reachable = bool(await client.ping())
+    except (RedisError, OSError):
+        reachable = False
+    if reachable:
+        deadline = time.monotonic() + 5
+        while not replica.coherence.coherent:
+            assert time.monotonic() < deadline, "the invalidation subscription did not come up"
+            await asyncio.sleep(0.005)
+    return replica
 
 
 @pytest.fixture
 async def gateway_factory(
     redis_server: RedisProcess, upstream: TestServer, admin_tokens: AdminTokens
 ) -> AsyncIterator[Callable[..., Any]]:
-    started: list[tuple[TestServer, TestServer, aiohttp.ClientSession, Redis]] = []
+    async with contextlib.AsyncExitStack() as stack:
 
-    async def start(redis_url: str | None = None, **overrides: Any) -> Gateway:
-        cfg = make_config(
-            redis_url=redis_url or redis_server.url,
-            upstream_url=str(upstream.make_url("")).rstrip("/"),
-            tokens=admin_tokens.entries,
-            overrides=overrides,
-        )
-        client = Redis.from_url(cfg.redis.url or "", socket_timeout=1, socket_connect_timeout=0.5)
-        replica = build(cfg, client)
-        proxy = TestServer(replica.proxy_app, host="127.0.0.1")
-        admin = TestServer(replica.admin_app, host="127.0.0.1")
-        await proxy.start_server()
-        await admin.start_server()
-        session = aiohttp.ClientSession(auto_decompress=False)
-        started.append((proxy, admin, session, client))
-        return Gateway(replica, proxy, admin, session, admin_tokens)
+        async def start(redis_url: str | None = None, **overrides: Any) -> Gateway:
+            cfg = make_config(
+                redis_url=redis_url or redis_server.url,
+                upstream_url=str(upstream.make_url("")).rstrip("/"),
+                tokens=admin_tokens.entries,
+                overrides=overrides,
+            )
+            replica = await start_replica(cfg, stack)
+            proxy = TestServer(replica.proxy_app, host="127.0.0.1")
+            admin = TestServer(replica.admin_app, host="127.0.0.1")
+            await proxy.start_server()
+            stack.push_async_callback(proxy.close)
+            await admin.start_server()
+            stack.push_async_callback(admin.close)
+            session = aiohttp.ClientSession(auto_decompress=False)
+            stack.push_async_callback(session.close)
+            return Gateway(replica, proxy, admin, session, admin_tokens)
 
-    yield start
-    for proxy, admin, session, client in started:
-        await session.close()
-        await proxy.close()
-        await admin.close()
-        await client.aclose()
+        yield start
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ request-target the test wrote.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import json
@@ -21,10 +22,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
-from redis.asyncio import Redis
 
-from gateway.app import build
-from tests.conftest import AdminTokens, Gateway, RedisProcess, make_config
+from tests.conftest import AdminTokens, Gateway, RedisProcess, make_config, start_replica
 from tests.upstream_app import DOWNLOAD_GATE, UPLOAD_STARTED
 
 MIB = 1024 * 1024
@@ -522,30 +521,24 @@ GatewayAround = Callable[[web.Application], Awaitable[TestServer]]
 @pytest.fixture
 async def gateway_around(redis_server: RedisProcess, admin_tokens: AdminTokens) -> AsyncIterator[GatewayAround]:
     """A gateway proxy (the standard test routes) in front of an upstream app the test writes itself."""
-    started: list[Any] = []
+    async with contextlib.AsyncExitStack() as stack:
 
-    async def start(app: web.Application) -> TestServer:
-        upstream = TestServer(app, host="127.0.0.1")
-        await upstream.start_server()
-        started.append(upstream)
-        cfg = make_config(
-            redis_url=redis_server.url,
-            upstream_url=str(upstream.make_url("")).rstrip("/"),
-            tokens=admin_tokens.entries,
-        )
-        client = Redis.from_url(redis_server.url, socket_timeout=1, socket_connect_timeout=0.5)
-        started.append(client)
-        proxy = TestServer(build(cfg, client).proxy_app, host="127.0.0.1")
-        await proxy.start_server()
-        started.append(proxy)
-        return proxy
+        async def start(app: web.Application) -> TestServer:
+            upstream = TestServer(app, host="127.0.0.1")
+            await upstream.start_server()
+            stack.push_async_callback(upstream.close)
+            cfg = make_config(
+                redis_url=redis_server.url,
+                upstream_url=str(upstream.make_url("")).rstrip("/"),
+                tokens=admin_tokens.entries,
+            )
+            replica = await start_replica(cfg, stack)
+            proxy = TestServer(replica.proxy_app, host="127.0.0.1")
+            await proxy.start_server()
+            stack.push_async_callback(proxy.close)
+            return proxy
 
-    yield start
-    for thing in reversed(started):
-        if isinstance(thing, TestServer):
-            await thing.close()
-        else:
-            await thing.aclose()
+        yield start
 
 
 @pytest.mark.parametrize("status", [201, 204, 400, 404, 418, 500, 502, 503])

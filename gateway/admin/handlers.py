@@ -17,6 +17,7 @@ from gateway.keys import KeyRecord
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.propagation import Propagator
 from gateway.store import AuditEntry, KeyStore, Refused, decode_cursor, encode_cursor
+from gateway.subscriber import Coherence
 
 from . import bodies
 from .auth import Principal, TokenVerifier
@@ -63,6 +64,7 @@ class AdminApi:
     store: KeyStore
     verifier: TokenVerifier
     propagator: Propagator
+    coherence: Coherence
     keys_config: KeysConfig
     metrics: Metrics
 
@@ -134,10 +136,11 @@ class AdminApi:
         )
         action = "import" if spec.is_import else "create"
         audit = self._audit(request, principal, action, record.id, request_id)
-        if not await self.store.insert(record, [audit]):
-            return errors.render(Denial("key_exists", status=409), request_id)
-        # A client that tried an imported key before may have a cached "unknown key".
-        await self.propagator.evict([record.hash])
+        async with self.propagator.announce() as announcement:
+            if not await self.store.insert(record, [audit], announcement.message):
+                return errors.render(Denial("key_exists", status=409), request_id)
+            # A replica where a client tried an imported key before may cache "unknown key".
+            await announcement.confirmed()
         body = record.public()
         if plaintext is not None:
             body["key"] = plaintext
@@ -246,12 +249,13 @@ class AdminApi:
             self._audit(request, principal, "rotate", key_id, request_id, new_key_id=new_id, grace_seconds=grace),
             self._audit(request, principal, "create", new_id, request_id, rotated_from=key_id),
         ]
-        outcome = await self.store.update(key_id, change, audits, also_insert=successor)
-        if outcome is None:
-            return self._not_found(request_id)
+        async with self.propagator.announce() as announcement:
+            outcome = await self.store.update(key_id, change, audits, announcement.message, also_insert=successor)
+            if outcome is None:
+                return self._not_found(request_id)
+            propagation = await announcement.confirmed()
         _, after, inserted = outcome
         assert inserted is not None
-        propagation = await self.propagator.evict([after.hash, inserted.hash])
         body = inserted.public()
         body["key"] = plaintext
         body["rotated_from"] = {"id": after.id, "expires_at": keys.rfc3339(after.expires_at)}
@@ -261,12 +265,16 @@ class AdminApi:
     async def _change(
         self, key_id: str, change: Callable[[KeyRecord], KeyRecord], audits: list[AuditEntry], request_id: str
     ) -> web.Response:
-        outcome = await self.store.update(key_id, change, audits)
-        if outcome is None:
-            return self._not_found(request_id)
-        _, after, _ = outcome
-        # Evict even on a no-op: a repeated disable re-confirms that no cache holds the key.
-        propagation = await self.propagator.evict([after.hash])
+        async with self.propagator.announce() as announcement:
+            outcome = await self.store.update(key_id, change, audits, announcement.message)
+            if outcome is None:
+                return self._not_found(request_id)
+            before, after, _ = outcome
+            if after is before:
+                # A repeat wrote nothing; announce anyway, so the answer still
+                # means that no replica's cache holds the key.
+                await announcement.publish([(after.hash, after.version)])
+            propagation = await announcement.confirmed()
         body = after.public()
         body["propagation"] = propagation.public()
         return json_response(body, request_id)
@@ -290,7 +298,10 @@ class AdminApi:
             ok = False
         if not ok:
             return errors.render(Denial("not_ready", "Redis does not answer"), request_id)
-        return json_response({"status": "ready", "redis": "ok"}, request_id)
+        if not self.coherence.coherent:
+            detail = "The invalidation subscription is not live; every key is read from Redis until it is"
+            return errors.render(Denial("not_ready", detail), request_id)
+        return json_response({"status": "ready", "redis": "ok", "subscription": "live"}, request_id)
 
     async def metrics_text(self, request: web.Request) -> web.StreamResponse:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})

@@ -1,0 +1,83 @@
+"""The live-replica set in Redis: who must confirm an eviction.
+
+A replica joins while its invalidation subscription is live: a sorted set
+member whose score is its expiry (Redis server time, so replica clocks do not
+matter), refreshed by a heartbeat, and an epoch: the Redis time at which its
+cache was last cleared after (re)subscribing. A replica whose epoch is later
+than an announcement cannot hold a stale entry for it, so it counts as
+confirmed without an ack. A replica that dies or loses its subscription drops
+out: it leaves, or its heartbeat expires.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from redis.asyncio import Redis
+
+_JOIN = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+if ARGV[3] == '1' then redis.call('HSET', KEYS[2], ARGV[1], now) end
+return now
+"""
+
+_LIVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+if #gone > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  redis.call('HDEL', KEYS[2], unpack(gone))
+end
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
+local out = {now}
+for _, id in ipairs(ids) do
+  table.insert(out, id)
+  table.insert(out, redis.call('HGET', KEYS[2], id) or '0')
+end
+return out
+"""
+
+_NOW = """
+local t = redis.call('TIME')
+return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+
+class Registry:
+    def __init__(self, redis: Redis, prefix: str, replica_id: str, ttl_ms: int) -> None:
+        self.redis = redis
+        self.replica_id = replica_id
+        self.ttl_ms = ttl_ms
+        self._keys = [prefix + "replicas", prefix + "replica-epochs"]
+        self._join = redis.register_script(_JOIN)
+        self._live = redis.register_script(_LIVE)
+        self._now = redis.register_script(_NOW)
+
+    async def join(self) -> int:
+        """Enter the live set with a new epoch (the cache was just cleared); the epoch."""
+        return int(await self._join(keys=self._keys, args=[self.replica_id, self.ttl_ms, "1"]))
+
+    async def heartbeat(self) -> None:
+        await self._join(keys=self._keys, args=[self.replica_id, self.ttl_ms, "0"])
+
+    async def leave(self) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(self._keys[0], self.replica_id)
+            pipe.hdel(self._keys[1], self.replica_id)
+            await pipe.execute()
+
+    async def live(self) -> tuple[int, dict[str, int]]:
+        """(Redis time in ms, {replica id: epoch ms}) for every unexpired replica."""
+        raw = cast(list[Any], await self._live(keys=self._keys))
+        now = int(raw[0])
+        out: dict[str, int] = {}
+        for i in range(1, len(raw), 2):
+            rid = raw[i].decode() if isinstance(raw[i], bytes) else str(raw[i])
+            out[rid] = int(raw[i + 1])
+        return now, out
+
+    async def now_ms(self) -> int:
+        return int(await self._now())

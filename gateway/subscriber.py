@@ -1,0 +1,191 @@
+"""One replica's invalidation subscriber and its coherence state (spec 8).
+
+The cache is trusted only while the subscription is known to be live. Any
+doubt (a connection error, a reconnect, a subscribe confirmation we did not
+ask for, Redis silent past the health-check interval) makes the replica
+incoherent at once: lookups bypass the cache and go to Redis, and the replica
+leaves the live set so nobody waits for its ack. Once subscribed again (both
+confirmations seen) it clears the cache, and only then trusts it and rejoins.
+
+redis-py's PubSub reconnects and resubscribes on its own; this module never
+relies on that: it uses a client with retries off, and treats any error or
+unexpected subscribe message as a break and starts a fresh PubSub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from redis.asyncio import Redis
+
+from gateway.cache import KeyCache
+from gateway.channel import Ack, Codec, Evict, Rejected
+from gateway.metrics import Metrics
+from gateway.replicas import Registry
+
+log = logging.getLogger("gateway.subscriber")
+
+
+class Coherence:
+    """Whether this replica may trust its cache, and since when it may not."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.coherent = False
+        self.broken_at: float = clock()
+
+    def lost(self) -> None:
+        if self.coherent:
+            self.coherent = False
+            self.broken_at = self._clock()
+
+    def restored(self) -> None:
+        self.coherent = True
+
+    def broken_for(self) -> float:
+        return 0.0 if self.coherent else self._clock() - self.broken_at
+
+
+class Break(Exception):
+    """The subscription can no longer be trusted."""
+
+
+class Subscriber:
+    def __init__(
+        self,
+        *,
+        listen_client: Redis,
+        redis: Redis,
+        prefix: str,
+        codec: Codec,
+        cache: KeyCache,
+        coherence: Coherence,
+        registry: Registry,
+        metrics: Metrics,
+        on_ack: Callable[[Ack], None],
+        health_check_seconds: float,
+    ) -> None:
+        self.listen_client = listen_client  # retries off: errors must surface
+        self.redis = redis
+        self.events = prefix + "events"
+        self.acks = prefix + "acks"
+        self.codec = codec
+        self.cache = cache
+        self.coherence = coherence
+        self.registry = registry
+        self.metrics = metrics
+        self.on_ack = on_ack
+        self.interval = health_check_seconds
+        self.sessions = 0  # how many times a subscription was (re)established
+
+    async def run(self) -> None:
+        backoff = 0.05
+        while True:
+            established = self.sessions
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # every failure is a break; the reason is logged by type only
+                self._broken(str(exc) if isinstance(exc, Break) else type(exc).__name__)
+                try:  # best effort: if Redis is unreachable, the heartbeat expires instead
+                    await asyncio.wait_for(self.registry.leave(), self.interval)
+                except Exception:  # noqa: S110 - expiry covers it
+                    pass
+            backoff = 0.05 if self.sessions != established else min(backoff * 2, 1.0)
+            await asyncio.sleep(backoff)
+
+    def _broken(self, why: str) -> None:
+        was = self.coherent
+        self.coherence.lost()
+        self.metrics.coherent.set(0)
+        if was:
+            log.warning("invalidation subscription lost (%s): reading every key from Redis until resubscribed", why)
+
+    @property
+    def coherent(self) -> bool:
+        return self.coherence.coherent
+
+    async def _session(self) -> None:
+        pubsub = self.listen_client.pubsub()
+        try:
+            await pubsub.subscribe(self.events, self.acks)
+            await self._await_confirmations(pubsub)
+            # Subscribed: anything published from now on reaches us. What we
+            # may have missed before is wiped with the cache.
+            self.cache.clear()
+            self.coherence.restored()
+            await self.registry.join()
+            self.sessions += 1
+            self.metrics.coherent.set(1)
+            log.info("invalidation subscription live; cache cleared")
+            await self._listen(pubsub)
+        finally:
+            try:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            except Exception:  # noqa: S110 - the connection is being discarded anyway
+                pass
+
+    async def _await_confirmations(self, pubsub: Any) -> None:
+        wanted = {self.events.encode(), self.acks.encode()}
+        deadline = time.monotonic() + max(self.interval, 1.0) * 2
+        while wanted:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Break("no subscribe confirmation")
+            message = await pubsub.get_message(timeout=remaining)
+            if message is None:
+                continue
+            if message["type"] == "subscribe":
+                wanted.discard(_bytes(message["channel"]))
+            elif message["type"] == "message":
+                await self._handle(message)
+
+    async def _listen(self, pubsub: Any) -> None:
+        heard = time.monotonic()
+        beat = heard
+        ping_sent: float | None = None
+        while True:
+            message = await pubsub.get_message(timeout=self.interval / 2)
+            now = time.monotonic()
+            if now - beat >= self.interval:
+                await self.registry.heartbeat()
+                beat = now
+            if message is None:
+                if ping_sent is not None and now - ping_sent > self.interval:
+                    raise Break("silence past the health-check interval")
+                if ping_sent is None and now - heard >= self.interval:
+                    await pubsub.ping()
+                    ping_sent = now
+                continue
+            heard = now
+            kind = message["type"]
+            if kind == "pong":
+                ping_sent = None
+            elif kind == "message":
+                await self._handle(message)
+            elif kind in ("subscribe", "unsubscribe"):
+                # A confirmation we did not ask for: the client reconnected behind our back.
+                raise Break("unexpected " + kind)
+
+    async def _handle(self, message: dict[str, Any]) -> None:
+        decoded = self.codec.decode(message["data"])
+        if isinstance(decoded, Rejected):
+            self.metrics.invalidations.labels("ignored_" + decoded.reason).inc()
+            return
+        if isinstance(decoded, Ack):
+            self.on_ack(decoded)
+            return
+        assert isinstance(decoded, Evict)
+        for key_hash, _version in decoded.keys:
+            self.cache.evict(key_hash)
+        self.metrics.invalidations.labels("applied").inc()
+        await self.redis.publish(self.acks, self.codec.ack(decoded.nonce, self.registry.replica_id))
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
