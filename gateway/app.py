@@ -75,8 +75,6 @@ def build(config: Config, redis: Redis, listen_redis: Redis, *, replica_id: str 
     health = config.redis.health_check_seconds
     registry = Registry(redis, prefix, replica_id, ttl_ms=int(health * 3000))
     propagator = Propagator(
-        redis=redis,
-        prefix=prefix,
         codec=codec,
         registry=registry,
         cache=cache,

@@ -1,10 +1,10 @@
 """Confirmed eviction: a key change answers only once every live replica dropped the key.
 
-The admin handler opens an announcement (a nonce, registered for acks, and
-the Redis time), the store publishes the announcement's message inside the
-change's transaction, each replica's subscriber evicts and acks, and
-`confirmed()` waits, bounded by admin.propagation_timeout_seconds, until every
-live replica has acked or has cleared its cache since the announcement.
+The admin handler opens an announcement (a nonce, registered for acks), the
+store publishes the announcement's message inside the change's transaction
+and reads the Redis time there too, each replica's subscriber evicts and
+acks, and `confirmed()` waits, bounded by admin.propagation_timeout_seconds,
+until every live replica has acked or has cleared its cache since the write.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-
-from redis.asyncio import Redis
 
 from gateway.cache import KeyCache
 from gateway.channel import Ack, Codec
@@ -37,10 +35,10 @@ class Propagation:
 class Announcement:
     """One change's eviction: its message for the store's transaction, then the wait for acks."""
 
-    def __init__(self, owner: Propagator, nonce: str, announced_at_ms: int) -> None:
+    def __init__(self, owner: Propagator, nonce: str) -> None:
         self._owner = owner
         self.nonce = nonce
-        self.announced_at_ms = announced_at_ms
+        self.written_at_us: int | None = None
         self.hashes: list[str] = []
         self.acked: set[str] = set()
         self.arrived = asyncio.Event()
@@ -50,9 +48,8 @@ class Announcement:
         self.hashes.extend(h for h, _ in keys)
         return self._owner.codec.evict(self.nonce, self._owner.registry.replica_id, keys)
 
-    async def publish(self, keys: list[tuple[str, int]]) -> None:
-        """For a change that wrote nothing (an idempotent repeat): announce it on its own."""
-        await self._owner.redis.publish(self._owner.channel, self.message(keys))
+    def written(self, at_us: int) -> None:
+        self.written_at_us = at_us
 
     async def confirmed(self) -> Propagation:
         return await self._owner._wait(self)
@@ -64,17 +61,13 @@ class Propagator:
     def __init__(
         self,
         *,
-        redis: Redis,
-        prefix: str,
         codec: Codec,
         registry: Registry,
         cache: KeyCache,
         metrics: Metrics,
         timeout_seconds: float,
     ) -> None:
-        self.redis = redis
         self.metrics = metrics
-        self.channel = prefix + "events"
         self.codec = codec
         self.registry = registry
         self.cache = cache
@@ -89,8 +82,7 @@ class Propagator:
 
     @contextlib.asynccontextmanager
     async def announce(self) -> AsyncIterator[Announcement]:
-        # Redis time before the write: a replica whose cache was cleared after it needs no ack.
-        announcement = Announcement(self, secrets.token_hex(8), await self.registry.now_ms())
+        announcement = Announcement(self, secrets.token_hex(8))
         self._pending[announcement.nonce] = announcement
         try:
             yield announcement
@@ -99,13 +91,16 @@ class Propagator:
 
     async def _wait(self, a: Announcement) -> Propagation:
         started = time.perf_counter()
+        assert a.written_at_us is not None, "confirmed() before the change was written"
+        written = a.written_at_us
         for key_hash in a.hashes:  # this process at once, whatever its subscriber's state
             self.cache.evict(key_hash)
         deadline = started + self.timeout
         _, live = await self.registry.live()
         refreshed = time.perf_counter()
         while True:
-            done = {r for r, epoch in live.items() if r in a.acked or epoch > a.announced_at_ms}
+            # A replica whose cache was cleared after the write holds nothing stale.
+            done = {r for r, epoch in live.items() if r in a.acked or epoch > written}
             now = time.perf_counter()
             if len(done) == len(live) or now >= deadline:
                 self.metrics.live_replicas.set(len(live))

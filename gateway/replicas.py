@@ -2,10 +2,10 @@
 
 A replica joins while its invalidation subscription is live: a sorted set
 member whose score is its expiry (Redis server time, so replica clocks do not
-matter), refreshed by a heartbeat, and an epoch: the Redis time at which its
-cache was last cleared after (re)subscribing. A replica whose epoch is later
-than an announcement cannot hold a stale entry for it, so it counts as
-confirmed without an ack. A replica that dies or loses its subscription drops
+matter), refreshed by a heartbeat, and an epoch: a Redis time (microseconds)
+read after it resubscribed and before it cleared its cache. A replica whose
+epoch is later than the moment a change was written cannot hold a stale entry
+for it, so it counts as confirmed without an ack. A replica that dies or loses its subscription drops
 out: it leaves, or its heartbeat expires.
 """
 
@@ -19,7 +19,7 @@ _JOIN = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-if ARGV[3] == '1' then redis.call('HSET', KEYS[2], ARGV[1], now) end
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[2], ARGV[1], ARGV[3]) end
 return now
 """
 
@@ -40,9 +40,10 @@ end
 return out
 """
 
-_NOW = """
+# Microseconds since the epoch fit a Lua double exactly (< 2^53); returned as a string.
+_NOW_US = """
 local t = redis.call('TIME')
-return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return t[1] .. string.format('%06d', tonumber(t[2]))
 """
 
 
@@ -54,14 +55,14 @@ class Registry:
         self._keys = [prefix + "replicas", prefix + "replica-epochs"]
         self._join = redis.register_script(_JOIN)
         self._live = redis.register_script(_LIVE)
-        self._now = redis.register_script(_NOW)
+        self._now = redis.register_script(_NOW_US)
 
-    async def join(self) -> int:
-        """Enter the live set with a new epoch (the cache was just cleared); the epoch."""
-        return int(await self._join(keys=self._keys, args=[self.replica_id, self.ttl_ms, "1"]))
+    async def join(self, epoch_us: int) -> None:
+        """Enter the live set with the epoch read (by now_us) before the cache was cleared."""
+        await self._join(keys=self._keys, args=[self.replica_id, self.ttl_ms, str(epoch_us)])
 
     async def heartbeat(self) -> None:
-        await self._join(keys=self._keys, args=[self.replica_id, self.ttl_ms, "0"])
+        await self._join(keys=self._keys, args=[self.replica_id, self.ttl_ms, ""])
 
     async def leave(self) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -70,7 +71,7 @@ class Registry:
             await pipe.execute()
 
     async def live(self) -> tuple[int, dict[str, int]]:
-        """(Redis time in ms, {replica id: epoch ms}) for every unexpired replica."""
+        """(Redis time in ms, {replica id: epoch in microseconds}) for every unexpired replica."""
         raw = cast(list[Any], await self._live(keys=self._keys))
         now = int(raw[0])
         out: dict[str, int] = {}
@@ -79,5 +80,7 @@ class Registry:
             out[rid] = int(raw[i + 1])
         return now, out
 
-    async def now_ms(self) -> int:
-        return int(await self._now())
+    async def now_us(self) -> int:
+        """Redis server time in microseconds."""
+        raw = await self._now()
+        return int(raw.decode() if isinstance(raw, bytes) else raw)

@@ -20,7 +20,7 @@ import base64
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import orjson
 from redis.asyncio import Redis
@@ -59,8 +59,19 @@ class Refused(Exception):
         self.detail = detail
 
 
-# Builds the channel message announcing changed keys, as (sha256, version) pairs.
-Announce = Callable[[list[tuple[str, int]]], bytes]
+class Announcer(Protocol):
+    """A change's announcement (propagation.Announcement): its message, and when it was written."""
+
+    def message(self, keys: list[tuple[str, int]]) -> bytes:
+        """The channel message announcing the changed keys, as (sha256, version) pairs."""
+
+    def written(self, at_us: int) -> None:
+        """Redis server time (microseconds) read in the change's own transaction."""
+
+
+def _time_us(reply: Any) -> int:
+    seconds, micros = reply
+    return int(seconds) * 1_000_000 + int(micros)
 
 
 class KeyStore:
@@ -144,12 +155,20 @@ class KeyStore:
         next_cursor = entries[-1]["id"] if len(entries) == limit else None
         return entries, next_cursor
 
+    async def announce(self, announcer: Announcer, keys: list[tuple[str, int]]) -> None:
+        """Publish an announcement for a change that wrote nothing (an idempotent repeat)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.publish(self.channel, announcer.message(keys))
+            pipe.time()
+            replies = await pipe.execute()
+        announcer.written(_time_us(replies[-1]))
+
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
 
     # writes ---------------------------------------------------------------
 
-    async def insert(self, record: KeyRecord, audit: list[AuditEntry], announce: Announce) -> bool:
+    async def insert(self, record: KeyRecord, audit: list[AuditEntry], announcer: Announcer) -> bool:
         """Add a new record; False when a key with the same hash already exists."""
         hk = self._k(record.hash)
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -162,8 +181,10 @@ class KeyStore:
                     self._queue_insert(pipe, record)
                     self._queue_audit(pipe, audit)
                     # A negative answer cached anywhere for this hash must go too.
-                    pipe.publish(self.channel, announce([(record.hash, record.version)]))
-                    await pipe.execute()
+                    pipe.publish(self.channel, announcer.message([(record.hash, record.version)]))
+                    pipe.time()
+                    replies = await pipe.execute()
+                    announcer.written(_time_us(replies[-1]))
                     return True
                 except WatchError:
                     continue
@@ -173,7 +194,7 @@ class KeyStore:
         key_id: str,
         change: Callable[[KeyRecord], KeyRecord],
         audit: list[AuditEntry],
-        announce: Announce,
+        announcer: Announcer,
         *,
         also_insert: Callable[[KeyRecord], KeyRecord] | None = None,
     ) -> tuple[KeyRecord, KeyRecord, KeyRecord | None] | None:
@@ -207,8 +228,10 @@ class KeyStore:
                         self._queue_insert(pipe, inserted)
                         changed.append((inserted.hash, inserted.version))
                     self._queue_audit(pipe, audit)
-                    pipe.publish(self.channel, announce(changed))
-                    await pipe.execute()
+                    pipe.publish(self.channel, announcer.message(changed))
+                    pipe.time()
+                    replies = await pipe.execute()
+                    announcer.written(_time_us(replies[-1]))
                     return before, after, inserted
                 except WatchError:
                     continue

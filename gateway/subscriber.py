@@ -91,7 +91,7 @@ class Subscriber:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # every failure is a break; the reason is logged by type only
-                self._broken(str(exc) if isinstance(exc, Break) else type(exc).__name__)
+                self._broken(str(exc) if isinstance(exc, Break) else type(exc).__name__, self.sessions != established)
                 try:  # best effort: if Redis is unreachable, the heartbeat expires instead
                     await asyncio.wait_for(self.registry.leave(), self.interval)
                 except Exception:  # noqa: S110 - expiry covers it
@@ -99,11 +99,10 @@ class Subscriber:
             backoff = 0.05 if self.sessions != established else min(backoff * 2, 1.0)
             await asyncio.sleep(backoff)
 
-    def _broken(self, why: str) -> None:
-        was = self.coherent
+    def _broken(self, why: str, was_live: bool) -> None:
         self.coherence.lost()
         self.metrics.coherent.set(0)
-        if was:
+        if was_live:
             log.warning("invalidation subscription lost (%s): reading every key from Redis until resubscribed", why)
 
     @property
@@ -116,15 +115,20 @@ class Subscriber:
             await pubsub.subscribe(self.events, self.acks)
             await self._await_confirmations(pubsub)
             # Subscribed: anything published from now on reaches us. What we
-            # may have missed before is wiped with the cache.
+            # may have missed before is wiped with the cache. The epoch is read
+            # before the clear, so "epoch later than a write" means "cleared after it".
+            epoch = await self.registry.now_us()
             self.cache.clear()
             self.coherence.restored()
-            await self.registry.join()
+            await self.registry.join(epoch)
             self.sessions += 1
             self.metrics.coherent.set(1)
             log.info("invalidation subscription live; cache cleared")
             await self._listen(pubsub)
         finally:
+            # Before anything else can run: from here on the cache is not trusted.
+            self.coherence.lost()
+            self.metrics.coherent.set(0)
             try:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
             except Exception:  # noqa: S110 - the connection is being discarded anyway

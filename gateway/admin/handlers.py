@@ -137,7 +137,7 @@ class AdminApi:
         action = "import" if spec.is_import else "create"
         audit = self._audit(request, principal, action, record.id, request_id)
         async with self.propagator.announce() as announcement:
-            if not await self.store.insert(record, [audit], announcement.message):
+            if not await self.store.insert(record, [audit], announcement):
                 return errors.render(Denial("key_exists", status=409), request_id)
             # A replica where a client tried an imported key before may cache "unknown key".
             await announcement.confirmed()
@@ -250,7 +250,7 @@ class AdminApi:
             self._audit(request, principal, "create", new_id, request_id, rotated_from=key_id),
         ]
         async with self.propagator.announce() as announcement:
-            outcome = await self.store.update(key_id, change, audits, announcement.message, also_insert=successor)
+            outcome = await self.store.update(key_id, change, audits, announcement, also_insert=successor)
             if outcome is None:
                 return self._not_found(request_id)
             propagation = await announcement.confirmed()
@@ -266,14 +266,14 @@ class AdminApi:
         self, key_id: str, change: Callable[[KeyRecord], KeyRecord], audits: list[AuditEntry], request_id: str
     ) -> web.Response:
         async with self.propagator.announce() as announcement:
-            outcome = await self.store.update(key_id, change, audits, announcement.message)
+            outcome = await self.store.update(key_id, change, audits, announcement)
             if outcome is None:
                 return self._not_found(request_id)
             before, after, _ = outcome
             if after is before:
                 # A repeat wrote nothing; announce anyway, so the answer still
                 # means that no replica's cache holds the key.
-                await announcement.publish([(after.hash, after.version)])
+                await self.store.announce(announcement, [(after.hash, after.version)])
             propagation = await announcement.confirmed()
         body = after.public()
         body["propagation"] = propagation.public()
