@@ -45,6 +45,7 @@ class Replica:
     subscriber: Subscriber
     registry: Registry
     metrics: Metrics
+    api: AdminApi
     proxy_app: web.Application
     admin_app: web.Application
 
@@ -109,6 +110,6 @@ def build(config: Config, redis: Redis, listen_redis: Redis, *, replica_id: str 
     api = AdminApi(store, TokenVerifier(config.admin.tokens), propagator, coherence, config.keys, metrics)
     admin_app = build_admin_app(api)
     return Replica(
-        replica_id, config, store, cache, coherence, lookup, propagator, subscriber, registry, metrics,
+        replica_id, config, store, cache, coherence, lookup, propagator, subscriber, registry, metrics, api,
         proxy_app, admin_app,
     )  # fmt: skip

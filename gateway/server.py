@@ -99,8 +99,8 @@ async def serve(config: Config, *, reuse_port: bool = False, stop: asyncio.Event
 
 async def _serve_replica(config: Config, redis: Redis, listener: Redis, reuse_port: bool, stop: asyncio.Event) -> None:
     replica = build(config, redis, listener)
-    persistence = await check_persistence(redis)
-    log.info("redis persistence: %s", persistence)
+    replica.api.persistence = await check_persistence(redis)
+    log.info("redis persistence: %s", replica.api.persistence)
     proxy = web.AppRunner(replica.proxy_app, access_log=None, handle_signals=False)
     admin = web.AppRunner(replica.admin_app, access_log=None, handle_signals=False)
     await proxy.setup()

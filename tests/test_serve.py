@@ -427,3 +427,26 @@ def test_the_embedded_redis_dies_with_a_killed_gateway(tmp_path: Path, admin_tok
         for pid in spawned:
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(("appendonly", "expected"), [("no", "off"), ("yes", "aof")])
+def test_an_external_redis_without_persistence_is_warned_about_at_startup_and_in_readyz(
+    tmp_path: Path, admin_tokens: AdminTokens, appendonly: str, expected: str
+) -> None:
+    server = RedisProcess(free_port(), tmp_path / "redis", extra=["--appendonly", appendonly])
+    server.start()
+    log = tmp_path / "gateway.log"
+    try:
+        config, client = write_config(tmp_path, "http://127.0.0.1:1", admin_tokens, {"url": server.url})
+        with gateway_process(config, log, base_env()) as gw:
+            wait_ready(gw, client.admin_url, log)
+            status, _, raw = request("GET", client.admin_url + "/readyz")
+            body = json.loads(raw)
+            assert status == 200
+            assert body["persistence"] == expected
+            assert ("warning" in body) == (expected == "off")
+            assert terminate(gw) == 0
+        warned = "redis persistence is off" in log.read_text()
+        assert warned == (expected == "off")
+    finally:
+        server.stop()

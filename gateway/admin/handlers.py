@@ -67,6 +67,7 @@ class AdminApi:
     coherence: Coherence
     keys_config: KeysConfig
     metrics: Metrics
+    persistence: str = "unknown"  # Redis AOF: "aof", "off" or "unknown"; set at startup (server.py)
 
     async def authenticate(self, request: web.Request) -> Principal | Denial:
         values = request.headers.getall("Authorization", ())
@@ -301,7 +302,10 @@ class AdminApi:
         if not self.coherence.coherent:
             detail = "The invalidation subscription is not live; every key is read from Redis until it is"
             return errors.render(Denial("not_ready", detail), request_id)
-        return json_response({"status": "ready", "redis": "ok", "subscription": "live"}, request_id)
+        body = {"status": "ready", "redis": "ok", "subscription": "live", "persistence": self.persistence}
+        if self.persistence == "off":
+            body["warning"] = "Redis persistence is off: an acknowledged disable can be lost if Redis restarts"
+        return json_response(body, request_id)
 
     async def metrics_text(self, request: web.Request) -> web.StreamResponse:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
