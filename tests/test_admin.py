@@ -888,7 +888,9 @@ async def test_an_oversized_body_is_refused_with_a_spec5_body(gw: Gateway) -> No
 # argon2 cache ---------------------------------------------------------------------
 
 
-async def test_each_admin_token_is_verified_with_argon2_once(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def argon2_calls(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """How many times each token went through the (slow) argon2 verification."""
     calls: Counter[str] = Counter()
     original = TokenVerifier._verify_slowly
 
@@ -897,6 +899,11 @@ async def test_each_admin_token_is_verified_with_argon2_once(gw: Gateway, monkey
         return original(self, token)
 
     monkeypatch.setattr(TokenVerifier, "_verify_slowly", counting)
+    return calls
+
+
+async def test_each_admin_token_is_verified_with_argon2_once(gw: Gateway, argon2_calls: Counter[str]) -> None:
+    calls = argon2_calls
     tokens = gw.tokens
     wrong = "gwadm_wrong_" + secrets.token_urlsafe(24)
 
@@ -921,16 +928,9 @@ async def test_each_admin_token_is_verified_with_argon2_once(gw: Gateway, monkey
 
 
 async def test_concurrent_first_calls_with_one_token_share_one_argon2_verification(
-    gw: Gateway, monkeypatch: pytest.MonkeyPatch
+    gw: Gateway, argon2_calls: Counter[str]
 ) -> None:
-    calls: Counter[str] = Counter()
-    original = TokenVerifier._verify_slowly
-
-    def counting(self: TokenVerifier, token: str) -> Any:
-        calls[token] += 1
-        return original(self, token)
-
-    monkeypatch.setattr(TokenVerifier, "_verify_slowly", counting)
+    calls = argon2_calls
 
     async def one() -> int:
         r = await gw.admin_call("GET", "/v1/keys", token="viewer")
