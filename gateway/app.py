@@ -56,11 +56,20 @@ class Replica:
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await _cancel(task)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.registry.leave(), 1.0)
+
+
+async def _cancel(task: asyncio.Task[None], seconds: float = 5.0) -> None:
+    """Cancel until it ends: on Python 3.11 a cancel landing inside redis-py's
+    internal wait_for can be swallowed, so one cancel() is not always enough."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not task.done() and asyncio.get_running_loop().time() < deadline:
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    if task.done() and not task.cancelled():
+        task.exception()  # retrieved: it was logged where it happened
 
 
 def build(config: Config, redis: Redis, listen_redis: Redis, *, replica_id: str | None = None) -> Replica:

@@ -39,7 +39,10 @@ class KeyLookup:
             record = await self.store.get_by_hash(key_hash)
         except (TimeoutError, RedisError, OSError):
             return self._stale_or_fail(key_hash)
-        self.cache.put(key_hash, record, generation)
+        if self.coherence.coherent:
+            # Only while trusted: what is cached during a break could outlive it
+            # (resubscribing clears the cache) or be served stale from it.
+            self.cache.put(key_hash, record, generation)
         return record
 
     def _stale_or_fail(self, key_hash: str) -> KeyRecord | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -118,9 +118,11 @@ class Subscriber:
             # may have missed before is wiped with the cache. The epoch is read
             # before the clear, so "epoch later than a write" means "cleared after it".
             epoch = await self.registry.now_us()
+            # Join before trusting the cache: from the moment it answers from the
+            # cache, every change must wait for its ack (its epoch covers what came before).
+            await self.registry.join(epoch)
             self.cache.clear()
             self.coherence.restored()
-            await self.registry.join(epoch)
             self.sessions += 1
             self.metrics.coherent.set(1)
             log.info("invalidation subscription live; cache cleared")
@@ -157,13 +159,14 @@ class Subscriber:
             message = await pubsub.get_message(timeout=self.interval / 2)
             now = time.monotonic()
             if now - beat >= self.interval:
-                await self.registry.heartbeat()
+                # Bounded: a stalled link must not keep this loop from noticing the silence.
+                await self._bounded(self.registry.heartbeat(), "heartbeat")
                 beat = now
             if message is None:
                 if ping_sent is not None and now - ping_sent > self.interval:
                     raise Break("silence past the health-check interval")
                 if ping_sent is None and now - heard >= self.interval:
-                    await pubsub.ping()
+                    await self._bounded(pubsub.ping(), "ping")
                     ping_sent = now
                 continue
             heard = now
@@ -188,7 +191,15 @@ class Subscriber:
         for key_hash, _version in decoded.keys:
             self.cache.evict(key_hash)
         self.metrics.invalidations.labels("applied").inc()
-        await self.redis.publish(self.acks, self.codec.ack(decoded.nonce, self.registry.replica_id))
+        await self._bounded(
+            self.redis.publish(self.acks, self.codec.ack(decoded.nonce, self.registry.replica_id)), "ack"
+        )
+
+    async def _bounded(self, call: Awaitable[Any], what: str) -> None:
+        try:
+            await asyncio.wait_for(call, self.interval / 2)
+        except TimeoutError:
+            raise Break(f"{what} took longer than half the health-check interval") from None
 
 
 def _bytes(value: bytes | str) -> bytes:

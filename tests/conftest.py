@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway import config as config_mod
-from gateway.admin.auth import hash_token
+from gateway.admin.auth import TokenVerifier, hash_token
 from gateway.app import Replica, build
 from gateway.server import listen_client
 from tests.upstream_app import make_upstream
@@ -128,6 +128,25 @@ def admin_tokens() -> AdminTokens:
     tokens = {role: f"gwadm_{role}_" + secrets.token_urlsafe(24) for role in ("viewer", "developer", "admin")}
     entries = [{"name": f"ops-{role}", "role": role, "hash": hash_token(tok)} for role, tok in tokens.items()]
     return AdminTokens(tokens["viewer"], tokens["developer"], tokens["admin"], entries)
+
+
+_ARGON2_MEMO: dict[tuple[Any, str], Any] = {}
+
+
+@pytest.fixture(autouse=True)
+def argon2_once_per_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every in-process gateway builds a new TokenVerifier that would run argon2id (~0.15 s a
+    hash) again for each token. Verification stays real: each (configured hashes, token) pair is
+    checked by the real argon2 code once per test session, then remembered here."""
+    real = TokenVerifier._verify_slowly
+
+    def remembered(self: TokenVerifier, token: str) -> Any:
+        memo_key = (tuple((t.name, t.role, t.hash) for t in self._tokens), token)
+        if memo_key not in _ARGON2_MEMO:
+            _ARGON2_MEMO[memo_key] = real(self, token)
+        return _ARGON2_MEMO[memo_key]
+
+    monkeypatch.setattr(TokenVerifier, "_verify_slowly", remembered)
 
 
 @pytest.fixture

@@ -27,25 +27,6 @@ KEY_ID = re.compile(r"key_[0-9a-f]{20}")
 UNKNOWN_ID = "key_" + "0" * 20
 
 
-@pytest.fixture(autouse=True)
-def argon2_once_per_session(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test builds a new gateway, so a new TokenVerifier that would run argon2id (~0.2 s a
-    hash) again for each token. Verification itself stays real: each (configured hashes, token)
-    pair is checked by the real argon2 code once per test session, then remembered here."""
-    real = TokenVerifier._verify_slowly
-
-    def remembered(self: TokenVerifier, token: str) -> Any:
-        memo_key = (tuple((t.name, t.role, t.hash) for t in self._tokens), token)
-        if memo_key not in _ARGON2_MEMO:
-            _ARGON2_MEMO[memo_key] = real(self, token)
-        return _ARGON2_MEMO[memo_key]
-
-    monkeypatch.setattr(TokenVerifier, "_verify_slowly", remembered)
-
-
-_ARGON2_MEMO: dict[tuple[Any, str], Any] = {}
-
-
 # helpers ---------------------------------------------------------------------
 
 
