@@ -920,3 +920,20 @@ async def test_concurrent_first_calls_with_one_token_share_one_argon2_verificati
 
     assert await asyncio.gather(*(one() for _ in range(6))) == [200] * 6
     assert calls == {gw.tokens.viewer: 1}
+
+
+async def test_admin_change_metrics_count_only_changes_that_were_written(gw: Gateway) -> None:
+    created = await gw.create_key(owner="acme")
+    path = f"/v1/keys/{created['id']}"
+    for _ in range(2):  # the repeat writes nothing
+        status, _ = await admin(gw, "POST", path + "/disable", token="developer", json={"reason": "r"})
+        assert status == 200
+    status, _ = await admin(gw, "POST", path + "/revoke", token="admin", json={})
+    assert status == 200
+    status, _ = await admin(gw, "POST", path + "/enable", token="developer", json={})  # refused: revoked
+    assert status == 409
+    text = gw.replica.metrics.render().decode()
+    assert 'gateway_admin_changes_total{action="create"} 1.0' in text
+    assert 'gateway_admin_changes_total{action="disable"} 1.0' in text
+    assert 'gateway_admin_changes_total{action="revoke"} 1.0' in text
+    assert 'action="enable"' not in text

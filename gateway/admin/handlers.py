@@ -84,7 +84,6 @@ class AdminApi:
 
     def _audit(self, request: web.Request, principal: Principal, action: str, key_id: str,
                request_id: str, reason: str | None = None, **detail: Any) -> AuditEntry:  # fmt: skip
-        self.metrics.admin_changes.labels(action).inc()
         return AuditEntry(
             actor=principal.name,
             action=action,
@@ -140,6 +139,7 @@ class AdminApi:
         async with self.propagator.announce() as announcement:
             if not await self.store.insert(record, [audit], announcement):
                 return errors.render(Denial("key_exists", status=409), request_id)
+            self.metrics.admin_changes.labels(action).inc()
             # A replica where a client tried an imported key before may cache "unknown key".
             await announcement.confirmed()
         body = record.public()
@@ -254,6 +254,7 @@ class AdminApi:
             outcome = await self.store.update(key_id, change, audits, announcement, also_insert=successor)
             if outcome is None:
                 return self._not_found(request_id)
+            self.metrics.admin_changes.labels("rotate").inc()
             propagation = await announcement.confirmed()
         _, after, inserted = outcome
         assert inserted is not None
@@ -271,7 +272,9 @@ class AdminApi:
             if outcome is None:
                 return self._not_found(request_id)
             before, after, _ = outcome
-            if after is before:
+            if after is not before:  # counted only when something was written
+                self.metrics.admin_changes.labels(audits[0].action).inc()
+            else:
                 # A repeat wrote nothing; announce anyway, so the answer still
                 # means that no replica's cache holds the key.
                 await self.store.announce(announcement, [(after.hash, after.version)])
