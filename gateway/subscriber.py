@@ -5,7 +5,8 @@ doubt (a connection error, a reconnect, a subscribe confirmation we did not
 ask for, Redis silent past the health-check interval) makes the replica
 incoherent at once: lookups bypass the cache and go to Redis, and the replica
 leaves the live set so nobody waits for its ack. Once subscribed again (both
-confirmations seen) it clears the cache, and only then trusts it and rejoins.
+confirmations seen) it reads an epoch, rejoins the live set, clears the cache,
+and only then trusts it.
 
 redis-py's PubSub reconnects and resubscribes on its own; this module never
 relies on that: it uses a client with retries off, and treats any error or
@@ -91,23 +92,17 @@ class Subscriber:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # every failure is a break; the reason is logged by type only
-                self._broken(str(exc) if isinstance(exc, Break) else type(exc).__name__, self.sessions != established)
+                if self.sessions != established:  # _session's finally has already stopped trusting the cache
+                    why = str(exc) if isinstance(exc, Break) else type(exc).__name__
+                    log.warning(
+                        "invalidation subscription lost (%s): reading every key from Redis until resubscribed", why
+                    )
                 try:  # best effort: if Redis is unreachable, the heartbeat expires instead
                     await asyncio.wait_for(self.registry.leave(), self.interval)
                 except Exception:  # noqa: S110 - expiry covers it
                     pass
             backoff = 0.05 if self.sessions != established else min(backoff * 2, 1.0)
             await asyncio.sleep(backoff)
-
-    def _broken(self, why: str, was_live: bool) -> None:
-        self.coherence.lost()
-        self.metrics.coherent.set(0)
-        if was_live:
-            log.warning("invalidation subscription lost (%s): reading every key from Redis until resubscribed", why)
-
-    @property
-    def coherent(self) -> bool:
-        return self.coherence.coherent
 
     async def _session(self) -> None:
         pubsub = self.listen_client.pubsub()
