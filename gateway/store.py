@@ -69,9 +69,10 @@ class Announcer(Protocol):
         """Redis server time (microseconds) read in the change's own transaction."""
 
 
-def _time_us(reply: Any) -> int:
-    seconds, micros = reply
-    return int(seconds) * 1_000_000 + int(micros)
+def _announced(announcer: Announcer, replies: list[Any]) -> None:
+    """Tell the announcer the Redis time its transaction read (queued last by _queue_announce)."""
+    seconds, micros = replies[-1]
+    announcer.written(int(seconds) * 1_000_000 + int(micros))
 
 
 class KeyStore:
@@ -158,10 +159,8 @@ class KeyStore:
     async def announce(self, announcer: Announcer, keys: list[tuple[str, int]]) -> None:
         """Publish an announcement for a change that wrote nothing (an idempotent repeat)."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.publish(self.channel, announcer.message(keys))
-            pipe.time()
-            replies = await pipe.execute()
-        announcer.written(_time_us(replies[-1]))
+            self._queue_announce(pipe, announcer, keys)
+            _announced(announcer, await pipe.execute())
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
@@ -181,10 +180,8 @@ class KeyStore:
                     self._queue_insert(pipe, record)
                     self._queue_audit(pipe, audit)
                     # A negative answer cached anywhere for this hash must go too.
-                    pipe.publish(self.channel, announcer.message([(record.hash, record.version)]))
-                    pipe.time()
-                    replies = await pipe.execute()
-                    announcer.written(_time_us(replies[-1]))
+                    self._queue_announce(pipe, announcer, [(record.hash, record.version)])
+                    _announced(announcer, await pipe.execute())
                     return True
                 except WatchError:
                     continue
@@ -228,10 +225,8 @@ class KeyStore:
                         self._queue_insert(pipe, inserted)
                         changed.append((inserted.hash, inserted.version))
                     self._queue_audit(pipe, audit)
-                    pipe.publish(self.channel, announcer.message(changed))
-                    pipe.time()
-                    replies = await pipe.execute()
-                    announcer.written(_time_us(replies[-1]))
+                    self._queue_announce(pipe, announcer, changed)
+                    _announced(announcer, await pipe.execute())
                     return before, after, inserted
                 except WatchError:
                     continue
@@ -242,6 +237,11 @@ class KeyStore:
         pipe.zadd(self.prefix + "ids", {record.id: record.created_at})
         if record.owner is not None:
             pipe.zadd(self._owner(record.owner), {record.id: record.created_at})
+
+    def _queue_announce(self, pipe: Any, announcer: Announcer, keys: list[tuple[str, int]]) -> None:
+        """The announcement, then TIME: queued last, so `_announced` finds the time at the end."""
+        pipe.publish(self.channel, announcer.message(keys))
+        pipe.time()
 
     def _queue_audit(self, pipe: Any, entries: list[AuditEntry]) -> None:
         now = time.time()
