@@ -2,29 +2,30 @@
 
 from __future__ import annotations
 
-import socket
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _busy(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no conflict
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
+def _demo_module() -> ModuleType:
+    """scripts/demo.py itself, so the test checks ports exactly as `make run` does."""
+    spec = importlib.util.spec_from_file_location("demo", ROOT / "scripts" / "demo.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.slow
 def test_the_demo_shows_200_401_disable_and_403_on_the_shipped_config(tmp_path: Path) -> None:
-    busy = [p for p in (8080, 8081, 9000) if _busy(p)]
+    demo = _demo_module()
+    busy = [p for p in (demo.PROXY, demo.ADMIN, demo.UPSTREAM) if not demo.port_free(p)]
     if busy:
         pytest.skip(f"the demo needs ports 8080, 8081 and 9000; in use: {busy}")
     result = subprocess.run(
