@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -46,8 +47,15 @@ class Replica:
     registry: Registry
     metrics: Metrics
     api: AdminApi
+    proxy: Proxy
     proxy_app: web.Application
     admin_app: web.Application
+
+    def reload_routes(self, new: Config) -> list[str]:
+        """Swap in `new`'s routes (SIGHUP); returns the sections that changed but need a restart."""
+        self.proxy.routes = RouteTable(new.routes)
+        self.config = dataclasses.replace(self.config, routes=new.routes)
+        return [name for name in _RESTART_SECTIONS if getattr(self.config, name) != getattr(new, name)]
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -59,6 +67,10 @@ class Replica:
             await _cancel(task)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.registry.leave(), 1.0)
+
+
+# What a reload does not apply: listeners, Redis, cache, keys, admin, logging and lifecycle need a restart.
+_RESTART_SECTIONS = ("listen", "admin", "redis", "cache", "keys", "logging", "lifecycle")
 
 
 async def _cancel(task: asyncio.Task[None], seconds: float = 5.0) -> None:
@@ -81,7 +93,8 @@ def build(config: Config, redis: Redis, listen_redis: Redis, *, replica_id: str 
     store = KeyStore(redis, prefix)
     cache = KeyCache(config.cache.ttl_seconds, config.cache.negative_ttl_seconds, config.cache.max_entries)
     coherence = Coherence()
-    lookup = KeyLookup(store, cache, coherence, config.cache.serve_stale_seconds)
+    metrics.watch_cache(cache)
+    lookup = KeyLookup(store, cache, coherence, config.cache.serve_stale_seconds, metrics)
     health = config.redis.health_check_seconds
     registry = Registry(redis, prefix, replica_id, ttl_ms=int(health * 3000))
     propagator = Propagator(
@@ -106,6 +119,7 @@ def build(config: Config, redis: Redis, listen_redis: Redis, *, replica_id: str 
 
     forwarder = Forwarder()
     proxy = Proxy(RouteTable(config.routes), lookup, forwarder, config.keys, metrics)
+    metrics.inflight.set_function(lambda: proxy.inflight)
     proxy_app = web.Application(middlewares=[error_middleware])
     proxy_app.router.add_route("*", "/{tail:.*}", proxy.handle)
 
@@ -120,5 +134,5 @@ def build(config: Config, redis: Redis, listen_redis: Redis, *, replica_id: str 
     admin_app = build_admin_app(api)
     return Replica(
         replica_id, config, store, cache, coherence, lookup, propagator, subscriber, registry, metrics, api,
-        proxy_app, admin_app,
+        proxy, proxy_app, admin_app,
     )  # fmt: skip

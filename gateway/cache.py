@@ -33,6 +33,9 @@ class KeyCache:
         self._clock = clock
         self._entries: OrderedDict[str, tuple[float, KeyRecord | None]] = OrderedDict()
         self.generation = 0
+        # Plain counters, read by the metrics collector at scrape time (gateway.metrics).
+        self.hits = self.negative_hits = self.misses = 0
+        self.evicted_size = self.expired = self.invalidated = self.cleared = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -41,12 +44,19 @@ class KeyCache:
         """The cached record, None for a cached "unknown key", or `MISS`."""
         entry = self._entries.get(key_hash)
         if entry is None:
+            self.misses += 1
             return _MISS
         expires, record = entry
         if self._clock() >= expires:
             del self._entries[key_hash]
+            self.expired += 1
+            self.misses += 1
             return _MISS
         self._entries.move_to_end(key_hash)
+        if record is None:
+            self.negative_hits += 1
+        else:
+            self.hits += 1
         return record
 
     def peek_stale(self, key_hash: str, max_age: float) -> KeyRecord | object | None:
@@ -71,14 +81,17 @@ class KeyCache:
         self._entries.move_to_end(key_hash)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
+            self.evicted_size += 1
         return True
 
     def evict(self, key_hash: str) -> None:
         self.generation += 1
-        self._entries.pop(key_hash, None)
+        if self._entries.pop(key_hash, None) is not None:
+            self.invalidated += 1
 
     def clear(self) -> None:
         self.generation += 1
+        self.cleared += len(self._entries)
         self._entries.clear()
 
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
-import logging
 import os
 import secrets
 import sys
 from collections.abc import Sequence
 
 from . import config as config_mod
+from . import operator_cli
 from .embedded import MissingRedis
+from .logs import configure as configure_logging
 
 EXIT_CONFIG = 2
 
@@ -42,16 +43,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     if cfg is None:
         return EXIT_CONFIG
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    # The flags win over the file and its GATEWAY_LOGGING_* overrides.
+    configure_logging(args.log_level or cfg.logging.level, args.log_format or cfg.logging.format)
     from gateway.server import serve, supervise_workers
 
+    log_args = [*(["--log-level", args.log_level] if args.log_level else []),
+                *(["--log-format", args.log_format] if args.log_format else [])]  # fmt: skip
     try:
         if args.workers > 1 and not args.worker:
-            return asyncio.run(supervise_workers(cfg, args.config, args.workers, args.log_level))
-        asyncio.run(serve(cfg, reuse_port=args.worker))
+            return asyncio.run(supervise_workers(cfg, args.config, args.workers, log_args))
+        asyncio.run(serve(cfg, config_path=args.config, reuse_port=args.worker))
     except MissingRedis as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -89,8 +90,10 @@ def parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the proxy and the admin listener")
     serve.add_argument("--config", required=True, help="path to gateway.yaml")
-    serve.add_argument("--log-level", default=os.environ.get("GATEWAY_LOG_LEVEL", "info"),
-                       choices=["debug", "info", "warning", "error"])  # fmt: skip
+    serve.add_argument("--log-level", choices=config_mod.LOG_LEVELS,
+                       help="overrides logging.level (default info)")  # fmt: skip
+    serve.add_argument("--log-format", choices=config_mod.LOG_FORMATS,
+                       help="overrides logging.format: json lines (default) or text for a terminal")  # fmt: skip
     serve.add_argument("--workers", type=int, default=1, metavar="N",
                        help="run N processes sharing the ports (SO_REUSEPORT), each with its own cache")  # fmt: skip
     serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # set by the parent of --workers
@@ -105,6 +108,8 @@ def parser() -> argparse.ArgumentParser:
     ht.add_argument("--name", default="ops", help="token name for the printed config entry")
     ht.add_argument("--role", default="admin", choices=list(config_mod.ROLES))
     ht.set_defaults(func=cmd_hash_token)
+
+    operator_cli.register(sub)
     return p
 
 

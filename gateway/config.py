@@ -88,6 +88,21 @@ class Route:
         return self.auth == "required"
 
 
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+LOG_FORMATS: Final = ("json", "text")
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: str = "info"
+    format: str = "json"  # one JSON object per line, as container log collectors expect
+
+
+@dataclass(frozen=True, slots=True)
+class LifecycleConfig:
+    drain_seconds: float = 20.0  # SIGTERM: how long in-flight requests may take to finish
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     listen: Listen
@@ -97,6 +112,8 @@ class Config:
     keys: KeysConfig
     routes: tuple[Route, ...]
     source: str = "<config>"
+    logging: LoggingConfig = LoggingConfig()
+    lifecycle: LifecycleConfig = LifecycleConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +171,9 @@ ENV_OVERRIDES: Final[dict[str, tuple[str, ...]]] = {
     "GATEWAY_CACHE_SERVE_STALE_SECONDS": ("cache", "serve_stale_seconds"),
     "GATEWAY_KEYS_ALLOW_REENABLE": ("keys", "allow_reenable"),
     "GATEWAY_KEYS_DISABLED_STATUS": ("keys", "disabled_status"),
+    "GATEWAY_LOGGING_LEVEL": ("logging", "level"),
+    "GATEWAY_LOGGING_FORMAT": ("logging", "format"),
+    "GATEWAY_LIFECYCLE_DRAIN_SECONDS": ("lifecycle", "drain_seconds"),
 }
 # Values that are secrets: never echoed in a problem report.
 _SECRET_PATHS: Final = {("redis", "channel_secret"), ("redis", "url")}
@@ -282,7 +302,7 @@ class _Validator:
     # sections -------------------------------------------------------------
 
     def config(self, raw: dict[str, Any], source: str) -> Config | None:
-        self.section(raw, "", {"listen", "admin", "redis", "cache", "keys", "routes"})
+        self.section(raw, "", {"listen", "admin", "redis", "cache", "keys", "routes", "logging", "lifecycle"})
         listen = self.listen(raw.get("listen"), "listen", Listen("0.0.0.0", 8080))
         admin = self.admin(raw.get("admin"))
         if admin is not None and listen is not None and admin.listen.port == listen.port != 0:
@@ -295,10 +315,25 @@ class _Validator:
         cache = self.cache(raw.get("cache"))
         keys = self.keys(raw.get("keys"))
         routes = self.routes(raw.get("routes"))
+        logs = self.logging(raw.get("logging"))
+        lifecycle = self.lifecycle(raw.get("lifecycle"))
         if self.problems:
             return None
-        assert listen and admin and redis and cache and keys
-        return Config(listen, admin, redis, cache, keys, routes, source)
+        assert listen and admin and redis and cache and keys and logs and lifecycle
+        return Config(listen, admin, redis, cache, keys, routes, source, logs, lifecycle)
+
+    def logging(self, raw: Any) -> LoggingConfig | None:
+        sec = self.section(raw, "logging", {"level", "format"})
+        level = self.value(sec, "level", "logging", str, "info", _one_of(LOG_LEVELS))
+        fmt = self.value(sec, "format", "logging", str, "json", _one_of(LOG_FORMATS))
+        if level is None or fmt is None:
+            return None
+        return LoggingConfig(level, fmt)
+
+    def lifecycle(self, raw: Any) -> LifecycleConfig | None:
+        sec = self.section(raw, "lifecycle", {"drain_seconds"})
+        drain = self.value(sec, "drain_seconds", "lifecycle", float, 20.0, _range(0, 3600))
+        return None if drain is None else LifecycleConfig(drain)
 
     def listen(self, raw: Any, path: str, default: Listen) -> Listen | None:
         sec = self.section(raw, path, {"host", "port"})

@@ -58,6 +58,11 @@ KINDS: Final[dict[str, ErrorKind]] = {
     "not_found": ErrorKind(404, "Not Found", "No such resource"),
     "key_exists": ErrorKind(409, "Conflict", "A key with this value is already in the table"),
     "key_rotated": ErrorKind(409, "Conflict", "This key has been rotated already; rotate its successor instead"),
+    "store_unavailable": ErrorKind(
+        503,
+        "Service Unavailable",
+        "The key table could not be reached; read the key to see whether the change was made, then retry",
+    ),
     "not_ready": ErrorKind(503, "Service Unavailable", "The gateway cannot serve authenticated traffic yet"),
     "reenable_not_allowed": ErrorKind(
         409, "Conflict", "This gateway does not allow re-enabling a disabled key (keys.allow_reenable is false)"

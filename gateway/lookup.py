@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 
 from gateway.cache import MISS, KeyCache
 from gateway.keys import KeyRecord
+from gateway.metrics import Metrics
 from gateway.store import KeyStore
 from gateway.subscriber import Coherence
 
@@ -23,11 +24,19 @@ class AuthUnavailable(Exception):
 
 
 class KeyLookup:
-    def __init__(self, store: KeyStore, cache: KeyCache, coherence: Coherence, serve_stale_seconds: float) -> None:
+    def __init__(
+        self,
+        store: KeyStore,
+        cache: KeyCache,
+        coherence: Coherence,
+        serve_stale_seconds: float,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.store = store
         self.cache = cache
         self.coherence = coherence
         self.serve_stale_seconds = serve_stale_seconds
+        self.metrics = metrics
 
     async def find(self, key_hash: str) -> KeyRecord | None:
         if self.coherence.coherent:
@@ -38,6 +47,8 @@ class KeyLookup:
         try:
             record = await self.store.get_by_hash(key_hash)
         except (TimeoutError, RedisError, OSError):
+            if self.metrics is not None:
+                self.metrics.redis_errors.labels("lookup").inc()
             return self._stale_or_fail(key_hash)
         if self.coherence.coherent:
             # Only while trusted: what is cached during a break could outlive it

@@ -1,15 +1,70 @@
-"""Prometheus metrics, one registry per process (prometheus-client).
+"""Prometheus metrics, one registry per process (prometheus-client), served on the admin `/metrics`.
 
-Labels are route names and decision codes from a fixed set: never a key, a
-token or a raw path.
+Labels are route names, decision codes and fixed words: never a key, a token
+or a raw path. The request path touches only pre-resolved label children (no
+label lookup per request); the cache's counters are plain integers that a
+collector reads at scrape time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# Upstream exchanges on loopback take ~0.5 ms; a slow API takes seconds.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class CacheStats(Protocol):
+    """What the key cache counts (gateway.cache.KeyCache)."""
+
+    hits: int
+    negative_hits: int
+    misses: int
+    evicted_size: int
+    expired: int
+    invalidated: int
+    cleared: int
+
+    def __len__(self) -> int: ...
+
+
+class _CacheCollector(Collector):
+    def __init__(self, cache: CacheStats) -> None:
+        self.cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.cache
+        lookups = CounterMetricFamily(
+            "gateway_cache_lookups",
+            "Key lookups answered by the in-process cache (hit: a known key; negative_hit: a cached "
+            "unknown key) or sent to Redis (miss)",
+            labels=["result"],
+        )
+        lookups.add_metric(["hit"], c.hits)
+        lookups.add_metric(["negative_hit"], c.negative_hits)
+        lookups.add_metric(["miss"], c.misses)
+        yield lookups
+        evictions = CounterMetricFamily(
+            "gateway_cache_evictions",
+            "Entries removed from the cache, by reason: size (LRU bound), expired (TTL), "
+            "invalidated (a key change on the channel), cleared (whole cache, on resubscribe)",
+            labels=["reason"],
+        )
+        evictions.add_metric(["size"], c.evicted_size)
+        evictions.add_metric(["expired"], c.expired)
+        evictions.add_metric(["invalidated"], c.invalidated)
+        evictions.add_metric(["cleared"], c.cleared)
+        yield evictions
+        yield GaugeMetricFamily("gateway_cache_entries", "Entries in the key cache now", value=len(c))
 
 
 class Metrics:
@@ -18,8 +73,23 @@ class Metrics:
         self.requests = Counter(
             "gateway_requests",
             "Requests answered by the proxy, by route and decision code "
-            "(forwarded, or the error code the gateway answered with)",
+            "(forwarded, or the error code the gateway answered with); route '-' when none matched",
             ["route", "code"],
+            registry=self.registry,
+        )
+        self.upstream_seconds = Histogram(
+            "gateway_upstream_duration_seconds",
+            "Time spent in the upstream exchange of a forwarded request, from sending it to the last "
+            "byte of the response (a 502/504 counts up to the failure), by route",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.redis_errors = Counter(
+            "gateway_redis_errors",
+            "Redis failures, by operation: lookup (a key read on the request path), subscription "
+            "(the invalidation subscription broke), admin (an admin API read or write)",
+            ["operation"],
             registry=self.registry,
         )
         self.admin_changes = Counter(
@@ -28,7 +98,6 @@ class Metrics:
             ["action"],
             registry=self.registry,
         )
-
         self.invalidations = Counter(
             "gateway_invalidations",
             "Messages on the invalidation channel, by outcome: applied, or ignored_<reason> "
@@ -58,9 +127,34 @@ class Metrics:
             "Key changes answered before every live replica confirmed (the wait timed out)",
             registry=self.registry,
         )
+        self.reloads = Counter(
+            "gateway_config_reloads",
+            "SIGHUP reloads of the routes, by outcome: applied, or rejected (the old routes stay)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.inflight = Gauge(
+            "gateway_inflight_requests",
+            "Proxy requests being handled now (SIGTERM waits for these to finish, up to lifecycle.drain_seconds)",
+            registry=self.registry,
+        )
+        self._request_children: dict[tuple[str, str], Counter] = {}
+        self._upstream_children: dict[str, Histogram] = {}
+
+    def watch_cache(self, cache: CacheStats) -> None:
+        self.registry.register(_CacheCollector(cache))
 
     def request(self, route: str, code: str) -> None:
-        self.requests.labels(route, code).inc()
+        child = self._request_children.get((route, code))
+        if child is None:
+            child = self._request_children[(route, code)] = self.requests.labels(route, code)
+        child.inc()
+
+    def upstream(self, route: str, seconds: float) -> None:
+        child = self._upstream_children.get(route)
+        if child is None:
+            child = self._upstream_children[route] = self.upstream_seconds.labels(route)
+        child.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

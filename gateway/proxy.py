@@ -4,13 +4,14 @@
 
 Every step before `forward` either passes or returns a Denial, which one
 renderer turns into the JSON error. No path that returns a Denial forwards.
+Each request ends in `_record`: one metric increment and one access-log record.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -25,55 +26,109 @@ from .routing import RouteTable, UnsafePath, split_target
 from .upstream import Forwarder
 
 access = logging.getLogger("gateway.access")
+_USER_AGENT_MAX = 256
 
 
 @dataclass
 class Proxy:
-    routes: RouteTable
+    routes: RouteTable  # replaced whole by a SIGHUP reload; a request uses the table it started with
     lookup: KeyLookup
     forwarder: Forwarder
     keys: KeysConfig
     metrics: Metrics
+    inflight: int = field(default=0, init=False)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.inflight += 1
+        try:
+            return await self._handle(request, time.perf_counter())
+        finally:
+            self.inflight -= 1
+
+    async def _handle(self, request: web.Request, started: float) -> web.StreamResponse:
         request_id = errors.request_id_from(request.headers.get("X-Request-Id"))
         try:
             target = split_target(request.raw_path)
         except UnsafePath as exc:
-            return self._deny(request, Denial("invalid_request", str(exc)), request_id, "-")
+            return self._deny(request, Denial("invalid_request", str(exc)), request_id, started)
 
         route = self.routes.match(target.path)
         if route is None:
-            return self._deny(request, Denial("route_not_found"), request_id, "-")
+            return self._deny(request, Denial("route_not_found"), request_id, started, path=target.path)
         if route.methods is not None and request.method not in route.methods:
             allow = ", ".join(sorted(route.methods))
-            return self._deny(request, Denial("method_not_allowed", headers={"Allow": allow}), request_id, route.name)
+            denial = Denial("method_not_allowed", headers={"Allow": allow})
+            return self._deny(request, denial, request_id, started, target.path, route.name)
 
         record: KeyRecord | None = None
         if route.requires_key:
             credential = bearer_from(request.headers.getall("Authorization", ()))
             if isinstance(credential, Denial):
-                return self._deny(request, credential, request_id, route.name)
+                return self._deny(request, credential, request_id, started, target.path, route.name)
             try:
                 record = await self.lookup.find(digest(credential.token))
             except AuthUnavailable:
-                return self._deny(request, Denial("auth_unavailable"), request_id, route.name)
-            denial = decide(record, route, time.time(), self.keys.disabled_status)
-            if denial is not None:
-                return self._deny(request, denial, request_id, route.name)
+                return self._deny(request, Denial("auth_unavailable"), request_id, started, target.path, route.name)
+            refusal = decide(record, route, time.time(), self.keys.disabled_status)
+            if refusal is not None:
+                return self._deny(request, refusal, request_id, started, target.path, route.name, record)
 
+        sent = time.perf_counter()
         outcome = await self.forwarder.forward(request, route, target, record, request_id)
+        upstream = time.perf_counter() - sent
+        self.metrics.upstream(route.name, upstream)
         if isinstance(outcome, Denial):
-            return self._deny(request, outcome, request_id, route.name)
-        self._record(request, request_id, route.name, "forwarded", outcome.status)
+            return self._deny(request, outcome, request_id, started, target.path, route.name, record, upstream)
+        self._record(request, request_id, started, target.path, route.name, "forwarded", outcome.status, record,
+                     upstream)  # fmt: skip
         return outcome
 
-    def _deny(self, request: web.Request, denial: Denial, request_id: str, route: str) -> web.Response:
+    def _deny(
+        self,
+        request: web.Request,
+        denial: Denial,
+        request_id: str,
+        started: float,
+        path: str | None = None,
+        route: str = "-",
+        record: KeyRecord | None = None,
+        upstream: float | None = None,
+    ) -> web.Response:
         response = errors.render(denial, request_id)
-        self._record(request, request_id, route, denial.code, response.status)
+        self._record(request, request_id, started, path, route, denial.code, response.status, record, upstream)
         return response
 
-    def _record(self, request: web.Request, request_id: str, route: str, code: str, status: int) -> None:
-        # Route names and codes only: never the path, a header or the key.
+    def _record(
+        self,
+        request: web.Request,
+        request_id: str,
+        started: float,
+        path: str | None,
+        route: str,
+        code: str,
+        status: int,
+        record: KeyRecord | None,
+        upstream: float | None,
+    ) -> None:
+        # Metric labels are route names and codes only: never the path, a header or the key.
         self.metrics.request(route, code)
-        access.info("%s %s route=%s code=%s status=%d", request_id, request.method, route, code, status)
+        if not access.isEnabledFor(logging.INFO):
+            return
+        # The log line names the key by its id, never the key; the path is the normalised
+        # one without its query (queries carry tokens more often than paths do).
+        access.info(
+            "request",
+            extra={
+                "request_id": request_id,
+                "method": request.method,
+                "path": path,
+                "route": route,
+                "code": code,
+                "status": status,
+                "key_id": record.id if record is not None else None,
+                "upstream_ms": round(upstream * 1000, 3) if upstream is not None else None,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                "remote": request.remote,
+                "user_agent": (request.headers.get("User-Agent") or "")[:_USER_AGENT_MAX] or None,
+            },
+        )

@@ -25,7 +25,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 from redis.retry import Retry
 
-from gateway.app import build
+from gateway import config as config_mod
+from gateway.app import Replica, build
 from gateway.config import Config
 from gateway.embedded import EmbeddedRedis
 
@@ -85,59 +86,123 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-async def serve(config: Config, *, reuse_port: bool = False, stop: asyncio.Event | None = None) -> None:
+async def serve(
+    config: Config,
+    *,
+    config_path: str | None = None,
+    reuse_port: bool = False,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Until SIGTERM/SIGINT (or `stop`): then drain, and close. SIGHUP reloads routes from `config_path`."""
     stop = stop or asyncio.Event()
     _stop_on_signals(stop)
     async with embedded_or_external(config) as url:
         redis, listener = redis_client(url), listen_client(url)
         try:
-            await _serve_replica(config, redis, listener, reuse_port, stop)
+            await _serve_replica(config, config_path, redis, listener, reuse_port, stop)
         finally:
             await listener.aclose()
             await redis.aclose()
 
 
-async def _serve_replica(config: Config, redis: Redis, listener: Redis, reuse_port: bool, stop: asyncio.Event) -> None:
+def reload_routes(replica: Replica, config_path: str) -> bool:
+    """SIGHUP: re-read the file; apply its routes, or keep the old ones and log every problem."""
+    try:
+        new = config_mod.load(config_path, os.environ)
+    except config_mod.ConfigError as exc:
+        replica.metrics.reloads.labels("rejected").inc()
+        log.error("config reload rejected: %d problem(s); the running routes stay", len(exc.problems))
+        for problem in exc.problems:
+            log.error("config reload: %s", problem.format(exc.source))
+        return False
+    needs_restart = replica.reload_routes(new)
+    replica.metrics.reloads.labels("applied").inc()
+    log.info("config reloaded: %d route(s)", len(new.routes), extra={"routes": [r.name for r in new.routes]})
+    if needs_restart:
+        log.warning("config reload: changes to %s take effect only on restart", ", ".join(needs_restart))
+    return True
+
+
+async def _serve_replica(
+    config: Config, config_path: str | None, redis: Redis, listener: Redis, reuse_port: bool, stop: asyncio.Event
+) -> None:
     replica = build(config, redis, listener)
     replica.api.persistence = await check_persistence(redis)
     log.info("redis persistence: %s", replica.api.persistence)
-    proxy = web.AppRunner(replica.proxy_app, access_log=None, handle_signals=False)
-    admin = web.AppRunner(replica.admin_app, access_log=None, handle_signals=False)
+    drain = config.lifecycle.drain_seconds
+    # The proxy runner's shutdown: stop accepting, close idle keep-alive connections, let
+    # in-flight requests finish for up to `drain` seconds, then close the upstream pool.
+    proxy = web.AppRunner(replica.proxy_app, access_log=None, handle_signals=False, shutdown_timeout=drain)
+    admin = web.AppRunner(replica.admin_app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await proxy.setup()
     await admin.setup()
+    loop = asyncio.get_running_loop()
+    if config_path is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload_routes, replica, config_path)
+    drained = False
     try:
         async with replica.running():
             await web.TCPSite(admin, config.admin.listen.host, config.admin.listen.port, reuse_port=reuse_port).start()
-            await web.TCPSite(proxy, config.listen.host, config.listen.port, reuse_port=reuse_port).start()
-            mode = "embedded" if config.redis.embedded else "external"
-            log.info(
-                "gateway listening: proxy %s:%d, admin %s:%d, %d route(s), redis %s, replica %s",
-                config.listen.host, config.listen.port, config.admin.listen.host, config.admin.listen.port,
-                len(config.routes), mode, replica.replica_id,
-            )  # fmt: skip
-            for route in config.routes:
-                log.info("route %s: %s -> %s (auth %s)", route.name, route.path_prefix, route.upstream, route.auth)
-            await stop.wait()
-            log.info("gateway stopping")
+            try:
+                await web.TCPSite(proxy, config.listen.host, config.listen.port, reuse_port=reuse_port).start()
+                _log_start(config, replica)
+                await stop.wait()
+            finally:
+                # Still subscribed while draining: a disable during the drain applies to
+                # requests that arrive on connections that are still open.
+                replica.api.draining = True
+                log.info("gateway stopping: draining %d in-flight request(s) for up to %gs",
+                         replica.proxy.inflight, drain)  # fmt: skip
+                drained = True
+                await proxy.cleanup()
+                log.info("proxy drained; closing the subscription, Redis and the admin listener")
     finally:
-        await proxy.cleanup()
+        if config_path is not None:
+            loop.remove_signal_handler(signal.SIGHUP)
+        if not drained:
+            await proxy.cleanup()
         await admin.cleanup()
 
 
-async def supervise_workers(config: Config, config_path: str, workers: int, log_level: str) -> int:
-    """The parent of `--workers N`: embedded Redis if any, N workers, signals forwarded."""
+def _log_start(config: Config, replica: Replica) -> None:
+    mode = "embedded" if config.redis.embedded else "external"
+    log.info(
+        "gateway listening: proxy %s:%d, admin %s:%d, %d route(s), redis %s, replica %s",
+        config.listen.host, config.listen.port, config.admin.listen.host, config.admin.listen.port,
+        len(config.routes), mode, replica.replica_id,
+        extra={"redis_mode": mode, "replica": replica.replica_id, "pid": os.getpid()},
+    )  # fmt: skip
+    for route in config.routes:
+        log.info(
+            "route %s: %s -> %s (auth %s)", route.name, route.path_prefix, route.upstream, route.auth,
+            extra={"route": route.name},
+        )  # fmt: skip
+
+
+async def supervise_workers(config: Config, config_path: str, workers: int, log_args: list[str]) -> int:
+    """The parent of `--workers N`: embedded Redis if any, N workers, signals forwarded (SIGHUP too)."""
     stop = asyncio.Event()
     _stop_on_signals(stop)
+    procs: list[asyncio.subprocess.Process] = []
+
+    def forward_hangup() -> None:
+        log.info("SIGHUP: asking %d worker(s) to reload their routes", len(procs))
+        for proc in procs:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGHUP)
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, forward_hangup)
     async with embedded_or_external(config) as url:
         env = dict(os.environ, GATEWAY_REDIS_URL=url)
-        argv = [sys.executable, "-m", "gateway", "serve", "--config", config_path, "--worker", "--log-level", log_level]
+        argv = [sys.executable, "-m", "gateway", "serve", "--config", config_path, "--worker", *log_args]
 
         async def start(index: int) -> asyncio.subprocess.Process:
             proc = await asyncio.create_subprocess_exec(*argv, env=dict(env, GATEWAY_WORKER_INDEX=str(index)))
             log.info("worker %d started (pid %d)", index, proc.pid)
             return proc
 
-        procs = [await start(i) for i in range(workers)]
+        for i in range(workers):
+            procs.append(await start(i))
         log.info("supervising %d workers on proxy port %d and admin port %d", workers, config.listen.port,
                  config.admin.listen.port)  # fmt: skip
         while not stop.is_set():
@@ -160,7 +225,7 @@ async def supervise_workers(config: Config, config_path: str, workers: int, log_
                 proc.send_signal(signal.SIGTERM)
         for proc in procs:
             try:
-                await asyncio.wait_for(proc.wait(), 30)
+                await asyncio.wait_for(proc.wait(), config.lifecycle.drain_seconds + 10)
             except TimeoutError:
                 proc.kill()
                 await proc.wait()

@@ -92,6 +92,7 @@ class Subscriber:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # every failure is a break; the reason is logged by type only
+                self.metrics.redis_errors.labels("subscription").inc()
                 if self.sessions != established:  # _session's finally has already stopped trusting the cache
                     why = str(exc) if isinstance(exc, Break) else type(exc).__name__
                     log.warning(

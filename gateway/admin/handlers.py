@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from gateway import errors, keys
 from gateway.config import KeysConfig
@@ -21,6 +23,8 @@ from gateway.subscriber import Coherence
 
 from . import bodies
 from .auth import Principal, TokenVerifier
+
+log = logging.getLogger("gateway.admin")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Action = Callable[["AdminApi", web.Request, Principal, str], Awaitable[web.StreamResponse]]
@@ -53,6 +57,11 @@ def requires(role: str) -> Callable[[Action], Callable[[AdminApi, web.Request], 
                 return errors.render(Denial("invalid_request", str(exc)), request_id)
             except Refused as exc:
                 return errors.render(Denial(exc.code, exc.detail, status=409), request_id)
+            except (RedisError, OSError, TimeoutError) as exc:
+                self.metrics.redis_errors.labels("admin").inc()
+                log.warning("admin %s: redis failed: %s", action.__name__, type(exc).__name__,
+                            extra={"request_id": request_id})  # fmt: skip
+                return errors.render(Denial("store_unavailable"), request_id)
 
         return handler
 
@@ -68,6 +77,7 @@ class AdminApi:
     keys_config: KeysConfig
     metrics: Metrics
     persistence: str = "unknown"  # Redis AOF: "aof", "off" or "unknown"; set at startup (server.py)
+    draining: bool = False  # set on SIGTERM: /readyz answers 503 while in-flight requests finish
 
     async def authenticate(self, request: web.Request) -> Principal | Denial:
         values = request.headers.getall("Authorization", ())
@@ -296,6 +306,8 @@ class AdminApi:
 
     async def readyz(self, request: web.Request) -> web.StreamResponse:
         request_id = errors.request_id_from(request.headers.get("X-Request-Id"))
+        if self.draining:
+            return errors.render(Denial("not_ready", "The gateway is shutting down"), request_id)
         try:
             ok = await self.store.ping()
         except Exception:
