@@ -24,7 +24,7 @@ from gateway.channel import Codec
 from gateway.config import Config
 from gateway.lookup import KeyLookup
 from gateway.metrics import Metrics
-from gateway.middleware import error_middleware
+from gateway.middleware import guarded
 from gateway.propagation import Propagator
 from gateway.proxy import Proxy
 from gateway.replicas import Registry
@@ -48,7 +48,7 @@ class Replica:
     metrics: Metrics
     api: AdminApi
     proxy: Proxy
-    proxy_app: web.Application
+    proxy_server: web.Server  # aiohttp's low-level server: no router or middleware on the request path
     admin_app: web.Application
 
     def reload_routes(self, new: Config) -> list[str]:
@@ -59,12 +59,14 @@ class Replica:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        """The subscriber runs (and the replica is in the live set) inside this block."""
+        """The subscriber runs (and the replica is in the live set) and the upstream pool is open inside this block."""
+        await self.proxy.forwarder.start()
         task = asyncio.get_running_loop().create_task(self.subscriber.run(), name="invalidation-subscriber")
         try:
             yield
         finally:
             await _cancel(task)
+            await self.proxy.forwarder.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.registry.leave(), 1.0)
 
@@ -120,19 +122,11 @@ def build(config: Config, redis: Redis, listen_redis: Redis, *, replica_id: str 
     forwarder = Forwarder()
     proxy = Proxy(RouteTable(config.routes), lookup, forwarder, config.keys, metrics)
     metrics.inflight.set_function(lambda: proxy.inflight)
-    proxy_app = web.Application(middlewares=[error_middleware])
-    proxy_app.router.add_route("*", "/{tail:.*}", proxy.handle)
-
-    async def upstream_pool(app: web.Application) -> AsyncIterator[None]:
-        await forwarder.start()
-        yield
-        await forwarder.close()
-
-    proxy_app.cleanup_ctx.append(upstream_pool)
+    proxy_server = web.Server(guarded(proxy.handle), access_log=None)
 
     api = AdminApi(store, TokenVerifier(config.admin.tokens), propagator, coherence, config.keys, metrics)
     admin_app = build_admin_app(api)
     return Replica(
         replica_id, config, store, cache, coherence, lookup, propagator, subscriber, registry, metrics, api,
-        proxy, proxy_app, admin_app,
+        proxy, proxy_server, admin_app,
     )  # fmt: skip

@@ -21,9 +21,13 @@ HOP_BY_HOP: Final = frozenset(
         "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade",
     }
 )  # fmt: skip
-# Set by the gateway or its client library, never copied from the client.
+# Set by the gateway, never copied from the client.
 _REQUEST_DROP: Final = HOP_BY_HOP | {"host", "expect", "x-request-id", "x-forwarded-proto", "x-forwarded-host"}
 GATEWAY_HEADER_PREFIX: Final = "x-gateway-"
+_DROP_BYTES: Final = frozenset(h.encode() for h in _REQUEST_DROP)
+_PREFIX_BYTES: Final = GATEWAY_HEADER_PREFIX.encode()
+
+RawHeaders = tuple[tuple[bytes, bytes], ...]
 
 
 def _connection_named(headers: CIMultiDictProxy[str]) -> set[str]:
@@ -37,42 +41,85 @@ def _connection_named(headers: CIMultiDictProxy[str]) -> set[str]:
 
 
 def upstream_request_headers(
-    headers: CIMultiDictProxy[str],
+    raw: RawHeaders,
     *,
     forward_authorization: bool,
     record: KeyRecord | None,
     request_id: str,
     peer: str | None,
     scheme: str,
-    host: str | None,
-) -> CIMultiDict[str]:
-    drop = _REQUEST_DROP | _connection_named(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    forwarded_for: list[str] = []
-    for name, value in headers.items():
+) -> list[tuple[bytes, bytes]]:
+    """The client's raw header lines, filtered, then the gateway's own; bytes as they came."""
+    drop = _DROP_BYTES
+    named = {t.strip().lower() for n, v in raw if n.lower() == b"connection" for t in v.split(b",")}
+    if named:
+        drop = drop | named
+    out: list[tuple[bytes, bytes]] = []
+    forwarded_for: list[bytes] = []
+    host: bytes | None = None
+    for name, value in raw:
         lower = name.lower()
+        if lower in drop:
+            if lower == b"host" and host is None:
+                host = value
+            continue
         # `X_Gateway_Key_Id` too: CGI/WSGI upstreams read '_' and '-' alike.
-        if lower in drop or lower.replace("_", "-").startswith(GATEWAY_HEADER_PREFIX):
+        if lower.replace(b"_", b"-").startswith(_PREFIX_BYTES):
             continue
-        if lower == "authorization" and not forward_authorization:
+        if lower == b"authorization" and not forward_authorization:
             continue
-        if lower == "x-forwarded-for":
+        if lower == b"x-forwarded-for":
             forwarded_for.append(value)
             continue
-        out.add(name, value)
+        out.append((name, value))
     if record is not None:
-        out["X-Gateway-Key-Id"] = record.id
+        out.append((b"X-Gateway-Key-Id", record.id.encode()))
         if record.owner is not None:
-            out["X-Gateway-Key-Owner"] = record.owner
-    out["X-Request-Id"] = request_id
+            out.append((b"X-Gateway-Key-Owner", record.owner.encode()))
+    out.append((b"X-Request-Id", request_id.encode()))
     if peer:
-        forwarded_for.append(peer)
+        forwarded_for.append(peer.encode())
     if forwarded_for:
-        out["X-Forwarded-For"] = ", ".join(forwarded_for)
-    out["X-Forwarded-Proto"] = scheme
+        out.append((b"X-Forwarded-For", b", ".join(forwarded_for)))
+    out.append((b"X-Forwarded-Proto", scheme.encode()))
     if host:
-        out["X-Forwarded-Host"] = host
+        out.append((b"X-Forwarded-Host", host))
     return out
+
+
+def upstream_request_head(
+    method: str,
+    path: str,
+    raw: RawHeaders,
+    *,
+    host: bytes,
+    forward_authorization: bool,
+    record: KeyRecord | None,
+    request_id: str,
+    peer: str | None,
+    scheme: str,
+    has_body: bool,
+) -> tuple[bytes, bool]:
+    """The request line and headers for the upstream, and whether the body goes chunked.
+
+    A body with a Content-Length keeps it; a body without one (the client sent it
+    chunked) is re-framed as chunked, since Transfer-Encoding is hop-by-hop.
+    """
+    headers = upstream_request_headers(
+        raw,
+        forward_authorization=forward_authorization,
+        record=record,
+        request_id=request_id,
+        peer=peer,
+        scheme=scheme,
+    )
+    chunked = has_body and not any(n.lower() == b"content-length" for n, _ in headers)
+    # The path keeps the client's own bytes (aiohttp decoded them with surrogateescape).
+    lines = [f"{method} {path} HTTP/1.1\r\nHost: ".encode("utf-8", "surrogateescape"), host]
+    for name, value in headers:
+        lines += (b"\r\n", name, b": ", value)
+    lines.append(b"\r\nTransfer-Encoding: chunked\r\n\r\n" if chunked else b"\r\n\r\n")
+    return b"".join(lines), chunked
 
 
 def client_response_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:

@@ -27,6 +27,7 @@ from .upstream import Forwarder
 
 access = logging.getLogger("gateway.access")
 _USER_AGENT_MAX = 256
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first"
 
 
 @dataclass
@@ -38,14 +39,14 @@ class Proxy:
     metrics: Metrics
     inflight: int = field(default=0, init=False)
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         self.inflight += 1
         try:
             return await self._handle(request, time.perf_counter())
         finally:
             self.inflight -= 1
 
-    async def _handle(self, request: web.Request, started: float) -> web.StreamResponse:
+    async def _handle(self, request: web.BaseRequest, started: float) -> web.StreamResponse:
         request_id = errors.request_id_from(request.headers.get("X-Request-Id"))
         try:
             target = split_target(request.raw_path)
@@ -74,7 +75,14 @@ class Proxy:
                 return self._deny(request, refusal, request_id, started, target.path, route.name, record)
 
         sent = time.perf_counter()
-        outcome = await self.forwarder.forward(request, route, target, record, request_id)
+        try:
+            outcome = await self.forwarder.forward(request, route, target, record, request_id)
+        except ConnectionError:
+            # The client went away before its answer could start: nothing to send, nothing to
+            # log as an error. Recorded as nginx does, 499.
+            self._record(request, request_id, started, target.path, route.name, "client_closed", CLIENT_CLOSED,
+                         record, time.perf_counter() - sent)  # fmt: skip
+            return web.Response(status=CLIENT_CLOSED)
         upstream = time.perf_counter() - sent
         self.metrics.upstream(route.name, upstream)
         if isinstance(outcome, Denial):
@@ -85,7 +93,7 @@ class Proxy:
 
     def _deny(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         denial: Denial,
         request_id: str,
         started: float,
@@ -100,7 +108,7 @@ class Proxy:
 
     def _record(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         request_id: str,
         started: float,
         path: str | None,

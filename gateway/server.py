@@ -132,7 +132,7 @@ async def _serve_replica(
     drain = config.lifecycle.drain_seconds
     # The proxy runner's shutdown: stop accepting, close idle keep-alive connections, let
     # in-flight requests finish for up to `drain` seconds, then close the upstream pool.
-    proxy = web.AppRunner(replica.proxy_app, access_log=None, handle_signals=False, shutdown_timeout=drain)
+    proxy = web.ServerRunner(replica.proxy_server, handle_signals=False, shutdown_timeout=drain)
     admin = web.AppRunner(replica.admin_app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await proxy.setup()
     await admin.setup()

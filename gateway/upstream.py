@@ -1,137 +1,433 @@
-"""Forwarding to the upstream (spec 6): pooled keep-alive connections, both bodies streamed.
+"""Forwarding to the upstream (spec 6): a lean HTTP/1.1 client on asyncio protocols.
 
-Client-library errors are translated here, once: a timeout before the
-response headers is 504 upstream_timeout, any other failure 502
-upstream_unavailable. A failure after the response has started cannot change
-its status, so the client connection is closed and the answer stays truncated.
+Connections are pooled per origin and kept alive. The request head is written
+as bytes straight from the client's raw headers (gateway/forwarding.py picks
+them); the response is parsed by aiohttp's own HTTP parser (the C llhttp
+binding), not by hand. A small response that arrived whole goes back in one
+write; anything else is streamed both ways, with flow control.
+
+Failures are translated here, once: no response head within the route's
+timeout is 504 upstream_timeout; a refused, reset or garbage answer is 502
+upstream_unavailable. After the status line has gone to the client a failure
+can only cut the client's connection. A kept-alive connection that the upstream
+closed while idle is retried once on a fresh one, and only for a request with
+no body (nothing of the client's has been consumed). Redirects are passed back.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
-from typing import Final
+import ssl
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import urlsplit
 
-import aiohttp
 from aiohttp import web
-from yarl import URL
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import HttpResponseParser, RawResponseMessage
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
 from . import errors
 from .config import Route
-from .forwarding import client_response_headers, upstream_request_headers
+from .forwarding import client_response_headers, upstream_request_head
 from .keys import KeyRecord
 from .routing import Target, encode, upstream_path
 
 log = logging.getLogger("gateway.upstream")
 
 CHUNK: Final = 64 * 1024
-# Headers aiohttp's client would otherwise add on its own: the upstream sees the client's.
-_SKIP_AUTO: Final = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+MAX_IDLE_PER_ORIGIN: Final = 512
+IDLE_SECONDS: Final = 30.0  # an idle pooled connection older than this is closed, not reused
+# Statuses whose responses never carry a body, whatever their headers say (RFC 9110 6.4.1).
+_NO_BODY: Final = frozenset({204, 304})
 
 
-def new_session(*, pool_size: int = 512, keepalive_seconds: float = 30.0) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(
-        limit=pool_size, limit_per_host=0, keepalive_timeout=keepalive_seconds, ttl_dns_cache=60
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=False,
-        skip_auto_headers=_SKIP_AUTO,
-        timeout=aiohttp.ClientTimeout(total=None),
-        read_bufsize=CHUNK,
-    )
+class UpstreamError(Exception):
+    """The exchange failed before a response head arrived: 502 (or 504 for TimeoutError)."""
+
+
+class _Closed(UpstreamError):
+    """The connection closed before any byte of the response: retryable on a reused connection."""
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    host: str
+    port: int
+    tls: bool
+    host_header: bytes  # what the upstream sees in Host:
+
+    @classmethod
+    def parse(cls, url: str) -> Origin:
+        parts = urlsplit(url)
+        tls = parts.scheme == "https"
+        host = parts.hostname or ""
+        port = parts.port or (443 if tls else 80)
+        default = (443 if tls else 80) == port
+        shown = f"[{host}]" if ":" in host else host
+        return cls(host, port, tls, (shown if default else f"{shown}:{port}").encode("idna"))
+
+
+class _Connection(BaseProtocol):
+    """One keep-alive connection; at most one exchange at a time."""
+
+    __slots__ = ("_body_parser", "_head", "_head_parser", "_last_read", "_parser", "_payload", "_timer",
+                 "_upgraded", "closed", "idle_since", "origin", "reused", "timeout")  # fmt: skip
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, origin: Origin) -> None:
+        super().__init__(loop)
+        self.origin = origin
+        self._body_parser = HttpResponseParser(self, loop, CHUNK, response_with_body=True, auto_decompress=False)
+        self._head_parser: Any = None  # for HEAD requests, made when first needed
+        self._parser: Any = self._body_parser  # BaseProtocol.pause_reading() pauses this one
+        self._upgraded = False
+        self._head: asyncio.Future[tuple[RawResponseMessage, StreamReader]] | None = None
+        self._payload: StreamReader | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_read = 0.0
+        self.timeout = 30.0
+        self.closed = False
+        self.reused = False
+        self.idle_since = 0.0
+
+    # exchange -------------------------------------------------------------
+
+    def begin(self, method: str, timeout: float) -> asyncio.Future[tuple[RawResponseMessage, StreamReader]]:
+        if method == "HEAD":
+            if self._head_parser is None:
+                self._head_parser = HttpResponseParser(
+                    self, self._loop, CHUNK, response_with_body=False, auto_decompress=False
+                )
+            self._parser = self._head_parser
+        else:
+            self._parser = self._body_parser
+        self.timeout = timeout
+        self._head = self._loop.create_future()
+        self._arm()
+        return self._head
+
+    def finished(self) -> bool:
+        """True when the exchange ended cleanly and the connection may carry another.
+
+        The timer stays armed: the next exchange reuses it, and on an idle
+        connection it fires once and is dropped (no new handle per request)."""
+        self._payload = None
+        return not self.closed and self.transport is not None
+
+    def close(self) -> None:
+        self.closed = True
+        self._disarm()
+        if self.transport is not None:
+            self.transport.close()
+
+    # timeouts: one timer per exchange, re-armed lazily (no new handle per read)
+
+    def _arm(self) -> None:
+        self._last_read = now = self._loop.time()
+        deadline = now + self.timeout
+        timer = self._timer
+        if timer is not None and timer.when() > deadline:  # armed for a longer timeout than this one
+            timer.cancel()
+            timer = None
+        if timer is None:
+            self._timer = self._loop.call_at(deadline, self._check_timeout)
+
+    def progress(self) -> None:
+        self._last_read = self._loop.time()
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check_timeout(self) -> None:
+        self._timer = None
+        if self._head is None and self._payload is None:
+            return
+        if self._reading_paused:  # our client is slow to take the body: not the upstream's fault
+            self._last_read = self._loop.time()
+        deadline = self._last_read + self.timeout
+        if self._loop.time() < deadline:
+            self._timer = self._loop.call_at(deadline, self._check_timeout)
+            return
+        self._fail(TimeoutError())
+
+    # asyncio.Protocol -------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if data:
+            self._last_read = self._loop.time()
+        if self._head is None and self._payload is None:
+            if data:  # bytes nobody asked for: this connection cannot be trusted any more
+                self.close()
+            return
+        try:
+            messages, _upgraded, _tail = self._parser.feed_data(data)
+        except (HttpProcessingError, ValueError) as exc:
+            self._fail(exc)
+            return
+        for message, payload in messages:
+            if 100 <= message.code < 200:
+                continue  # interim (100 Continue, 103 Early Hints): the final answer follows
+            head = self._head
+            if head is None or head.done():  # a second response to one request: garbage
+                self._fail(UpstreamError("unexpected response"))
+                return
+            self._head = None
+            if message.code in _NO_BODY:
+                payload = EMPTY_PAYLOAD
+            if payload is not EMPTY_PAYLOAD:
+                self._payload = payload
+            if message.should_close or message.upgrade:
+                self.closed = True  # used for this exchange, never again
+            head.set_result((message, payload))
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        try:
+            self._parser.feed_eof()
+        except Exception:  # noqa: S110 - a truncated body: the payload got the error already
+            pass
+        self._fail(_Closed("connection closed by the upstream") if exc is None else exc)
+        super().connection_lost(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.closed = True
+        self._disarm()
+        head, payload = self._head, self._payload
+        self._head = self._payload = None
+        if head is not None and not head.done():
+            head.set_exception(exc)
+        if payload is not None and not payload.is_eof():
+            payload.set_exception(exc if isinstance(exc, Exception) else ConnectionError())
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _Pool:
+    """Idle connections to one origin, most recently used first."""
+
+    def __init__(self, origin: Origin, ssl_context: ssl.SSLContext | None) -> None:
+        self.origin = origin
+        self.ssl = ssl_context
+        self.idle: collections.deque[_Connection] = collections.deque()
+
+    def take(self, now: float) -> _Connection | None:
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed and conn.transport is not None and now - conn.idle_since < IDLE_SECONDS:
+                conn.reused = True
+                return conn
+            conn.close()
+        return None
+
+    async def connect(self, loop: asyncio.AbstractEventLoop, seconds: float) -> _Connection:
+        origin = self.origin
+        async with asyncio.timeout(seconds):
+            _, conn = await loop.create_connection(
+                lambda: _Connection(loop, origin),
+                origin.host,
+                origin.port,
+                ssl=self.ssl,
+                server_hostname=origin.host if self.ssl else None,
+            )
+        return conn
+
+    def give_back(self, conn: _Connection, now: float) -> None:
+        if len(self.idle) >= MAX_IDLE_PER_ORIGIN:
+            conn.close()
+            return
+        conn.idle_since = now
+        self.idle.append(conn)
+
+    def close(self) -> None:
+        while self.idle:
+            self.idle.pop().close()
 
 
 class Forwarder:
-    """Holds the pooled upstream session between `start` and `close` (the app's lifetime)."""
+    """The upstream pools, between `start` and `close` (the proxy's lifetime)."""
 
     def __init__(self) -> None:
-        self._session: aiohttp.ClientSession | None = None
-        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+        self._pools: dict[Origin, _Pool] = {}
+        self._upstreams: dict[str, tuple[_Pool, str]] = {}  # route.upstream -> its pool and base path
+        self._ssl: ssl.SSLContext | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
-        self._session = new_session()
+        self._loop = asyncio.get_running_loop()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+        self._upstreams.clear()
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise RuntimeError("the forwarder is not started")
-        return self._session
-
-    def _timeout(self, route: Route) -> aiohttp.ClientTimeout:
-        t = self._timeouts.get(route.timeout_seconds)
-        if t is None:
-            # Bounds the connect and every wait for bytes, the response headers included.
-            s = route.timeout_seconds
-            t = aiohttp.ClientTimeout(total=None, sock_connect=s, sock_read=s)
-            self._timeouts[s] = t
-        return t
+    def _pool(self, upstream: str) -> tuple[_Pool, str]:
+        found = self._upstreams.get(upstream)
+        if found is None:
+            origin = Origin.parse(upstream)
+            pool = self._pools.get(origin)
+            if pool is None:
+                if origin.tls and self._ssl is None:
+                    self._ssl = ssl.create_default_context()
+                pool = self._pools[origin] = _Pool(origin, self._ssl if origin.tls else None)
+            found = self._upstreams[upstream] = (pool, urlsplit(upstream).path.rstrip("/"))
+        return found
 
     async def forward(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         route: Route,
         target: Target,
         record: KeyRecord | None,
         request_id: str,
     ) -> web.StreamResponse | errors.Denial:
         """Stream the exchange; a Denial (502/504) when no response could be started."""
-        url = route.upstream + encode(upstream_path(route, target.path))
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("the forwarder is not started")
+        pool, base = self._pool(route.upstream)
+        path = base + encode(upstream_path(route, target.path))
         if target.query:
-            url += "?" + target.query
-        headers = upstream_request_headers(
-            request.headers,
+            path += "?" + target.query
+        has_body = request.body_exists
+        head, chunked = upstream_request_head(
+            request.method,
+            path,
+            request.raw_headers,
+            host=pool.origin.host_header,
             forward_authorization=route.forward_authorization,
             record=record,
             request_id=request_id,
             peer=request.remote,
             scheme=request.scheme,
-            host=request.headers.get("Host"),
+            has_body=has_body,
         )
-        body = request.content if request.body_exists else None
+        timeout = route.timeout_seconds
+        for attempt in (1, 2):
+            conn = pool.take(loop.time())
+            try:
+                if conn is None:
+                    conn = await pool.connect(loop, timeout)
+                waiter = conn.begin(request.method, timeout)
+                assert conn.transport is not None
+                if has_body:
+                    conn.transport.write(head)
+                    await _send_body(conn, request, chunked)
+                else:
+                    conn.transport.write(head)
+                message, payload = await waiter
+                break
+            except _Closed:
+                if conn is not None:
+                    conn.close()
+                if attempt == 1 and not has_body and conn is not None and conn.reused:
+                    continue  # the upstream closed an idle keep-alive connection as we reused it
+                return self._failed(route, request_id, "closed")
+            except TimeoutError:
+                if conn is not None:
+                    conn.close()
+                log.warning("upstream timeout", extra={"route": route.name, "request_id": request_id})
+                return errors.Denial("upstream_timeout")
+            except (UpstreamError, HttpProcessingError, OSError, ValueError) as exc:
+                if conn is not None:
+                    conn.close()
+                return self._failed(route, request_id, type(exc).__name__)
+            except BaseException:
+                if conn is not None:
+                    conn.close()
+                raise
+        else:  # pragma: no cover - the loop always breaks or returns
+            raise AssertionError
+
+        headers = client_response_headers(message.headers, request_id)
+        if payload is EMPTY_PAYLOAD or payload.is_eof():
+            # The whole answer is here already (the common small response): one write.
+            body = payload.read_nowait(-1) if payload is not EMPTY_PAYLOAD else b""
+            if payload.exception() is None:
+                self._release(pool, conn, loop)
+                response = web.Response(status=message.code, reason=message.reason, headers=headers)
+                if request.method != "HEAD" and (body or message.code not in _NO_BODY):
+                    response.body = body
+                return response
+        return await self._stream(request, pool, conn, message, payload, headers, route, request_id, loop)
+
+    async def _stream(
+        self,
+        request: web.BaseRequest,
+        pool: _Pool,
+        conn: _Connection,
+        message: RawResponseMessage,
+        payload: StreamReader,
+        headers: Any,
+        route: Route,
+        request_id: str,
+        loop: asyncio.AbstractEventLoop,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=message.code, reason=message.reason, headers=headers)
         try:
-            upstream = await self.session.request(
-                request.method,
-                URL(url, encoded=True),
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                timeout=self._timeout(route),
-            )
-        except TimeoutError:
-            log.warning("upstream timeout", extra={"route": route.name, "request_id": request_id})
-            return errors.Denial("upstream_timeout")
-        except (aiohttp.ClientError, OSError) as exc:
+            await response.prepare(request)
+        except BaseException:
+            conn.close()
+            raise
+        clean = False
+        try:
+            while True:
+                chunk = await payload.readany()
+                if not chunk:
+                    break
+                await response.write(chunk)
+            await response.write_eof()
+            clean = True
+        except (TimeoutError, HttpProcessingError, OSError, ValueError, ConnectionError) as exc:
+            # The status line is gone already: the only honest signal left is a cut connection.
             log.warning(
-                "upstream unavailable: %s",
+                "upstream failed mid-response: %s",
                 type(exc).__name__,
                 extra={"route": route.name, "request_id": request_id},
             )
-            return errors.Denial("upstream_unavailable")
+            if request.transport is not None:
+                request.transport.close()
+        finally:
+            if clean:
+                self._release(pool, conn, loop)
+            else:
+                conn.close()
+        return response
 
-        async with upstream:
-            response = web.StreamResponse(
-                status=upstream.status,
-                reason=upstream.reason,
-                headers=client_response_headers(upstream.headers, request_id),
-            )
-            await response.prepare(request)
-            try:
-                async for chunk in upstream.content.iter_chunked(CHUNK):
-                    await response.write(chunk)
-                await response.write_eof()
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                # The status line is gone already: the only honest signal left is a cut connection.
-                log.warning(
-                    "upstream failed mid-response: %s",
-                    type(exc).__name__,
-                    extra={"route": route.name, "request_id": request_id},
-                )
-                if request.transport is not None:
-                    request.transport.close()
-            return response
+    @staticmethod
+    def _release(pool: _Pool, conn: _Connection, loop: asyncio.AbstractEventLoop) -> None:
+        if conn.finished():
+            pool.give_back(conn, loop.time())
+        else:
+            conn.close()
+
+    @staticmethod
+    def _failed(route: Route, request_id: str, why: str) -> errors.Denial:
+        log.warning("upstream unavailable: %s", why, extra={"route": route.name, "request_id": request_id})
+        return errors.Denial("upstream_unavailable")
+
+
+async def _send_body(conn: _Connection, request: web.BaseRequest, chunked: bool) -> None:
+    """Stream the client's body to the upstream as it arrives (re-framed as chunked when it had no length)."""
+    transport = conn.transport
+    content = request.content
+    while True:
+        chunk = await content.readany()
+        if transport is None or transport.is_closing():
+            raise _Closed("connection closed by the upstream while sending the body")
+        if not chunk:
+            break
+        if chunked:
+            transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            transport.write(chunk)
+        if conn.writing_paused:
+            await conn._drain_helper()
+        conn.progress()  # the response timeout counts from the last sign of life either way
+    if chunked:
+        transport.write(b"0\r\n\r\n")

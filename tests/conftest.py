@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import BaseTestServer, RawTestServer, TestServer
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -200,7 +200,7 @@ def make_config(
 @dataclass
 class Gateway:
     replica: Replica
-    proxy: TestServer
+    proxy: BaseTestServer
     admin: TestServer
     session: aiohttp.ClientSession
     tokens: AdminTokens
@@ -283,7 +283,7 @@ async def gateway_factory(
                 overrides=overrides,
             )
             replica = await start_replica(cfg, stack)
-            proxy = TestServer(replica.proxy_app, host="127.0.0.1")
+            proxy = RawTestServer(replica.proxy_server.request_handler, host="127.0.0.1")
             admin = TestServer(replica.admin_app, host="127.0.0.1")
             await proxy.start_server()
             stack.push_async_callback(proxy.close)

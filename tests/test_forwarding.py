@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import BaseTestServer, RawTestServer, TestServer
 from multidict import CIMultiDict
 
 from tests.conftest import AdminTokens, Gateway, RedisProcess, make_config, start_replica
@@ -515,7 +515,7 @@ async def test_status_and_response_headers_pass_through(gw: Gateway, key: dict[s
 
 # --- gateways around upstreams of the test's own ----------------------------------------------
 
-GatewayAround = Callable[[web.Application], Awaitable[TestServer]]
+GatewayAround = Callable[[web.Application], Awaitable[BaseTestServer]]
 
 
 @pytest.fixture
@@ -523,7 +523,7 @@ async def gateway_around(redis_server: RedisProcess, admin_tokens: AdminTokens) 
     """A gateway proxy (the standard test routes) in front of an upstream app the test writes itself."""
     async with contextlib.AsyncExitStack() as stack:
 
-        async def start(app: web.Application) -> TestServer:
+        async def start(app: web.Application) -> BaseTestServer:
             upstream = TestServer(app, host="127.0.0.1")
             await upstream.start_server()
             stack.push_async_callback(upstream.close)
@@ -533,7 +533,7 @@ async def gateway_around(redis_server: RedisProcess, admin_tokens: AdminTokens) 
                 tokens=admin_tokens.entries,
             )
             replica = await start_replica(cfg, stack)
-            proxy = TestServer(replica.proxy_app, host="127.0.0.1")
+            proxy = RawTestServer(replica.proxy_server.request_handler, host="127.0.0.1")
             await proxy.start_server()
             stack.push_async_callback(proxy.close)
             return proxy

@@ -48,15 +48,18 @@ def forward(
     scheme: str = "http",
     host: str | None = "api.example.com",
 ) -> CIMultiDict[str]:
-    return upstream_request_headers(
-        headers(*pairs),
+    """The upstream's headers for a client that sent `pairs` (plus `Host: host` unless it sent one)."""
+    if host is not None and not any(name.lower() == "host" for name, _ in pairs):
+        pairs = (*pairs, ("Host", host))
+    out = upstream_request_headers(
+        tuple((name.encode(), value.encode()) for name, value in pairs),
         forward_authorization=forward_authorization,
         record=record,
         request_id=request_id,
         peer=peer,
         scheme=scheme,
-        host=host,
     )
+    return CIMultiDict((name.decode(), value.decode()) for name, value in out)
 
 
 # --- normalise ---------------------------------------------------------------------------------
