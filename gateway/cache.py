@@ -17,6 +17,7 @@ from typing import Final
 from .keys import KeyRecord
 
 _MISS: Final = object()
+NEGATIVE_MAX: Final = 10_000  # unknown keys remembered at most (each costs ~200 bytes)
 
 
 class KeyCache:
@@ -32,27 +33,35 @@ class KeyCache:
         self._max = max_entries
         self._clock = clock
         self._entries: OrderedDict[str, tuple[float, KeyRecord | None]] = OrderedDict()
+        # Unknown keys live apart, under their own bound: a flood of random keys
+        # evicts other unknown keys, never the known ones that valid traffic uses.
+        self._negative: OrderedDict[str, tuple[float, KeyRecord | None]] = OrderedDict()
+        self._max_negative = max(1, min(max_entries, NEGATIVE_MAX))
         self.generation = 0
         # Plain counters, read by the metrics collector at scrape time (gateway.metrics).
         self.hits = self.negative_hits = self.misses = 0
         self.evicted_size = self.expired = self.invalidated = self.cleared = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) + len(self._negative)
 
     def get(self, key_hash: str) -> KeyRecord | object | None:
         """The cached record, None for a cached "unknown key", or `MISS`."""
-        entry = self._entries.get(key_hash)
+        table = self._entries
+        entry = table.get(key_hash)
         if entry is None:
-            self.misses += 1
-            return _MISS
+            table = self._negative
+            entry = table.get(key_hash)
+            if entry is None:
+                self.misses += 1
+                return _MISS
         expires, record = entry
         if self._clock() >= expires:
-            del self._entries[key_hash]
+            del table[key_hash]
             self.expired += 1
             self.misses += 1
             return _MISS
-        self._entries.move_to_end(key_hash)
+        table.move_to_end(key_hash)
         if record is None:
             self.negative_hits += 1
         else:
@@ -65,7 +74,7 @@ class KeyCache:
         Only for serving through a Redis outage when the operator allowed it
         (cache.serve_stale_seconds); evicted entries are gone and never come back here.
         """
-        entry = self._entries.get(key_hash)
+        entry = self._entries.get(key_hash) or self._negative.get(key_hash)
         if entry is None or self._clock() - entry[0] > max_age:
             return _MISS
         return entry[1]
@@ -74,25 +83,30 @@ class KeyCache:
         """Store an answer read at `generation`; refused if anything was evicted since."""
         if generation != self.generation:
             return False
-        ttl = self._ttl if record is not None else self._negative_ttl
+        if record is not None:
+            ttl, table, bound, other = self._ttl, self._entries, self._max, self._negative
+        else:
+            ttl, table, bound, other = self._negative_ttl, self._negative, self._max_negative, self._entries
         if ttl <= 0:
             return False
-        self._entries[key_hash] = (self._clock() + ttl, record)
-        self._entries.move_to_end(key_hash)
-        while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
+        other.pop(key_hash, None)
+        table[key_hash] = (self._clock() + ttl, record)
+        table.move_to_end(key_hash)
+        while len(table) > bound:
+            table.popitem(last=False)
             self.evicted_size += 1
         return True
 
     def evict(self, key_hash: str) -> None:
         self.generation += 1
-        if self._entries.pop(key_hash, None) is not None:
+        if self._entries.pop(key_hash, None) is not None or self._negative.pop(key_hash, None) is not None:
             self.invalidated += 1
 
     def clear(self) -> None:
         self.generation += 1
-        self.cleared += len(self._entries)
+        self.cleared += len(self)
         self._entries.clear()
+        self._negative.clear()
 
 
 MISS: Final = _MISS

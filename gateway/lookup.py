@@ -10,6 +10,8 @@ cached entry answer while Redis cannot.
 
 from __future__ import annotations
 
+import asyncio
+
 from redis.exceptions import RedisError
 
 from gateway.cache import MISS, KeyCache
@@ -21,6 +23,14 @@ from gateway.subscriber import Coherence
 
 class AuthUnavailable(Exception):
     """The key table could not be read and the answer is not in the cache."""
+
+
+class _LeaderGone(Exception):
+    """The request that was reading a key for everyone was cancelled."""
+
+
+class _Failed(Exception):
+    """The shared read failed; each waiter answers for itself (stale entry or 503)."""
 
 
 class KeyLookup:
@@ -37,6 +47,8 @@ class KeyLookup:
         self.coherence = coherence
         self.serve_stale_seconds = serve_stale_seconds
         self.metrics = metrics
+        # key hash -> (cache generation when the read began, its answer): one Redis read per key at a time.
+        self._flights: dict[str, tuple[int, asyncio.Future[KeyRecord | None]]] = {}
 
     async def find(self, key_hash: str) -> KeyRecord | None:
         if self.coherence.coherent:
@@ -44,12 +56,36 @@ class KeyLookup:
             if cached is not MISS:
                 return cached  # type: ignore[return-value]
         generation = self.cache.generation
+        flight = self._flights.get(key_hash)
+        if flight is not None and flight[0] == generation:
+            # Single flight: a read of this key started since the last eviction is already on
+            # its way; share its answer. One begun before an eviction is never joined.
+            try:
+                return await asyncio.shield(flight[1])
+            except _LeaderGone:
+                pass  # its request was cancelled: read for ourselves
+        return await self._read(key_hash, generation)
+
+    async def _read(self, key_hash: str, generation: int) -> KeyRecord | None:
+        answer: asyncio.Future[KeyRecord | None] = asyncio.get_running_loop().create_future()
+        self._flights[key_hash] = (generation, answer)
         try:
             record = await self.store.get_by_hash(key_hash)
-        except (TimeoutError, RedisError, OSError):
+        except (TimeoutError, RedisError, OSError) as exc:
             if self.metrics is not None:
                 self.metrics.redis_errors.labels("lookup").inc()
+            answer.set_exception(_Failed(exc))
+            answer.exception()  # retrieved here; joiners see it too
             return self._stale_or_fail(key_hash)
+        except BaseException:
+            answer.set_exception(_LeaderGone())
+            answer.exception()
+            raise
+        else:
+            answer.set_result(record)
+        finally:
+            if self._flights.get(key_hash, (None, None))[1] is answer:
+                del self._flights[key_hash]
         if self.coherence.coherent:
             # Only while trusted: what is cached during a break could outlive it
             # (resubscribing clears the cache) or be served stale from it.
