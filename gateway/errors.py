@@ -6,7 +6,6 @@ A denial is a value, not an exception: the request path returns a `Denial` and
 
 from __future__ import annotations
 
-import base64
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -74,8 +73,8 @@ _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 def new_request_id() -> str:
-    """`req_` and 16 characters from a-z2-7: 80 random bits, one urandom read."""
-    return "req_" + base64.b32encode(secrets.token_bytes(10)).decode().lower()
+    """`req_` and 16 hex digits: 64 random bits."""
+    return "req_" + secrets.token_hex(8)
 
 
 def request_id_from(client_value: str | None) -> str:

@@ -7,6 +7,7 @@ gateway checks is exactly what the upstream sees.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Final
@@ -47,6 +48,7 @@ def split_target(raw_target: str) -> Target:
     return Target(normalise(path), query if sep else "")
 
 
+@functools.lru_cache(maxsize=4096)  # pure: hot paths are normalised once, not per request
 def normalise(raw_path: str) -> str:
     """Decode percent-escapes once and resolve '.', '..' and duplicate slashes.
 
