@@ -19,8 +19,10 @@ import orjson
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _STANDARD: Final = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
-# C0 controls and DEL, escaped in text lines; everything else printable stays as it is.
+# C0 controls and DEL, escaped in text lines; other non-printable characters are escaped by escape().
 _ESCAPES: Final = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
+# Valid inside JSON strings but taken as line breaks by Unicode-aware readers: escaped too.
+_JSON_BREAKS: Final = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 
 def _timestamp(record: logging.LogRecord) -> str:
@@ -44,11 +46,12 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         try:
-            return orjson.dumps(line, default=str).decode()
+            text = orjson.dumps(line, default=str).decode()
         except TypeError:
             # A string orjson refuses (lone surrogates from non-UTF-8 header bytes): the
             # standard library escapes them as \udcXX and still writes one line.
             return json.dumps(line, default=str, ensure_ascii=True)
+        return text if text.isascii() else text.translate(_JSON_BREAKS)
 
 
 def escape(text: str) -> str:
@@ -56,7 +59,8 @@ def escape(text: str) -> str:
     text = text.translate(_ESCAPES)
     if text.isascii():
         return text
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    # C1 controls, U+2028/2029 and other non-printables; surrogates (non-UTF-8 bytes) too.
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 class TextFormatter(logging.Formatter):
@@ -70,9 +74,28 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class QuietParserErrors(logging.Filter):
+    """aiohttp's server logs a request its HTTP parser refused as an error with a traceback
+    that quotes the offending header line, which can hold a client's key. Any client can
+    cause it at will, so: info level, the exception's type only, never its text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("aiohttp") and record.exc_info:
+            exc = record.exc_info[1]
+            record.args = (record.getMessage(), type(exc).__name__)
+            record.msg = "%s (%s; details withheld: they can quote request headers)"
+            record.exc_info = None
+            record.exc_text = None
+            if record.levelno > logging.INFO:
+                record.levelno, record.levelname = logging.INFO, "INFO"
+                return logging.getLogger().isEnabledFor(logging.INFO)  # lowered: below a warning level
+        return True
+
+
 def configure(level: str, fmt: str) -> None:
     """Root logging to stderr in the chosen format; replaces any handler set before."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(QuietParserErrors())
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -9,6 +9,7 @@ Each request ends in `_record`: one metric increment and one access-log record.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -83,6 +84,11 @@ class Proxy:
             self._record(request, request_id, started, target.path, route.name, "client_closed", CLIENT_CLOSED,
                          record, time.perf_counter() - sent)  # fmt: skip
             return web.Response(status=CLIENT_CLOSED)
+        except asyncio.CancelledError:
+            # Cut by the shutdown (the drain's deadline passed): leave a trace, then let it end.
+            self._record(request, request_id, started, target.path, route.name, "cancelled", CLIENT_CLOSED,
+                         record, time.perf_counter() - sent)  # fmt: skip
+            raise
         upstream = time.perf_counter() - sent
         self.metrics.upstream(route.name, upstream)
         if isinstance(outcome, Denial):

@@ -96,6 +96,8 @@ async def serve(
     """Until SIGTERM/SIGINT (or `stop`): then drain, and close. SIGHUP reloads routes from `config_path`."""
     stop = stop or asyncio.Event()
     _stop_on_signals(stop)
+    if config_path is not None:  # until the replica is up, a SIGHUP must not kill the process
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, log.info, "SIGHUP before start: ignored")
     async with embedded_or_external(config) as url:
         redis, listener = redis_client(url), listen_client(url)
         try:
@@ -158,7 +160,7 @@ async def _serve_replica(
                 log.info("proxy drained; closing the subscription, Redis and the admin listener")
     finally:
         if config_path is not None:
-            loop.remove_signal_handler(signal.SIGHUP)
+            loop.add_signal_handler(signal.SIGHUP, log.info, "SIGHUP while stopping: ignored")
         if not drained:
             await proxy.cleanup()
         await admin.cleanup()

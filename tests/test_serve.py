@@ -304,7 +304,7 @@ def test_the_gateways_output_never_contains_keys_admin_tokens_or_bearer_headers(
     with upstream_process() as upstream_url:
         redis_cfg = {"url": redis_server.url, "prefix": f"serve{secrets.token_hex(4)}:"}
         config, client = write_config(tmp_path, upstream_url, admin_tokens, redis_cfg)
-        with gateway_process(config, log, base_env(GATEWAY_LOG_LEVEL=log_level)) as gw:
+        with gateway_process(config, log, base_env(GATEWAY_LOGGING_LEVEL=log_level)) as gw:
             wait_ready(gw, client.admin_url, log)
 
             status, created = client.admin("POST", "/v1/keys", body={"name": "a", "owner": "acme"})
