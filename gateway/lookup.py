@@ -64,6 +64,8 @@ class KeyLookup:
                 return await asyncio.shield(flight[1])
             except _LeaderGone:
                 pass  # its request was cancelled: read for ourselves
+            except _Failed:
+                return self._stale_or_fail(key_hash)  # Redis failed for the shared read: as if for ours
         return await self._read(key_hash, generation)
 
     async def _read(self, key_hash: str, generation: int) -> KeyRecord | None:

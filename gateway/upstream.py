@@ -53,6 +53,10 @@ class _Closed(UpstreamError):
     """The connection closed before any byte of the response: retryable on a reused connection."""
 
 
+class ClientGone(ConnectionError):
+    """Our own client went away while its body was being read: nothing to answer (recorded as 499)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Origin:
     host: str
@@ -74,15 +78,13 @@ class Origin:
 class _Connection(BaseProtocol):
     """One keep-alive connection; at most one exchange at a time."""
 
-    __slots__ = ("_body_parser", "_head", "_head_parser", "_last_read", "_parser", "_payload", "_timer",
-                 "_upgraded", "closed", "idle_since", "origin", "reused", "timeout")  # fmt: skip
+    __slots__ = ("_head", "_last_read", "_parser", "_payload", "_timer",
+                 "_upgraded", "closed", "idle_since", "origin", "reused", "timed_out", "timeout")  # fmt: skip
 
     def __init__(self, loop: asyncio.AbstractEventLoop, origin: Origin) -> None:
         super().__init__(loop)
         self.origin = origin
-        self._body_parser = HttpResponseParser(self, loop, CHUNK, response_with_body=True, auto_decompress=False)
-        self._head_parser: Any = None  # for HEAD requests, made when first needed
-        self._parser: Any = self._body_parser  # BaseProtocol.pause_reading() pauses this one
+        self._parser: Any = None  # one per exchange (made in begin); BaseProtocol.pause_reading() pauses it
         self._upgraded = False
         self._head: asyncio.Future[tuple[RawResponseMessage, StreamReader]] | None = None
         self._payload: StreamReader | None = None
@@ -90,20 +92,19 @@ class _Connection(BaseProtocol):
         self._last_read = 0.0
         self.timeout = 30.0
         self.closed = False
+        self.timed_out = False
         self.reused = False
         self.idle_since = 0.0
 
     # exchange -------------------------------------------------------------
 
     def begin(self, method: str, timeout: float) -> asyncio.Future[tuple[RawResponseMessage, StreamReader]]:
-        if method == "HEAD":
-            if self._head_parser is None:
-                self._head_parser = HttpResponseParser(
-                    self, self._loop, CHUNK, response_with_body=False, auto_decompress=False
-                )
-            self._parser = self._head_parser
-        else:
-            self._parser = self._body_parser
+        # A fresh parser per exchange (cheap: ~0.5 us), so finished() can ask the old one whether
+        # bytes beyond the answer arrived. read_until_eof: a body with neither a length nor chunked
+        # framing ends when the upstream closes. A HEAD answer has no body whatever its headers say.
+        self._parser = HttpResponseParser(
+            self, self._loop, CHUNK, response_with_body=method != "HEAD", read_until_eof=True, auto_decompress=False
+        )
         self.timeout = timeout
         self._head = self._loop.create_future()
         self._arm()
@@ -115,6 +116,13 @@ class _Connection(BaseProtocol):
         The timer stays armed: the next exchange reuses it, and on an idle
         connection it fires once and is dropped (no new handle per request)."""
         self._payload = None
+        try:  # a parser that began another message holds bytes no request asked for
+            leftover = self._parser.feed_eof()
+        except Exception:
+            leftover = True
+        if leftover is not None:
+            self.close()
+            return False
         return not self.closed and self.transport is not None
 
     def close(self) -> None:
@@ -153,6 +161,7 @@ class _Connection(BaseProtocol):
         if self._loop.time() < deadline:
             self._timer = self._loop.call_at(deadline, self._check_timeout)
             return
+        self.timed_out = True
         self._fail(TimeoutError())
 
     # asyncio.Protocol -------------------------------------------------------
@@ -160,8 +169,8 @@ class _Connection(BaseProtocol):
     def data_received(self, data: bytes) -> None:
         if data:
             self._last_read = self._loop.time()
-        if self._head is None and self._payload is None:
-            if data:  # bytes nobody asked for: this connection cannot be trusted any more
+        if self._head is None and (self._payload is None or self._payload.is_eof()):
+            if data:  # bytes after the whole answer, or nobody asked: this connection cannot be trusted any more
                 self.close()
             return
         try:
@@ -188,7 +197,8 @@ class _Connection(BaseProtocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
         try:
-            self._parser.feed_eof()
+            if self._parser is not None:
+                self._parser.feed_eof()
         except Exception:  # noqa: S110 - a truncated body: the payload got the error already
             pass
         self._fail(_Closed("connection closed by the upstream") if exc is None else exc)
@@ -201,6 +211,7 @@ class _Connection(BaseProtocol):
         self._head = self._payload = None
         if head is not None and not head.done():
             head.set_exception(exc)
+            head.exception()  # retrieved: a waiter may be gone already (its client left mid-upload)
         if payload is not None and not payload.is_eof():
             payload.set_exception(exc if isinstance(exc, Exception) else ConnectionError())
         if self.transport is not None:
@@ -308,8 +319,11 @@ class Forwarder:
             has_body=has_body,
         )
         timeout = route.timeout_seconds
+        expects_continue = (
+            has_body and request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue"
+        )
         for attempt in (1, 2):
-            conn = pool.take(loop.time())
+            conn = pool.take(loop.time()) if attempt == 1 else None  # a retry always gets a fresh connection
             try:
                 if conn is None:
                     conn = await pool.connect(loop, timeout)
@@ -317,16 +331,27 @@ class Forwarder:
                 assert conn.transport is not None
                 if has_body:
                     conn.transport.write(head)
+                    if expects_continue:  # the key passed: now the client may send its body
+                        expects_continue = False
+                        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                        request.writer.output_size = 0  # as aiohttp's own expect handler does
                     await _send_body(conn, request, chunked)
                 else:
                     conn.transport.write(head)
                 message, payload = await waiter
                 break
+            except ClientGone:
+                if conn is not None:
+                    conn.close()
+                raise
             except _Closed:
                 if conn is not None:
                     conn.close()
                 if attempt == 1 and not has_body and conn is not None and conn.reused:
                     continue  # the upstream closed an idle keep-alive connection as we reused it
+                if conn is not None and conn.timed_out:  # no sign of life while we sent the body
+                    log.warning("upstream timeout", extra={"route": route.name, "request_id": request_id})
+                    return errors.Denial("upstream_timeout")
                 return self._failed(route, request_id, "closed")
             except TimeoutError:
                 if conn is not None:
@@ -383,7 +408,7 @@ class Forwarder:
                 await response.write(chunk)
             await response.write_eof()
             clean = True
-        except (TimeoutError, HttpProcessingError, OSError, ValueError, ConnectionError) as exc:
+        except (TimeoutError, UpstreamError, HttpProcessingError, OSError, ValueError) as exc:
             # The status line is gone already: the only honest signal left is a cut connection.
             log.warning(
                 "upstream failed mid-response: %s",
@@ -417,7 +442,10 @@ async def _send_body(conn: _Connection, request: web.BaseRequest, chunked: bool)
     transport = conn.transport
     content = request.content
     while True:
-        chunk = await content.readany()
+        try:
+            chunk = await content.readany()
+        except (OSError, ValueError) as exc:  # the client's connection broke mid-upload (ConnectionError is OSError)
+            raise ClientGone from exc
         if transport is None or transport.is_closing():
             raise _Closed("connection closed by the upstream while sending the body")
         if not chunk:
