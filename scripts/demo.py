@@ -80,7 +80,11 @@ def main() -> int:
     env["GATEWAY_ADMIN_TOKENS"] = json.dumps([{"name": "demo-admin", "role": "admin", "hash": hash_token(token)}])
     children = [
         subprocess.Popen([sys.executable, str(ROOT / "scripts" / "demo_upstream.py"), "--port", str(UPSTREAM)]),
-        subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(CONFIG)], env=env, cwd=ROOT),
+        subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(CONFIG), "--log-format", "text"],
+            env=env,
+            cwd=ROOT,
+        ),
     ]
     try:
         wait_ready(f"http://127.0.0.1:{ADMIN}/readyz")
