@@ -37,9 +37,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
         return errors.render(errors.Denial(code, status=exc.status, headers=headers), request_id)
     except Exception as exc:
-        request_id = errors.request_id_from(request.headers.get("X-Request-Id"))
-        log.exception("unhandled %s", type(exc).__name__, extra={"request_id": request_id})
-        return errors.render(errors.Denial("internal_error"), request_id)
+        return internal_error(request, exc)
+
+
+def internal_error(request: web.BaseRequest, exc: Exception) -> web.Response:
+    """Called from an `except` block: the traceback is logged, the answer names nothing of it."""
+    request_id = errors.request_id_from(request.headers.get("X-Request-Id"))
+    log.exception("unhandled %s", type(exc).__name__, extra={"request_id": request_id})
+    return errors.render(errors.Denial("internal_error"), request_id)
 
 
 RawHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -53,8 +58,6 @@ def guarded(handler: RawHandler) -> RawHandler:
         try:
             return await handler(request)
         except Exception as exc:
-            request_id = errors.request_id_from(request.headers.get("X-Request-Id"))
-            log.exception("unhandled %s", type(exc).__name__, extra={"request_id": request_id})
-            return errors.render(errors.Denial("internal_error"), request_id)
+            return internal_error(request, exc)
 
     return guard

@@ -131,7 +131,7 @@ class _Connection(BaseProtocol):
         if self.transport is not None:
             self.transport.close()
 
-    # timeouts: one timer per exchange, re-armed lazily (no new handle per read)
+    # timeouts: one timer per connection, re-armed lazily (no new handle per read or per exchange)
 
     def _arm(self) -> None:
         self._last_read = now = self._loop.time()
@@ -205,8 +205,6 @@ class _Connection(BaseProtocol):
         super().connection_lost(exc)
 
     def _fail(self, exc: BaseException) -> None:
-        self.closed = True
-        self._disarm()
         head, payload = self._head, self._payload
         self._head = self._payload = None
         if head is not None and not head.done():
@@ -214,8 +212,7 @@ class _Connection(BaseProtocol):
             head.exception()  # retrieved: a waiter may be gone already (its client left mid-upload)
         if payload is not None and not payload.is_eof():
             payload.set_exception(exc if isinstance(exc, Exception) else ConnectionError())
-        if self.transport is not None:
-            self.transport.close()
+        self.close()
 
 
 class _Pool:
