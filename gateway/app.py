@@ -22,9 +22,9 @@ from gateway.admin.auth import TokenVerifier
 from gateway.cache import KeyCache
 from gateway.channel import Codec
 from gateway.config import Config
+from gateway.http1 import Server
 from gateway.lookup import KeyLookup
 from gateway.metrics import Metrics
-from gateway.middleware import guarded
 from gateway.propagation import Propagator
 from gateway.proxy import Proxy
 from gateway.replicas import Registry
@@ -48,7 +48,7 @@ class Replica:
     metrics: Metrics
     api: AdminApi
     proxy: Proxy
-    proxy_server: web.Server  # aiohttp's low-level server: no router or middleware on the request path
+    proxy_server: Server  # the lean HTTP/1.1 listener (gateway/http1.py): no router or middleware on the request path
     admin_app: web.Application
 
     def reload_routes(self, new: Config) -> list[str]:
@@ -122,7 +122,7 @@ def build(config: Config, redis: Redis, listen_redis: Redis, *, replica_id: str 
     forwarder = Forwarder()
     proxy = Proxy(RouteTable(config.routes), lookup, forwarder, config.keys, metrics)
     metrics.inflight.set_function(lambda: proxy.inflight)
-    proxy_server = web.Server(guarded(proxy.handle), access_log=None)
+    proxy_server = Server(proxy.handle, proxy.refused)
 
     api = AdminApi(store, TokenVerifier(config.admin.tokens), propagator, coherence, config.keys, metrics)
     admin_app = build_admin_app(api)

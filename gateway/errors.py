@@ -113,15 +113,17 @@ def body(code: str, request_id: str, *, detail: str | None = None, status: int |
     )
 
 
-def render(denial: Denial, request_id: str, *, realm: str = WWW_AUTHENTICATE) -> web.Response:
-    """The single renderer of every error the gateway answers itself."""
+def rendered(denial: Denial, request_id: str, *, realm: str = WWW_AUTHENTICATE) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body of the answer to `denial`: the one place they are decided."""
     status = denial.status or KINDS[denial.code].status
-    headers = {"X-Request-Id": request_id, "Cache-Control": "no-store", **denial.headers}
+    headers = {"Content-Type": "application/json", "X-Request-Id": request_id, "Cache-Control": "no-store",
+               **denial.headers}  # fmt: skip
     if status == 401:
         headers["WWW-Authenticate"] = realm
-    return web.Response(
-        status=status,
-        body=body(denial.code, request_id, detail=denial.detail, status=status),
-        content_type="application/json",
-        headers=headers,
-    )
+    return status, headers, body(denial.code, request_id, detail=denial.detail, status=status)
+
+
+def render(denial: Denial, request_id: str, *, realm: str = WWW_AUTHENTICATE) -> web.Response:
+    """The admin API's answer (an aiohttp response) for `denial`."""
+    status, headers, payload = rendered(denial, request_id, realm=realm)
+    return web.Response(status=status, body=payload, headers=headers)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Final
 
-from multidict import CIMultiDict, CIMultiDictProxy
-
 from .keys import KeyRecord
 
 # RFC 9110 7.6.1, plus the de-facto ones proxies drop.
@@ -28,16 +26,6 @@ _DROP_BYTES: Final = frozenset(h.encode() for h in _REQUEST_DROP)
 _PREFIX_BYTES: Final = GATEWAY_HEADER_PREFIX.encode()
 
 RawHeaders = tuple[tuple[bytes, bytes], ...]
-
-
-def _connection_named(headers: CIMultiDictProxy[str]) -> set[str]:
-    named: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        for token in value.split(","):
-            token = token.strip().lower()
-            if token:
-                named.add(token)
-    return named
 
 
 def upstream_request_headers(
@@ -122,9 +110,31 @@ def upstream_request_head(
     return b"".join(lines), chunked
 
 
-def client_response_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
-    drop = HOP_BY_HOP | _connection_named(headers)
-    out: CIMultiDict[str] = CIMultiDict((name, value) for name, value in headers.items() if name.lower() not in drop)
-    if "X-Request-Id" not in out:
-        out["X-Request-Id"] = request_id
-    return out
+_HOP_BY_HOP_BYTES: Final = frozenset(h.encode() for h in HOP_BY_HOP)
+
+
+def client_response_head(raw: RawHeaders, request_id: str, date: bytes) -> tuple[bytes, bool]:
+    """The upstream's header lines for our client, minus hop-by-hop ones, as one block; and
+    whether it carries a Content-Length. Adds X-Request-Id and Date when the upstream sent none."""
+    drop = _HOP_BY_HOP_BYTES
+    named = {t.strip().lower() for n, v in raw if n.lower() == b"connection" for t in v.split(b",")}
+    if named:
+        drop = drop | named
+    lines: list[bytes] = []
+    has_length = has_request_id = has_date = False
+    for name, value in raw:
+        lower = name.lower()
+        if lower in drop:
+            continue
+        if lower == b"content-length":
+            has_length = True
+        elif lower == b"x-request-id":
+            has_request_id = True
+        elif lower == b"date":
+            has_date = True
+        lines += (name, b": ", value, b"\r\n")
+    if not has_request_id:
+        lines += (b"X-Request-Id: ", request_id.encode(), b"\r\n")
+    if not has_date:  # RFC 9110 6.6.1: a recipient with a clock adds the one the sender left out
+        lines += (b"Date: ", date, b"\r\n")
+    return b"".join(lines), has_length

@@ -8,7 +8,6 @@ traceback and answered 500 internal_error, never forwarded, never echoed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -45,19 +44,3 @@ def internal_error(request: web.BaseRequest, exc: Exception) -> web.Response:
     request_id = errors.request_id_from(request.headers.get("X-Request-Id"))
     log.exception("unhandled %s", type(exc).__name__, extra={"request_id": request_id})
     return errors.render(errors.Denial("internal_error"), request_id)
-
-
-RawHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
-
-
-def guarded(handler: RawHandler) -> RawHandler:
-    """The proxy's boundary (it runs on aiohttp's low-level server, without middleware):
-    an unexpected exception is logged by type and answered 500 internal_error, never forwarded."""
-
-    async def guard(request: web.BaseRequest) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except Exception as exc:
-            return internal_error(request, exc)
-
-    return guard

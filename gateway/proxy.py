@@ -5,6 +5,7 @@
 Every step before `forward` either passes or returns a Denial, which one
 renderer turns into the JSON error. No path that returns a Denial forwards.
 Each request ends in `_record`: one metric increment and one access-log record.
+It runs on gateway/http1.py's server: the answer is written through the request.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-
-from aiohttp import web
+from http import HTTPStatus
 
 from . import errors
 from .config import KeysConfig
 from .credentials import bearer_from
 from .errors import Denial
+from .http1 import Request, header_block, http_date
 from .keys import KeyRecord, decide, digest
 from .lookup import AuthUnavailable, KeyLookup
 from .metrics import Metrics
@@ -27,6 +28,7 @@ from .routing import RouteTable, UnsafePath, split_target
 from .upstream import Forwarder
 
 access = logging.getLogger("gateway.access")
+log = logging.getLogger("gateway")
 _USER_AGENT_MAX = 256
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first"
 
@@ -40,40 +42,56 @@ class Proxy:
     metrics: Metrics
     inflight: int = field(default=0, init=False)
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request) -> None:
         self.inflight += 1
+        started = time.perf_counter()
         try:
-            return await self._handle(request, time.perf_counter())
+            await self._handle(request, started)
+        except Exception as exc:
+            # The boundary: an unexpected exception is logged by type with its traceback and
+            # answered 500 internal_error (when nothing was sent yet), never forwarded, never echoed.
+            request_id = errors.request_id_from(request.headers.get("X-Request-Id"))
+            log.exception("unhandled %s", type(exc).__name__, extra={"request_id": request_id})
+            if not request.responded:
+                self._deny(request, Denial("internal_error"), request_id, started)
+            else:
+                request.keep_alive = False
         finally:
             self.inflight -= 1
 
-    async def _handle(self, request: web.BaseRequest, started: float) -> web.StreamResponse:
+    async def _handle(self, request: Request, started: float) -> None:
         request_id = errors.request_id_from(request.headers.get("X-Request-Id"))
         try:
             target = split_target(request.raw_path)
         except UnsafePath as exc:
-            return self._deny(request, Denial("invalid_request", str(exc)), request_id, started)
+            self._deny(request, Denial("invalid_request", str(exc)), request_id, started)
+            return
 
         route = self.routes.match(target.path)
         if route is None:
-            return self._deny(request, Denial("route_not_found"), request_id, started, path=target.path)
+            self._deny(request, Denial("route_not_found"), request_id, started, path=target.path)
+            return
         if route.methods is not None and request.method not in route.methods:
             allow = ", ".join(sorted(route.methods))
             denial = Denial("method_not_allowed", headers={"Allow": allow})
-            return self._deny(request, denial, request_id, started, target.path, route.name)
+            self._deny(request, denial, request_id, started, target.path, route.name)
+            return
 
         record: KeyRecord | None = None
         if route.requires_key:
             credential = bearer_from(request.headers.getall("Authorization", ()))
             if isinstance(credential, Denial):
-                return self._deny(request, credential, request_id, started, target.path, route.name)
+                self._deny(request, credential, request_id, started, target.path, route.name)
+                return
             try:
                 record = await self.lookup.find(digest(credential.token))
             except AuthUnavailable:
-                return self._deny(request, Denial("auth_unavailable"), request_id, started, target.path, route.name)
+                self._deny(request, Denial("auth_unavailable"), request_id, started, target.path, route.name)
+                return
             refusal = decide(record, route, time.time(), self.keys.disabled_status)
             if refusal is not None:
-                return self._deny(request, refusal, request_id, started, target.path, route.name, record)
+                self._deny(request, refusal, request_id, started, target.path, route.name, record)
+                return
 
         sent = time.perf_counter()
         try:
@@ -83,7 +101,8 @@ class Proxy:
             # log as an error. Recorded as nginx does, 499.
             self._record(request, request_id, started, target.path, route.name, "client_closed", CLIENT_CLOSED,
                          record, time.perf_counter() - sent)  # fmt: skip
-            return web.Response(status=CLIENT_CLOSED)
+            request.keep_alive = False
+            return
         except asyncio.CancelledError:
             # Cut by the shutdown (the drain's deadline passed): leave a trace, then let it end.
             self._record(request, request_id, started, target.path, route.name, "cancelled", CLIENT_CLOSED,
@@ -92,14 +111,24 @@ class Proxy:
         upstream = time.perf_counter() - sent
         self.metrics.upstream(route.name, upstream)
         if isinstance(outcome, Denial):
-            return self._deny(request, outcome, request_id, started, target.path, route.name, record, upstream)
-        self._record(request, request_id, started, target.path, route.name, "forwarded", outcome.status, record,
-                     upstream)  # fmt: skip
-        return outcome
+            self._deny(request, outcome, request_id, started, target.path, route.name, record, upstream)
+            return
+        self._record(request, request_id, started, target.path, route.name, "forwarded", outcome, record, upstream)
+
+    def refused(self, request_id: str, remote: str | None) -> None:
+        """A request the HTTP parser refused (answered 400 invalid_request by the listener):
+        counted and logged like any other, with nothing of what was refused."""
+        self.metrics.request("-", "invalid_request")
+        if access.isEnabledFor(logging.INFO):
+            access.info("request", extra={
+                "request_id": request_id, "method": None, "path": None, "route": "-", "code": "invalid_request",
+                "status": 400, "key_id": None, "upstream_ms": None, "duration_ms": 0.0, "remote": remote,
+                "user_agent": None,
+            })  # fmt: skip
 
     def _deny(
         self,
-        request: web.BaseRequest,
+        request: Request,
         denial: Denial,
         request_id: str,
         started: float,
@@ -107,14 +136,15 @@ class Proxy:
         route: str = "-",
         record: KeyRecord | None = None,
         upstream: float | None = None,
-    ) -> web.Response:
-        response = errors.render(denial, request_id)
-        self._record(request, request_id, started, path, route, denial.code, response.status, record, upstream)
-        return response
+    ) -> None:
+        status, headers, body = errors.rendered(denial, request_id)
+        head = header_block(headers) + b"Date: " + http_date(time.time()) + b"\r\n"
+        request.reply(status, HTTPStatus(status).phrase, head, body)
+        self._record(request, request_id, started, path, route, denial.code, status, record, upstream)
 
     def _record(
         self,
-        request: web.BaseRequest,
+        request: Request,
         request_id: str,
         started: float,
         path: str | None,

@@ -132,11 +132,10 @@ async def _serve_replica(
     replica.api.persistence = await check_persistence(redis)
     log.info("redis persistence: %s", replica.api.persistence)
     drain = config.lifecycle.drain_seconds
-    # The proxy runner's shutdown: stop accepting, close idle keep-alive connections, let
+    # The proxy's shutdown: stop accepting, close idle keep-alive connections, let
     # in-flight requests finish for up to `drain` seconds, then close the upstream pool.
-    proxy = web.ServerRunner(replica.proxy_server, handle_signals=False, shutdown_timeout=drain)
+    proxy = replica.proxy_server
     admin = web.AppRunner(replica.admin_app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-    await proxy.setup()
     await admin.setup()
     loop = asyncio.get_running_loop()
     if config_path is not None:
@@ -146,7 +145,7 @@ async def _serve_replica(
         async with replica.running():
             await web.TCPSite(admin, config.admin.listen.host, config.admin.listen.port, reuse_port=reuse_port).start()
             try:
-                await web.TCPSite(proxy, config.listen.host, config.listen.port, reuse_port=reuse_port).start()
+                await proxy.start(config.listen.host, config.listen.port, reuse_port=reuse_port)
                 _log_start(config, replica)
                 await stop.wait()
             finally:
@@ -156,13 +155,13 @@ async def _serve_replica(
                 log.info("gateway stopping: draining %d in-flight request(s) for up to %gs",
                          replica.proxy.inflight, drain)  # fmt: skip
                 drained = True
-                await proxy.cleanup()
+                await proxy.shutdown(drain)
                 log.info("proxy drained; closing the subscription, Redis and the admin listener")
     finally:
         if config_path is not None:
             loop.add_signal_handler(signal.SIGHUP, log.info, "SIGHUP while stopping: ignored")
         if not drained:
-            await proxy.cleanup()
+            await proxy.shutdown(0)
         await admin.cleanup()
 
 

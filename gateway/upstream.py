@@ -20,11 +20,11 @@ import asyncio
 import collections
 import logging
 import ssl
+import time
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpResponseParser, RawResponseMessage
@@ -32,7 +32,8 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
 from . import errors
 from .config import Route
-from .forwarding import client_response_headers, upstream_request_head
+from .forwarding import client_response_head, upstream_request_head
+from .http1 import Request, http_date
 from .keys import KeyRecord
 from .routing import Target, encode, upstream_path
 
@@ -288,13 +289,13 @@ class Forwarder:
 
     async def forward(
         self,
-        request: web.BaseRequest,
+        request: Request,
         route: Route,
         target: Target,
         record: KeyRecord | None,
         request_id: str,
-    ) -> web.StreamResponse | errors.Denial:
-        """Stream the exchange; a Denial (502/504) when no response could be started."""
+    ) -> int | errors.Denial:
+        """Stream the exchange and return the status sent; a Denial (502/504) when no response could be started."""
         loop = self._loop
         if loop is None:
             raise RuntimeError("the forwarder is not started")
@@ -316,9 +317,6 @@ class Forwarder:
             has_body=has_body,
         )
         timeout = route.timeout_seconds
-        expects_continue = (
-            has_body and request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue"
-        )
         for attempt in (1, 2):
             conn = pool.take(loop.time()) if attempt == 1 else None  # a retry always gets a fresh connection
             try:
@@ -328,10 +326,7 @@ class Forwarder:
                 assert conn.transport is not None
                 if has_body:
                     conn.transport.write(head)
-                    if expects_continue:  # the key passed: now the client may send its body
-                        expects_continue = False
-                        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                        request.writer.output_size = 0  # as aiohttp's own expect handler does
+                    await request.send_continue()  # when it asked: the key passed, now it may send its body
                     await _send_body(conn, request, chunked)
                 else:
                     conn.transport.write(head)
@@ -366,33 +361,33 @@ class Forwarder:
         else:  # pragma: no cover - the loop always breaks or returns
             raise AssertionError
 
-        headers = client_response_headers(message.headers, request_id)
+        head, has_length = client_response_head(message.raw_headers, request_id, http_date(time.time()))
         if payload is EMPTY_PAYLOAD or payload.is_eof():
             # The whole answer is here already (the common small response): one write.
             body = payload.read_nowait(-1) if payload is not EMPTY_PAYLOAD else b""
             if payload.exception() is None:
                 self._release(pool, conn, loop)
-                response = web.Response(status=message.code, reason=message.reason, headers=headers)
-                if request.method != "HEAD" and (body or message.code not in _NO_BODY):
-                    response.body = body
-                return response
-        return await self._stream(request, pool, conn, message, payload, headers, route, request_id, loop)
+                # The upstream's Content-Length (a HEAD answer's too) stays; a chunked body gets one.
+                request.reply(message.code, message.reason, head, body, has_length=has_length)
+                return message.code
+        await self._stream(request, pool, conn, payload, message, head, has_length, route, request_id, loop)
+        return message.code
 
     async def _stream(
         self,
-        request: web.BaseRequest,
+        request: Request,
         pool: _Pool,
         conn: _Connection,
-        message: RawResponseMessage,
         payload: StreamReader,
-        headers: Any,
+        message: RawResponseMessage,
+        head: bytes,
+        has_length: bool,
         route: Route,
         request_id: str,
         loop: asyncio.AbstractEventLoop,
-    ) -> web.StreamResponse:
-        response = web.StreamResponse(status=message.code, reason=message.reason, headers=headers)
+    ) -> None:
         try:
-            await response.prepare(request)
+            await request.start(message.code, message.reason, head, has_length=has_length)
         except BaseException:
             conn.close()
             raise
@@ -402,8 +397,8 @@ class Forwarder:
                 chunk = await payload.readany()
                 if not chunk:
                     break
-                await response.write(chunk)
-            await response.write_eof()
+                await request.write(chunk)
+            await request.end()
             clean = True
         except (TimeoutError, UpstreamError, HttpProcessingError, OSError, ValueError) as exc:
             # The status line is gone already: the only honest signal left is a cut connection.
@@ -419,7 +414,6 @@ class Forwarder:
                 self._release(pool, conn, loop)
             else:
                 conn.close()
-        return response
 
     @staticmethod
     def _release(pool: _Pool, conn: _Connection, loop: asyncio.AbstractEventLoop) -> None:
@@ -434,7 +428,7 @@ class Forwarder:
         return errors.Denial("upstream_unavailable")
 
 
-async def _send_body(conn: _Connection, request: web.BaseRequest, chunked: bool) -> None:
+async def _send_body(conn: _Connection, request: Request, chunked: bool) -> None:
     """Stream the client's body to the upstream as it arrives (re-framed as chunked when it had no length)."""
     transport = conn.transport
     content = request.content

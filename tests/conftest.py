@@ -23,11 +23,13 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import BaseTestServer, RawTestServer, TestServer
+from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from yarl import URL
 
 from gateway import config as config_mod
+from gateway import http1
 from gateway.admin.auth import TokenVerifier, hash_token
 from gateway.app import Replica, build
 from gateway.server import listen_client
@@ -197,10 +199,29 @@ def make_config(
     return config_mod.parse(yaml.safe_dump(raw), source="<test>")
 
 
+class ProxyTestServer:
+    """The replica's own proxy listener (gateway/http1.py) on a free loopback port."""
+
+    def __init__(self, server: http1.Server) -> None:
+        self.server = server
+        self.host = "127.0.0.1"
+        self.port = 0
+
+    async def start_server(self) -> None:
+        await self.server.start(self.host, 0)
+        self.port = self.server.port
+
+    def make_url(self, path: str) -> URL:
+        return URL(f"http://{self.host}:{self.port}{path}")
+
+    async def close(self) -> None:
+        await self.server.shutdown(0)
+
+
 @dataclass
 class Gateway:
     replica: Replica
-    proxy: BaseTestServer
+    proxy: ProxyTestServer
     admin: TestServer
     session: aiohttp.ClientSession
     tokens: AdminTokens
@@ -283,7 +304,7 @@ async def gateway_factory(
                 overrides=overrides,
             )
             replica = await start_replica(cfg, stack)
-            proxy = RawTestServer(replica.proxy_server.request_handler, host="127.0.0.1")
+            proxy = ProxyTestServer(replica.proxy_server)
             admin = TestServer(replica.admin_app, host="127.0.0.1")
             await proxy.start_server()
             stack.push_async_callback(proxy.close)
@@ -306,4 +327,4 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("GATEWAY_TEST", "1")
 
 
-__all__ = ["Gateway", "RedisProcess", "free_port", "make_config", "web"]
+__all__ = ["Gateway", "ProxyTestServer", "RedisProcess", "free_port", "make_config", "web"]

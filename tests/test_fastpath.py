@@ -27,7 +27,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from aiohttp.test_utils import RawTestServer, TestServer
+from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
@@ -38,7 +38,7 @@ from gateway.app import Replica, build
 from gateway.cache import NEGATIVE_MAX
 from gateway.keys import KeyRecord, digest
 from gateway.server import listen_client
-from tests.conftest import AdminTokens, Gateway, RedisProcess, free_port, make_config
+from tests.conftest import AdminTokens, Gateway, ProxyTestServer, RedisProcess, free_port, make_config
 
 MIB = 1024 * 1024
 SHORT = 0.5  # timeout_seconds of the /short route
@@ -233,7 +233,7 @@ async def front(redis_server: RedisProcess, admin_tokens: AdminTokens) -> AsyncI
                 redis_url=redis_server.url, upstream_url=upstream_url, tokens=admin_tokens.entries, overrides=overrides
             )
             replica = await start_replica_for(cfg, stack, socket_timeout=socket_timeout, retries=retries)
-            proxy = RawTestServer(replica.proxy_server.request_handler, host="127.0.0.1")
+            proxy = ProxyTestServer(replica.proxy_server)
             admin = TestServer(replica.admin_app, host="127.0.0.1")
             await proxy.start_server()
             stack.push_async_callback(proxy.close)

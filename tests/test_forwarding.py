@@ -20,10 +20,10 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import BaseTestServer, RawTestServer, TestServer
+from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
-from tests.conftest import AdminTokens, Gateway, RedisProcess, make_config, start_replica
+from tests.conftest import AdminTokens, Gateway, ProxyTestServer, RedisProcess, make_config, start_replica
 from tests.upstream_app import DOWNLOAD_GATE, UPLOAD_STARTED
 
 MIB = 1024 * 1024
@@ -515,7 +515,7 @@ async def test_status_and_response_headers_pass_through(gw: Gateway, key: dict[s
 
 # --- gateways around upstreams of the test's own ----------------------------------------------
 
-GatewayAround = Callable[[web.Application], Awaitable[BaseTestServer]]
+GatewayAround = Callable[[web.Application], Awaitable[ProxyTestServer]]
 
 
 @pytest.fixture
@@ -523,7 +523,7 @@ async def gateway_around(redis_server: RedisProcess, admin_tokens: AdminTokens) 
     """A gateway proxy (the standard test routes) in front of an upstream app the test writes itself."""
     async with contextlib.AsyncExitStack() as stack:
 
-        async def start(app: web.Application) -> BaseTestServer:
+        async def start(app: web.Application) -> ProxyTestServer:
             upstream = TestServer(app, host="127.0.0.1")
             await upstream.start_server()
             stack.push_async_callback(upstream.close)
@@ -533,7 +533,7 @@ async def gateway_around(redis_server: RedisProcess, admin_tokens: AdminTokens) 
                 tokens=admin_tokens.entries,
             )
             replica = await start_replica(cfg, stack)
-            proxy = RawTestServer(replica.proxy_server.request_handler, host="127.0.0.1")
+            proxy = ProxyTestServer(replica.proxy_server)
             await proxy.start_server()
             stack.push_async_callback(proxy.close)
             return proxy

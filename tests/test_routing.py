@@ -13,7 +13,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway.config import Route
 from gateway.credentials import MAX_TOKEN_LENGTH, Bearer, bearer_from
 from gateway.errors import Denial
-from gateway.forwarding import HOP_BY_HOP, client_response_headers, upstream_request_headers
+from gateway.forwarding import HOP_BY_HOP, client_response_head, upstream_request_headers
 from gateway.keys import KeyRecord
 from gateway.routing import RouteTable, Target, UnsafePath, encode, normalise, split_target, upstream_path
 
@@ -461,9 +461,24 @@ def test_end_to_end_headers_pass_with_every_value_in_order() -> None:
 # --- response headers to the client ------------------------------------------------------------
 
 
+DATE = b"Mon, 23 Nov 2026 10:00:00 GMT"
+
+
+def response_head(pairs: list[tuple[str, str]], request_id: str = "req_abc") -> tuple[CIMultiDict[str], bool]:
+    """client_response_head's block parsed back into headers, and its has-a-length flag."""
+    block, has_length = client_response_head(tuple((n.encode(), v.encode()) for n, v in pairs), request_id, DATE)
+    assert block.endswith(b"\r\n") and not block.endswith(b"\r\n\r\n")
+    out: CIMultiDict[str] = CIMultiDict()
+    for line in block.decode().split("\r\n")[:-1]:
+        name, sep, value = line.partition(": ")
+        assert sep, line
+        out.add(name, value)
+    return out, has_length
+
+
 def test_hop_by_hop_response_headers_are_removed() -> None:
-    out = client_response_headers(
-        headers(
+    out, _ = response_head(
+        [
             ("Connection", "X-Secret-Hop"),
             ("X-Secret-Hop", "1"),
             ("Keep-Alive", "timeout=5"),
@@ -474,8 +489,7 @@ def test_hop_by_hop_response_headers_are_removed() -> None:
             ("Set-Cookie", "a=1"),
             ("Set-Cookie", "b=2"),
             ("Location", "/elsewhere"),
-        ),
-        "req_abc",
+        ]
     )
     for name in ("Connection", "X-Secret-Hop", "Keep-Alive", "Transfer-Encoding", "Upgrade", "Proxy-Authenticate"):
         assert name not in out
@@ -487,8 +501,33 @@ def test_hop_by_hop_response_headers_are_removed() -> None:
 @pytest.mark.parametrize(("upstream_value", "expected"), [(None, "req_abc"), ("up-123", "up-123")])
 def test_response_carries_a_request_id(upstream_value: str | None, expected: str) -> None:
     pairs = [("X-Upstream", "1")] + ([("X-Request-Id", upstream_value)] if upstream_value else [])
-    out = client_response_headers(headers(*pairs), "req_abc")
+    out, _ = response_head(pairs)
     assert out.getall("X-Request-Id") == [expected]
+
+
+@pytest.mark.parametrize(
+    ("upstream_date", "expected"), [(None, DATE.decode()), ("Sun, 06 Nov 1994 08:49:37 GMT", None)]
+)
+def test_response_date_is_added_only_when_the_upstream_sent_none(
+    upstream_date: str | None, expected: str | None
+) -> None:
+    out, _ = response_head([("X-Upstream", "1")] + ([("Date", upstream_date)] if upstream_date else []))
+    assert out.getall("Date") == [expected or upstream_date]
+
+
+@pytest.mark.parametrize(
+    ("pairs", "has_length"),
+    [
+        ([("Content-Length", "5")], True),
+        ([("content-length", "0")], True),
+        ([("Transfer-Encoding", "chunked")], False),
+        ([], False),
+    ],
+)
+def test_response_head_says_whether_it_carries_a_length(pairs: list[tuple[str, str]], has_length: bool) -> None:
+    out, flag = response_head(pairs)
+    assert flag is has_length
+    assert "Transfer-Encoding" not in out
 
 
 # --- the bearer credential ---------------------------------------------------------------------
