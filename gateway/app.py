@@ -23,6 +23,7 @@ from gateway.cache import KeyCache
 from gateway.channel import Codec
 from gateway.config import Config
 from gateway.http1 import Server
+from gateway.known import KnownKeys
 from gateway.lookup import KeyLookup
 from gateway.metrics import Metrics
 from gateway.propagation import Propagator
@@ -96,7 +97,9 @@ def build(config: Config, redis: Redis, listen_redis: Redis, *, replica_id: str 
     cache = KeyCache(config.cache.ttl_seconds, config.cache.negative_ttl_seconds, config.cache.max_entries)
     coherence = Coherence()
     metrics.watch_cache(cache)
-    lookup = KeyLookup(store, cache, coherence, config.cache.serve_stale_seconds, metrics)
+    known = KnownKeys(enabled=config.cache.key_filter)
+    metrics.watch_known(known)
+    lookup = KeyLookup(store, cache, coherence, config.cache.serve_stale_seconds, metrics, known)
     health = config.redis.health_check_seconds
     registry = Registry(redis, prefix, replica_id, ttl_ms=int(health * 3000))
     propagator = Propagator(
@@ -117,6 +120,8 @@ def build(config: Config, redis: Redis, listen_redis: Redis, *, replica_id: str 
         metrics=metrics,
         on_ack=propagator.on_ack,
         health_check_seconds=health,
+        known=known,
+        table=store.hashes,
     )
 
     forwarder = Forwarder()

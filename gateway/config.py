@@ -63,6 +63,7 @@ class CacheConfig:
     negative_ttl_seconds: float
     max_entries: int
     serve_stale_seconds: float
+    key_filter: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +170,7 @@ ENV_OVERRIDES: Final[dict[str, tuple[str, ...]]] = {
     "GATEWAY_CACHE_NEGATIVE_TTL_SECONDS": ("cache", "negative_ttl_seconds"),
     "GATEWAY_CACHE_MAX_ENTRIES": ("cache", "max_entries"),
     "GATEWAY_CACHE_SERVE_STALE_SECONDS": ("cache", "serve_stale_seconds"),
+    "GATEWAY_CACHE_KEY_FILTER": ("cache", "key_filter"),
     "GATEWAY_KEYS_ALLOW_REENABLE": ("keys", "allow_reenable"),
     "GATEWAY_KEYS_DISABLED_STATUS": ("keys", "disabled_status"),
     "GATEWAY_LOGGING_LEVEL": ("logging", "level"),
@@ -382,14 +384,16 @@ class _Validator:
         return RedisConfig(None if url == "embedded" else url, prefix, secret, Path(data_dir), health)
 
     def cache(self, raw: Any) -> CacheConfig | None:
-        sec = self.section(raw, "cache", {"ttl_seconds", "negative_ttl_seconds", "max_entries", "serve_stale_seconds"})
+        names = {"ttl_seconds", "negative_ttl_seconds", "max_entries", "serve_stale_seconds", "key_filter"}
+        sec = self.section(raw, "cache", names)
         ttl = self.value(sec, "ttl_seconds", "cache", float, 30.0, _range(0, 86400))
         neg = self.value(sec, "negative_ttl_seconds", "cache", float, 2.0, _range(0, 3600))
         size = self.value(sec, "max_entries", "cache", int, 100_000, _range(1, 100_000_000))
         stale = self.value(sec, "serve_stale_seconds", "cache", float, 0.0, _range(0, 3600))
-        if None in (ttl, neg, size, stale):
+        key_filter = self.value(sec, "key_filter", "cache", bool, True)
+        if None in (ttl, neg, size, stale, key_filter):
             return None
-        return CacheConfig(ttl, neg, size, stale)
+        return CacheConfig(ttl, neg, size, stale, key_filter)
 
     def keys(self, raw: Any) -> KeysConfig | None:
         sec = self.section(raw, "keys", {"allow_reenable", "disabled_status"})

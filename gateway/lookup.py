@@ -3,7 +3,8 @@
 Redis failures are translated here, once, into AuthUnavailable: the request
 path answers 503 auth_unavailable and never forwards. While the replica is
 incoherent (its invalidation subscription may have missed a message) the cache
-is not read: every key comes from Redis. Only if the operator set
+is not read: every key comes from Redis. While coherent, a key whose hash is
+not in the replica's key filter (gateway/known.py) is unknown without a read. Only if the operator set
 cache.serve_stale_seconds, and only for that long after the break, may a
 cached entry answer while Redis cannot.
 """
@@ -16,6 +17,7 @@ from redis.exceptions import RedisError
 
 from gateway.cache import MISS, KeyCache
 from gateway.keys import KeyRecord
+from gateway.known import KnownKeys
 from gateway.metrics import Metrics
 from gateway.store import KeyStore
 from gateway.subscriber import Coherence
@@ -41,8 +43,10 @@ class KeyLookup:
         coherence: Coherence,
         serve_stale_seconds: float,
         metrics: Metrics | None = None,
+        known: KnownKeys | None = None,
     ) -> None:
         self.store = store
+        self.known = known if known is not None else KnownKeys(enabled=False)
         self.cache = cache
         self.coherence = coherence
         self.serve_stale_seconds = serve_stale_seconds
@@ -55,6 +59,8 @@ class KeyLookup:
             cached = self.cache.get(key_hash)
             if cached is not MISS:
                 return cached  # type: ignore[return-value]
+            if self.known.absent(key_hash):  # not in the table: no Redis read (ready only while coherent)
+                return None
         generation = self.cache.generation
         flight = self._flights.get(key_hash)
         if flight is not None and flight[0] == generation:

@@ -67,6 +67,34 @@ class _CacheCollector(Collector):
         yield GaugeMetricFamily("gateway_cache_entries", "Entries in the key cache now", value=len(c))
 
 
+class KnownStats(Protocol):
+    """What the key filter counts (gateway.known.KnownKeys)."""
+
+    ready: bool
+    refused: int
+
+    def __len__(self) -> int: ...
+
+
+class _KnownCollector(Collector):
+    def __init__(self, known: KnownStats) -> None:
+        self.known = known
+
+    def collect(self) -> Iterator[Metric]:
+        k = self.known
+        yield GaugeMetricFamily(
+            "gateway_key_filter_ready",
+            "1 while the key filter may refuse unknown keys without Redis",
+            value=int(k.ready),
+        )
+        yield GaugeMetricFamily("gateway_key_filter_keys", "Key hashes in the key filter", value=len(k))
+        yield CounterMetricFamily(
+            "gateway_key_filter_refusals",
+            "Unknown keys refused by the key filter without a Redis read",
+            value=k.refused,
+        )
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -143,6 +171,9 @@ class Metrics:
 
     def watch_cache(self, cache: CacheStats) -> None:
         self.registry.register(_CacheCollector(cache))
+
+    def watch_known(self, known: KnownStats) -> None:
+        self.registry.register(_KnownCollector(known))
 
     def request(self, route: str, code: str) -> None:
         child = self._request_children.get((route, code))

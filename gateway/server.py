@@ -168,9 +168,9 @@ async def _serve_replica(
 def _log_start(config: Config, replica: Replica) -> None:
     mode = "embedded" if config.redis.embedded else "external"
     log.info(
-        "gateway listening: proxy %s:%d, admin %s:%d, %d route(s), redis %s, replica %s",
+        "gateway listening: proxy %s:%d, admin %s:%d, %d route(s), redis %s, replica %s, event loop %s",
         config.listen.host, config.listen.port, config.admin.listen.host, config.admin.listen.port,
-        len(config.routes), mode, replica.replica_id,
+        len(config.routes), mode, replica.replica_id, type(asyncio.get_running_loop()).__module__.split(".")[0],
         extra={"redis_mode": mode, "replica": replica.replica_id, "pid": os.getpid()},
     )  # fmt: skip
     for route in config.routes:

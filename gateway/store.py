@@ -17,8 +17,9 @@ its announcement are written together or not at all.
 from __future__ import annotations
 
 import base64
+import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -95,6 +96,16 @@ class KeyStore:
     async def get_by_hash(self, key_hash: str) -> KeyRecord | None:
         raw = await self.redis.get(self._k(key_hash))
         return None if raw is None else KeyRecord.from_json(raw)
+
+    async def hashes(self) -> AsyncIterator[str]:
+        """Every key hash in the table (SCAN, so Redis is never blocked; a key present for the
+        whole scan is always returned, some may come twice)."""
+        pattern = _glob_escape(self._k("")) + "*"
+        start = len(self._k(""))
+        async for name in self.redis.scan_iter(match=pattern, count=1000):
+            key_hash = _text(name)[start:]
+            if _SHA256_HEX.fullmatch(key_hash):  # not ours (another deployment's prefix nested in ours): skipped
+                yield key_hash
 
     async def get_by_id(self, key_id: str) -> KeyRecord | None:
         key_hash = await self.redis.get(self._id(key_id))
@@ -249,6 +260,14 @@ class KeyStore:
             fields = entry.fields(now)
             pipe.xadd(self.prefix + "audit", fields)
             pipe.xadd(self.prefix + "audit:" + entry.key_id, fields)
+
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _glob_escape(text: str) -> str:
+    """`text` matched literally by a Redis glob pattern (the prefix is the operator's to choose)."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
 def _text(value: bytes | str) -> str:

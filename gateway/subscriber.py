@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
 
 from gateway.cache import KeyCache
 from gateway.channel import Ack, Codec, Evict, Rejected
+from gateway.known import KnownKeys
 from gateway.metrics import Metrics
 from gateway.replicas import Registry
 
@@ -69,6 +70,8 @@ class Subscriber:
         metrics: Metrics,
         on_ack: Callable[[Ack], None],
         health_check_seconds: float,
+        known: KnownKeys | None = None,
+        table: Callable[[], AsyncIterator[str]] | None = None,
     ) -> None:
         self.listen_client = listen_client  # retries off: errors must surface
         self.redis = redis
@@ -81,6 +84,8 @@ class Subscriber:
         self.metrics = metrics
         self.on_ack = on_ack
         self.interval = health_check_seconds
+        self.known = known if known is not None else KnownKeys(enabled=False)
+        self.table = table  # every key hash in the table, for rebuilding `known`
         self.sessions = 0  # how many times a subscription was (re)established
 
     async def run(self) -> None:
@@ -107,6 +112,7 @@ class Subscriber:
 
     async def _session(self) -> None:
         pubsub = self.listen_client.pubsub()
+        rebuild: asyncio.Task[bool] | None = None
         try:
             await pubsub.subscribe(self.events, self.acks)
             await self._await_confirmations(pubsub)
@@ -122,15 +128,35 @@ class Subscriber:
             self.sessions += 1
             self.metrics.coherent.set(1)
             log.info("invalidation subscription live; cache cleared")
+            if self.known.enabled and self.table is not None:
+                # Announcements reach us from now on; the scan finds every key written before.
+                rebuild = asyncio.get_running_loop().create_task(self._rebuild_known(), name="key-filter-rebuild")
             await self._listen(pubsub)
         finally:
-            # Before anything else can run: from here on the cache is not trusted.
+            # Before anything else can run: from here on the cache (and the key filter) is not trusted.
             self.coherence.lost()
+            self.known.lost()
             self.metrics.coherent.set(0)
+            if rebuild is not None:
+                rebuild.cancel()
             try:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
             except Exception:  # noqa: S110 - the connection is being discarded anyway
                 pass
+
+    async def _rebuild_known(self) -> bool:
+        """Until it succeeds in this session (the task is cancelled when the session ends): a scan
+        that fails is tried again, so one Redis timeout does not leave the filter off for days."""
+        assert self.table is not None
+        backoff = 1.0
+        while True:
+            try:
+                return await self.known.rebuild(self.table())
+            except Exception as exc:  # the filter stays off meanwhile; every lookup goes on as before
+                log.warning("key filter not built (%s): unknown keys are looked up in Redis; retrying in %gs",
+                            type(exc).__name__, backoff)  # fmt: skip
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
 
     async def _await_confirmations(self, pubsub: Any) -> None:
         wanted = {self.events.encode(), self.acks.encode()}
@@ -185,6 +211,7 @@ class Subscriber:
             return
         assert isinstance(decoded, Evict)
         for key_hash, _version in decoded.keys:
+            self.known.add(key_hash)  # before the ack: a new key is known everywhere once its create returns
             self.cache.evict(key_hash)
         self.metrics.invalidations.labels("applied").inc()
         await self._bounded(

@@ -284,8 +284,9 @@ async def start_replica(cfg: config_mod.Config, stack: contextlib.AsyncExitStack
         reachable = False
     if reachable:
         deadline = time.monotonic() + 5
-        while not replica.coherence.coherent:
-            assert time.monotonic() < deadline, "the invalidation subscription did not come up"
+        # The steady state: subscribed, and the key filter built (when it is on).
+        while not replica.coherence.coherent or (replica.lookup.known.enabled and not replica.lookup.known.ready):
+            assert time.monotonic() < deadline, "the invalidation subscription (or the key filter) did not come up"
             await asyncio.sleep(0.005)
     return replica
 

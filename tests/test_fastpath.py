@@ -1,5 +1,7 @@
 """The fast forwarding path (gateway/upstream.py) against upstreams that misbehave, and the lookup path's
 single flight and negative-cache bound (gateway/lookup.py, gateway/cache.py), all on real parts.
+The lookup tests turn the key filter off (cache.key_filter: false): they show what happens behind
+it, when it is not ready; tests/test_known.py shows the filter itself.
 
 The upstreams here are raw asyncio servers that write the test's bytes as given (odd chunkings,
 trailers, interim responses, garbage, silent closes, stalls) and count the connections they accept,
@@ -213,7 +215,9 @@ async def start_replica_for(
     stack.push_async_callback(listener.aclose)
     replica = build(cfg, client, listener)
     await stack.enter_async_context(replica.running())
-    await until(lambda: replica.coherence.coherent, what="the invalidation subscription came up")
+    known = replica.lookup.known
+    await until(lambda: replica.coherence.coherent and (known.ready or not known.enabled),
+                what="the invalidation subscription and the key filter came up")  # fmt: skip
     return replica
 
 
@@ -1090,7 +1094,7 @@ async def test_concurrent_requests_with_one_unknown_key_share_one_redis_read(
     front: Front, raw_upstream: Callable[..., Awaitable[RawUpstream]], redis: Redis
 ) -> None:
     upstream = await lookup_upstream(raw_upstream)
-    gw = await front(upstream.url, **{"cache.negative_ttl_seconds": 30})
+    gw = await front(upstream.url, **{"cache.negative_ttl_seconds": 30, "cache.key_filter": False})
     await warm_redis_pool(gw)
     unknown = "gw_unknown_" + secrets.token_urlsafe(24)
     n = 50
@@ -1116,7 +1120,7 @@ async def test_concurrent_requests_with_distinct_unknown_keys_each_read_redis(
     front: Front, raw_upstream: Callable[..., Awaitable[RawUpstream]], redis: Redis
 ) -> None:
     upstream = await lookup_upstream(raw_upstream)
-    gw = await front(upstream.url)
+    gw = await front(upstream.url, **{"cache.key_filter": False})
     await warm_redis_pool(gw)
     n = 50
     keys = ["gw_unknown_" + secrets.token_urlsafe(24) for _ in range(n)]
@@ -1181,7 +1185,7 @@ async def test_requests_sharing_a_failed_read_each_answer_503(
     """The shared read times out (Redis paused past the client's socket timeout): every request that
     waited on it answers 503 auth_unavailable itself (lookup.py: "each waiter answers for itself")."""
     upstream = await lookup_upstream(raw_upstream)
-    gw = await front(upstream.url, socket_timeout=1.5, retries=False)
+    gw = await front(upstream.url, socket_timeout=1.5, retries=False, **{"cache.key_filter": False})
     await warm_redis_pool(gw)
     unknown = "gw_unknown_" + secrets.token_urlsafe(24)
     n = 10
@@ -1233,7 +1237,10 @@ async def test_a_flood_of_unknown_keys_does_not_evict_a_known_one(
     cache.max_entries is NEGATIVE_MAX here, so a cache that kept unknown keys under the same bound
     as known ones would have pushed the known key out."""
     upstream = await lookup_upstream(raw_upstream)
-    gw = await front(upstream.url, **{"cache.negative_ttl_seconds": 60, "cache.max_entries": NEGATIVE_MAX})
+    filter_off = {"cache.key_filter": False}  # the negative cache is what this test is about
+    gw = await front(
+        upstream.url, **{"cache.negative_ttl_seconds": 60, "cache.max_entries": NEGATIVE_MAX, **filter_off}
+    )
     known = (await gw.create_key(name="known", owner="acme"))["key"]
     assert (await fetch(gw.session, "GET", gw.proxy_url + "/api/x", key=known)).status == 200
     flood = NEGATIVE_MAX + 500

@@ -410,13 +410,16 @@ async def test_metrics_count_a_known_burst_exactly_with_fixed_labels_and_never_a
     for route, count in (("api", 4), ("dead", 1)):
         assert value(after, "gateway_upstream_duration_seconds_bucket", route=route, le="+Inf") == count
         assert value(after, "gateway_upstream_duration_seconds_sum", route=route) > 0
+    # The unknown key misses the cache both times and is refused by the key filter, without Redis
+    # (so it is not cached either).
     assert moved(before, after, "gateway_cache_lookups_total") == {
         (("result", "hit"),): 4,
-        (("result", "miss"),): 4,
-        (("result", "negative_hit"),): 1,
+        (("result", "miss"),): 5,
     }
+    assert value(after, "gateway_key_filter_refusals_total") - value(before, "gateway_key_filter_refusals_total") == 2
+    assert value(after, "gateway_key_filter_ready") == 1
     assert moved(before, after, "gateway_cache_evictions_total") == {(("reason", "invalidated"),): 1}
-    assert value(after, "gateway_cache_entries") == 3  # a, b (now disabled), and the unknown key
+    assert value(after, "gateway_cache_entries") == 2  # a and b (now disabled)
     assert (
         value(after, "gateway_invalidations_total", outcome="applied")
         - value(before, "gateway_invalidations_total", outcome="applied")
