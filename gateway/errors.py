@@ -6,6 +6,7 @@ A denial is a value, not an exception: the request path returns a `Denial` and
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -121,6 +122,32 @@ def rendered(denial: Denial, request_id: str, *, realm: str = WWW_AUTHENTICATE) 
     if status == 401:
         headers["WWW-Authenticate"] = realm
     return status, headers, body(denial.code, request_id, detail=denial.detail, status=status)
+
+
+_ID_MARK: Final = "rid-0f1e2d3c4b5a69788796a5b4c3d2e1f0"  # stands for the request id in a template
+
+
+@functools.lru_cache(maxsize=512)
+def _template(code: str, detail: str | None, status: int | None, headers: tuple[tuple[str, str], ...]) -> tuple[
+    int, str, tuple[bytes, bytes], tuple[bytes, bytes]
+]:  # fmt: skip
+    status, fields, payload = rendered(Denial(code, detail, status, dict(headers)), _ID_MARK)
+    head = "".join(f"{name}: {value}\r\n" for name, value in fields.items()).encode("latin-1")
+    h1, h2 = head.split(_ID_MARK.encode())
+    b1, b2 = payload.split(_ID_MARK.encode())
+    return status, HTTPStatus(status).phrase, (h1, h2), (b1, b2)
+
+
+def wire(denial: Denial, request_id: str) -> tuple[int, str, bytes, bytes]:
+    """The proxy's answer to `denial` as bytes: status, reason, header lines, body. The same
+    answer as `rendered`, from a template per kind of denial, so a flood of refusals does not
+    pay for JSON and header rendering each time. Request ids are safe in both places: ours are
+    hex, a client's is kept only when it matches `_REQUEST_ID_OK`."""
+    status, reason, (h1, h2), (b1, b2) = _template(
+        denial.code, denial.detail, denial.status, tuple(denial.headers.items()) if denial.headers else ()
+    )
+    rid = request_id.encode()
+    return status, reason, h1 + rid + h2, b1 + rid + b2
 
 
 def render(denial: Denial, request_id: str, *, realm: str = WWW_AUTHENTICATE) -> web.Response:

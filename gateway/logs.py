@@ -9,6 +9,7 @@ keeps them as surrogates) are escaped too.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -74,6 +75,48 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes the lines of one event-loop turn together: one `write` for many access records
+    instead of one each. A warning or worse, and anything logged outside a running loop (startup,
+    shutdown, another thread), is written at once with what is pending; so is everything at exit
+    (logging.shutdown flushes)."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._pending.append(self.format(record) + self.terminator)
+        except Exception:
+            self.handleError(record)
+            return
+        if record.levelno >= logging.WARNING:
+            self.flush()
+            return
+        if not self._scheduled:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
+            self._scheduled = True
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._scheduled = False
+            if self._pending:
+                data = "".join(self._pending)
+                self._pending.clear()
+                self.stream.write(data)
+            super().flush()
+        finally:
+            self.release()
+
+
 class QuietParserErrors(logging.Filter):
     """aiohttp's server logs a request its HTTP parser refused as an error with a traceback
     that quotes the offending header line, which can hold a client's key. Any client can
@@ -94,7 +137,7 @@ class QuietParserErrors(logging.Filter):
 
 def configure(level: str, fmt: str) -> None:
     """Root logging to stderr in the chosen format; replaces any handler set before."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = BatchedStreamHandler(sys.stderr)
     handler.addFilter(QuietParserErrors())
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()

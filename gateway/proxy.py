@@ -14,13 +14,12 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from http import HTTPStatus
 
 from . import errors
 from .config import KeysConfig
 from .credentials import bearer_from
 from .errors import Denial
-from .http1 import Request, header_block, http_date
+from .http1 import Request, http_date
 from .keys import KeyRecord, decide, digest
 from .lookup import AuthUnavailable, KeyLookup
 from .metrics import Metrics
@@ -137,9 +136,8 @@ class Proxy:
         record: KeyRecord | None = None,
         upstream: float | None = None,
     ) -> None:
-        status, headers, body = errors.rendered(denial, request_id)
-        head = header_block(headers) + b"Date: " + http_date(time.time()) + b"\r\n"
-        request.reply(status, HTTPStatus(status).phrase, head, body)
+        status, reason, head, body = errors.wire(denial, request_id)
+        request.reply(status, reason, head + b"Date: " + http_date(time.time()) + b"\r\n", body)
         self._record(request, request_id, started, path, route, denial.code, status, record, upstream)
 
     def _record(

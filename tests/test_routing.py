@@ -7,9 +7,12 @@ pure functions, so plain parametrized tables, no servers.
 
 from __future__ import annotations
 
+from http import HTTPStatus
+
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway import errors
 from gateway.config import Route
 from gateway.credentials import MAX_TOKEN_LENGTH, Bearer, bearer_from
 from gateway.errors import Denial
@@ -588,3 +591,24 @@ def test_an_oversized_token_is_not_echoed() -> None:
 def test_the_bearer_repr_never_shows_the_token() -> None:
     assert "gw_topsecret" not in repr(Bearer("gw_topsecret"))
     assert "gw_topsecret" not in str(Bearer("gw_topsecret"))
+
+
+# --- the proxy's refusals as bytes -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", sorted(errors.KINDS))
+@pytest.mark.parametrize("request_id", ["req_0123456789abcdef", "client-id.1:2_3"])
+def test_wire_is_the_rendered_answer_with_the_request_id_in_place(code: str, request_id: str) -> None:
+    """errors.wire (a template per kind of denial) says exactly what errors.rendered says."""
+    for denial in (
+        errors.Denial(code),
+        errors.Denial(code, detail="a detail of its own"),
+        errors.Denial(code, status=401),
+        errors.Denial(code, headers={"Allow": "GET, HEAD"}),
+    ):
+        status, fields, body = errors.rendered(denial, request_id)
+        got_status, reason, head, got_body = errors.wire(denial, request_id)
+        assert (got_status, got_body) == (status, body)
+        assert reason == HTTPStatus(status).phrase
+        assert head == "".join(f"{k}: {v}\r\n" for k, v in fields.items()).encode()
+        assert head.count(request_id.encode()) == 1 and got_body.count(request_id.encode()) == 1
