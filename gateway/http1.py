@@ -193,7 +193,8 @@ class Request:
 class _ServerConnection(BaseProtocol):
     """One client connection: the parser feeds a queue, one task answers it in order."""
 
-    __slots__ = ("_queue", "_server", "_task", "_waiter", "busy", "closing", "last_active", "lost", "remote")
+    __slots__ = ("_current", "_queue", "_server", "_task", "_waiter", "busy", "closing", "last_active", "lost",
+                 "remote")  # fmt: skip
 
     def __init__(self, server: Server, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
@@ -201,6 +202,7 @@ class _ServerConnection(BaseProtocol):
         self._queue: collections.deque[tuple[Any, StreamReader]] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._current: StreamReader = EMPTY_PAYLOAD  # the body of the request being handled
         self.remote: str | None = None
         self.busy = False
         self.closing = False
@@ -241,13 +243,14 @@ class _ServerConnection(BaseProtocol):
             waiter.set_result(None)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self.lost = True
-        self._server.connections.discard(self)
+        self.lost = True  # it stays in the server's set until its task ends: the drain waits for it
         parser, self._parser = self._parser, None
         if parser is not None:
             with contextlib.suppress(Exception):
                 parser.feed_eof()
-        for _message, payload in self._queue:
+        # The parser's feed_eof may raise (a truncated body) before telling the payload: every body
+        # still expected, the one being read included, ends in an error its reader sees.
+        for payload in [self._current, *(payload for _message, payload in self._queue)]:
             if payload is not EMPTY_PAYLOAD and not payload.is_eof():
                 payload.set_exception(ConnectionResetError("the client closed the connection"))
         waiter = self._waiter
@@ -303,6 +306,7 @@ class _ServerConnection(BaseProtocol):
                     self._refuse(message)
                     break
                 request = Request(self, message, payload)
+                self._current = payload
                 self.busy = True
                 try:
                     await handler(request)
@@ -320,6 +324,7 @@ class _ServerConnection(BaseProtocol):
             pass  # the shutdown's deadline: the handler recorded its own end
         finally:
             self.close()
+            self._server.connections.discard(self)
 
     async def _drop_body(self, payload: StreamReader) -> bool:
         """Read and drop the rest of a body nobody read; True when the connection may go on."""
@@ -327,7 +332,7 @@ class _ServerConnection(BaseProtocol):
             async with asyncio.timeout(LINGER_SECONDS):
                 while await payload.readany():
                     pass
-        except (TimeoutError, OSError, ValueError, Exception):
+        except Exception:  # too slow (TimeoutError), the client left, a broken body: close instead
             return False
         return not self.closing
 
