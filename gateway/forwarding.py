@@ -28,6 +28,11 @@ _PREFIX_BYTES: Final = GATEWAY_HEADER_PREFIX.encode()
 RawHeaders = tuple[tuple[bytes, bytes], ...]
 
 
+def _connection_named(raw: RawHeaders) -> set[bytes]:
+    """The header names a message's `Connection` lines list (hop-by-hop for this message too)."""
+    return {t.strip().lower() for n, v in raw if n.lower() == b"connection" for t in v.split(b",")}
+
+
 def upstream_request_headers(
     raw: RawHeaders,
     *,
@@ -39,7 +44,7 @@ def upstream_request_headers(
 ) -> list[tuple[bytes, bytes]]:
     """The client's raw header lines, filtered, then the gateway's own; bytes as they came."""
     drop = _DROP_BYTES
-    named = {t.strip().lower() for n, v in raw if n.lower() == b"connection" for t in v.split(b",")}
+    named = _connection_named(raw)
     if named:
         drop = drop | named
     out: list[tuple[bytes, bytes]] = []
@@ -117,7 +122,7 @@ def client_response_head(raw: RawHeaders, request_id: str, date: bytes) -> tuple
     """The upstream's header lines for our client, minus hop-by-hop ones, as one block; and
     whether it carries a Content-Length. Adds X-Request-Id and Date when the upstream sent none."""
     drop = _HOP_BY_HOP_BYTES
-    named = {t.strip().lower() for n, v in raw if n.lower() == b"connection" for t in v.split(b",")}
+    named = _connection_named(raw)
     if named:
         drop = drop | named
     lines: list[bytes] = []

@@ -69,11 +69,6 @@ def http_date(now: float) -> bytes:
     return _Date.now(now)
 
 
-def header_block(headers: dict[str, str]) -> bytes:
-    """Header lines from the gateway's own (already safe) names and values."""
-    return "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode("latin-1")
-
-
 class Request:
     """One parsed request and the way to answer it."""
 
@@ -341,11 +336,9 @@ class _ServerConnection(BaseProtocol):
         # log the type only, answer the spec 5 body without any of it.
         log.info("request refused by the HTTP parser: %s", type(exc).__name__)
         request_id = errors.new_request_id()
-        status, headers, body = errors.rendered(errors.Denial("invalid_request"), request_id)
-        head = b"HTTP/1.1 %d Bad Request\r\n" % status
-        date = b"Date: " + http_date(time.time()) + b"\r\n"
-        self.send(head + date + header_block(headers) + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
-                  + body)  # fmt: skip
+        status, reason, head, body = errors.wire(errors.Denial("invalid_request"), request_id)
+        self.send(b"HTTP/1.1 %d %s\r\n%bDate: %b\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b"
+                  % (status, reason.encode(), head, http_date(time.time()), len(body), body))  # fmt: skip
         self._server.on_refused(request_id, self.remote)
 
 
