@@ -24,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import email.utils
+import functools
 import logging
 import socket
 import time
@@ -50,23 +51,14 @@ Handler = Callable[["Request"], Awaitable[None]]
 Refused = Callable[[str, "str | None"], None]  # (request id, client address): a request the parser refused
 
 
-class _Date:
-    """The Date header's value, formatted once a second (RFC 9110 6.6.1)."""
-
-    second = -1
-    value = b""
-
-    @classmethod
-    def now(cls, now: float) -> bytes:
-        second = int(now)
-        if second != cls.second:
-            cls.value = email.utils.formatdate(second, usegmt=True).encode()
-            cls.second = second
-        return cls.value
+@functools.lru_cache(maxsize=2)
+def _date_of(second: int) -> bytes:
+    return email.utils.formatdate(second, usegmt=True).encode()
 
 
 def http_date(now: float) -> bytes:
-    return _Date.now(now)
+    """The Date header's value (RFC 9110 6.6.1), formatted once a second."""
+    return _date_of(int(now))
 
 
 class Request:

@@ -117,13 +117,7 @@ class Proxy:
     def refused(self, request_id: str, remote: str | None) -> None:
         """A request the HTTP parser refused (answered 400 invalid_request by the listener):
         counted and logged like any other, with nothing of what was refused."""
-        self.metrics.request("-", "invalid_request")
-        if access.isEnabledFor(logging.INFO):
-            access.info("request", extra={
-                "request_id": request_id, "method": None, "path": None, "route": "-", "code": "invalid_request",
-                "status": 400, "key_id": None, "upstream_ms": None, "duration_ms": 0.0, "remote": remote,
-                "user_agent": None,
-            })  # fmt: skip
+        self._record(None, request_id, time.perf_counter(), None, "-", "invalid_request", 400, None, None, remote)
 
     def _deny(
         self,
@@ -142,7 +136,7 @@ class Proxy:
 
     def _record(
         self,
-        request: Request,
+        request: Request | None,  # None: the parser refused it, nothing of it is known
         request_id: str,
         started: float,
         path: str | None,
@@ -151,6 +145,7 @@ class Proxy:
         status: int,
         record: KeyRecord | None,
         upstream: float | None,
+        remote: str | None = None,
     ) -> None:
         # Metric labels are route names and codes only: never the path, a header or the key.
         self.metrics.request(route, code)
@@ -162,7 +157,7 @@ class Proxy:
             "request",
             extra={
                 "request_id": request_id,
-                "method": request.method,
+                "method": request.method if request is not None else None,
                 "path": path,
                 "route": route,
                 "code": code,
@@ -170,7 +165,9 @@ class Proxy:
                 "key_id": record.id if record is not None else None,
                 "upstream_ms": round(upstream * 1000, 3) if upstream is not None else None,
                 "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-                "remote": request.remote,
-                "user_agent": (request.headers.get("User-Agent") or "")[:_USER_AGENT_MAX] or None,
+                "remote": request.remote if request is not None else remote,
+                "user_agent": ((request.headers.get("User-Agent") or "")[:_USER_AGENT_MAX] or None)
+                if request is not None
+                else None,
             },
         )
