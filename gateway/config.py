@@ -35,6 +35,9 @@ class AdminToken:
     name: str
     role: str
     hash: str = field(repr=False)
+    # The `<id>` of a `gwadm_<id>_<secret>` token (spec 7): selects this entry without argon2 work.
+    # None: a token from before the shape existed, verified the old way (see docs, migration).
+    id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +54,9 @@ class RedisConfig:
     channel_secret: str | None = field(repr=False)
     data_dir: Path
     health_check_seconds: float = 1.0
+    # Trust in the cache is a lease (spec 8): a PING sent at t whose reply came back on the
+    # subscription lets the replica answer from its cache until t + lease_seconds.
+    lease_seconds: float = 1.0
 
     @property
     def embedded(self) -> bool:
@@ -72,6 +78,9 @@ class KeysConfig:
     disabled_status: int
 
 
+DEFAULT_MAX_BODY_BYTES: Final = 10 * 1024 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     name: str
@@ -83,6 +92,7 @@ class Route:
     scopes: tuple[str, ...]
     timeout_seconds: float
     forward_authorization: bool
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # a request body larger than this is 413 body_too_large
 
     @property
     def requires_key(self) -> bool:
@@ -97,6 +107,21 @@ LOG_FORMATS: Final = ("json", "text")
 class LoggingConfig:
     level: str = "info"
     format: str = "json"  # one JSON object per line, as container log collectors expect
+
+
+MAX_SAFE_LENGTH: Final = 2**53  # no Content-Length above this is ever honoured (spec 6)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """What a client may hold of the proxy listener (spec 6); defaults for a public edge."""
+
+    header_timeout_seconds: float = 10.0  # the whole request head, from its first byte (not reset per byte)
+    max_header_bytes: int = 32 * 1024  # the whole head: request line and every field
+    max_headers: int = 100  # header fields in one request
+    max_connections: int = 10_000  # client connections open at once; more are closed on accept
+    body_timeout_seconds: float = 30.0  # no byte of a request body for this long: 408, at once
+    keepalive_seconds: float = 75.0  # an idle client connection is closed after this
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +140,9 @@ class Config:
     source: str = "<config>"
     logging: LoggingConfig = LoggingConfig()
     lifecycle: LifecycleConfig = LifecycleConfig()
+    limits: LimitsConfig = LimitsConfig()
+    # Peers (CIDR) whose Forwarded / X-Forwarded-* / X-Real-IP headers are believed (spec 6).
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +204,14 @@ ENV_OVERRIDES: Final[dict[str, tuple[str, ...]]] = {
     "GATEWAY_LOGGING_LEVEL": ("logging", "level"),
     "GATEWAY_LOGGING_FORMAT": ("logging", "format"),
     "GATEWAY_LIFECYCLE_DRAIN_SECONDS": ("lifecycle", "drain_seconds"),
+    "GATEWAY_REDIS_LEASE_SECONDS": ("redis", "lease_seconds"),
+    "GATEWAY_LIMITS_HEADER_TIMEOUT_SECONDS": ("limits", "header_timeout_seconds"),
+    "GATEWAY_LIMITS_MAX_HEADER_BYTES": ("limits", "max_header_bytes"),
+    "GATEWAY_LIMITS_MAX_HEADERS": ("limits", "max_headers"),
+    "GATEWAY_LIMITS_MAX_CONNECTIONS": ("limits", "max_connections"),
+    "GATEWAY_LIMITS_BODY_TIMEOUT_SECONDS": ("limits", "body_timeout_seconds"),
+    "GATEWAY_LIMITS_KEEPALIVE_SECONDS": ("limits", "keepalive_seconds"),
+    "GATEWAY_TRUSTED_PROXIES": ("trusted_proxies",),
 }
 # Values that are secrets: never echoed in a problem report.
 _SECRET_PATHS: Final = {("redis", "channel_secret"), ("redis", "url")}
@@ -304,7 +340,8 @@ class _Validator:
     # sections -------------------------------------------------------------
 
     def config(self, raw: dict[str, Any], source: str) -> Config | None:
-        self.section(raw, "", {"listen", "admin", "redis", "cache", "keys", "routes", "logging", "lifecycle"})
+        sections = {"listen", "admin", "redis", "cache", "keys", "routes", "logging", "lifecycle", "limits"}
+        self.section(raw, "", sections | {"trusted_proxies"})
         listen = self.listen(raw.get("listen"), "listen", Listen("0.0.0.0", 8080))
         admin = self.admin(raw.get("admin"))
         if admin is not None and listen is not None and admin.listen.port == listen.port != 0:
@@ -319,10 +356,46 @@ class _Validator:
         routes = self.routes(raw.get("routes"))
         logs = self.logging(raw.get("logging"))
         lifecycle = self.lifecycle(raw.get("lifecycle"))
+        limits = self.limits(raw.get("limits"))
+        trusted = self.trusted_proxies(raw.get("trusted_proxies"))
         if self.problems:
             return None
-        assert listen and admin and redis and cache and keys and logs and lifecycle
-        return Config(listen, admin, redis, cache, keys, routes, source, logs, lifecycle)
+        assert listen and admin and redis and cache and keys and logs and lifecycle and limits
+        return Config(listen, admin, redis, cache, keys, routes, source, logs, lifecycle, limits, trusted)
+
+    def limits(self, raw: Any) -> LimitsConfig | None:
+        d = LimitsConfig()
+        sec = self.section(
+            raw,
+            "limits",
+            {"header_timeout_seconds", "max_header_bytes", "max_headers", "max_connections",
+             "body_timeout_seconds", "keepalive_seconds"},
+        )  # fmt: skip
+        head = self.value(sec, "header_timeout_seconds", "limits", float, d.header_timeout_seconds, _range(0.1, 3600))
+        size = self.value(sec, "max_header_bytes", "limits", int, d.max_header_bytes, _range(1024, 1024 * 1024))
+        count = self.value(sec, "max_headers", "limits", int, d.max_headers, _range(8, 10_000))
+        conns = self.value(sec, "max_connections", "limits", int, d.max_connections, _range(1, 1_000_000))
+        body = self.value(sec, "body_timeout_seconds", "limits", float, d.body_timeout_seconds, _range(0.1, 3600))
+        idle = self.value(sec, "keepalive_seconds", "limits", float, d.keepalive_seconds, _range(0.1, 3600))
+        if None in (head, size, count, conns, body, idle):
+            return None
+        return LimitsConfig(head, size, count, conns, body, idle)
+
+    def trusted_proxies(self, raw: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        if raw is None:
+            return ()
+        if isinstance(raw, str):  # GATEWAY_TRUSTED_PROXIES="10.0.0.0/8, 192.168.0.0/16"
+            raw = [part.strip() for part in raw.split(",") if part.strip()]
+        if not isinstance(raw, list):
+            self.bad("trusted_proxies", type(raw).__name__, "must be a list of CIDR networks")
+            return ()
+        out: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for i, item in enumerate(raw):
+            try:
+                out.append(ipaddress.ip_network(str(item), strict=False))
+            except ValueError:
+                self.bad(f"trusted_proxies[{i}]", item, "must be a CIDR network such as 10.0.0.0/8 or an address")
+        return tuple(out)
 
     def logging(self, raw: Any) -> LoggingConfig | None:
         sec = self.section(raw, "logging", {"level", "format"})
@@ -355,11 +428,16 @@ class _Validator:
             self.bad("admin.tokens", type(tokens_raw).__name__, "must be a list of {name, role, hash}")
             tokens_raw = []
         names: set[str] = set()
+        ids: set[str | None] = set()
         for i, item in enumerate(tokens_raw):
             path = f"admin.tokens[{i}]"
-            tsec = self.section(item, path, {"name", "role", "hash"})
+            tsec = self.section(item, path, {"name", "role", "hash", "id"})
             if not isinstance(item, dict):
                 continue
+            token_id = self.value(tsec, "id", path, str, None, _check_token_id)
+            if token_id is not None and token_id in ids:
+                self.bad(f"{path}.id", token_id, "duplicate token id")
+            ids.add(token_id)
             name = self.value(tsec, "name", path, str, check=_check_name)
             role = self.value(tsec, "role", path, str, check=_one_of(ROLES))
             digest = self.value(tsec, "hash", path, str, check=_check_argon2id, secret=True)
@@ -367,21 +445,24 @@ class _Validator:
                 self.bad(f"{path}.name", name, "duplicate token name")
             names.add(name)
             if name and role and digest:
-                tokens.append(AdminToken(name, role, digest))
+                tokens.append(AdminToken(name, role, digest, token_id))
         if listen is None or wait is None:
             return None
         return AdminConfig(listen, tuple(tokens), wait)
 
     def redis(self, raw: Any) -> RedisConfig | None:
-        sec = self.section(raw, "redis", {"url", "prefix", "channel_secret", "data_dir", "health_check_seconds"})
+        sec = self.section(
+            raw, "redis", {"url", "prefix", "channel_secret", "data_dir", "health_check_seconds", "lease_seconds"}
+        )
         url = self.value(sec, "url", "redis", str, "embedded", _check_redis_url, secret=True)
         prefix = self.value(sec, "prefix", "redis", str, "gw:", _check_prefix)
         secret = self.value(sec, "channel_secret", "redis", str, None, _check_secret, secret=True)
         data_dir = self.value(sec, "data_dir", "redis", str, "./.gateway-data", _nonempty)
         health = self.value(sec, "health_check_seconds", "redis", float, 1.0, _range(0.05, 60))
-        if url is None or prefix is None or data_dir is None or health is None:
+        lease = self.value(sec, "lease_seconds", "redis", float, 1.0, _range(0.05, 60))
+        if url is None or prefix is None or data_dir is None or health is None or lease is None:
             return None
-        return RedisConfig(None if url == "embedded" else url, prefix, secret, Path(data_dir), health)
+        return RedisConfig(None if url == "embedded" else url, prefix, secret, Path(data_dir), health, lease)
 
     def cache(self, raw: Any) -> CacheConfig | None:
         names = {"ttl_seconds", "negative_ttl_seconds", "max_entries", "serve_stale_seconds", "key_filter"}
@@ -433,7 +514,7 @@ class _Validator:
     def route(self, raw: Any, path: str) -> Route | None:
         allowed = {
             "name", "path_prefix", "upstream", "strip_prefix", "methods", "auth",
-            "scopes", "timeout_seconds", "forward_authorization",
+            "scopes", "timeout_seconds", "forward_authorization", "max_body_bytes",
         }  # fmt: skip
         if not isinstance(raw, dict):
             self.bad(path, type(raw).__name__, "must be a mapping")
@@ -449,6 +530,7 @@ class _Validator:
         scopes = self.value(sec, "scopes", path, list, [], _check_scopes)
         timeout = self.value(sec, "timeout_seconds", path, float, 30.0, _range(0.001, 3600, low_open=False))
         fwd = self.value(sec, "forward_authorization", path, bool, False)
+        max_body = self.value(sec, "max_body_bytes", path, int, DEFAULT_MAX_BODY_BYTES, _range(0, MAX_SAFE_LENGTH))
         if auth == "none" and scopes:
             self.bad(f"{path}.scopes", scopes, "a public route (auth: none) cannot require scopes")
         if len(self.problems) != before:
@@ -463,6 +545,7 @@ class _Validator:
             scopes=tuple(scopes),
             timeout_seconds=timeout,
             forward_authorization=fwd,
+            max_body_bytes=max_body,
         )
 
 
@@ -520,6 +603,12 @@ def _one_of(options: tuple[Any, ...]) -> Callable[[Any], str | None]:
 def _check_argon2id(v: str) -> str | None:
     if not v.startswith("$argon2id$"):
         return "must be an argon2id hash (make one with `gateway hash-token`)"
+    return None
+
+
+def _check_token_id(v: str) -> str | None:
+    if not re.fullmatch(r"[a-z0-9]{4,32}", v):
+        return "must be 4-32 lowercase letters and digits (the <id> of gwadm_<id>_<secret>)"
     return None
 
 

@@ -31,12 +31,20 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
-from aiohttp.base_protocol import BaseProtocol
-from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
-from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDictProxy
 
 from . import errors
+from .aiohttp_compat import (
+    EMPTY_PAYLOAD,
+    BaseProtocol,
+    HttpRequestParser,
+    RawRequestMessage,
+    StreamReader,
+    buffer_paused,
+    drain,
+    pause_for_buffer,
+    resume_for_buffer,
+)
 
 log = logging.getLogger("gateway.http")
 
@@ -174,7 +182,7 @@ class Request:
             raise ConnectionResetError("the client closed the connection")
         transport.write(data)
         if conn.writing_paused:
-            await conn._drain_helper()
+            await drain(conn)
 
 
 class _ServerConnection(BaseProtocol):
@@ -224,7 +232,7 @@ class _ServerConnection(BaseProtocol):
         if upgraded:
             self._parser = None  # the request is answered as a plain one, then the connection closes
         if len(self._queue) >= MAX_QUEUED:
-            self._pause_reading_for_buffer()
+            pause_for_buffer(self)
         waiter = self._waiter
         if waiter is not None and self._queue and not waiter.done():
             waiter.set_result(None)
@@ -287,8 +295,8 @@ class _ServerConnection(BaseProtocol):
                         self._waiter = None
                     continue
                 message, payload = self._queue.popleft()
-                if self._buffer_paused and not self._queue:
-                    self._resume_reading_for_buffer()
+                if buffer_paused(self) and not self._queue:
+                    resume_for_buffer(self)
                 if not isinstance(message, RawRequestMessage):
                     self._refuse(message)
                     break

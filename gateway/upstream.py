@@ -25,12 +25,17 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from aiohttp.base_protocol import BaseProtocol
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.http_parser import HttpResponseParser, RawResponseMessage
-from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
-
 from . import errors
+from .aiohttp_compat import (
+    EMPTY_PAYLOAD,
+    BaseProtocol,
+    HttpProcessingError,
+    HttpResponseParser,
+    RawResponseMessage,
+    StreamReader,
+    drain,
+    reading_paused,
+)
 from .config import Route
 from .forwarding import client_response_head, upstream_request_head
 from .http1 import Request, http_date
@@ -156,7 +161,7 @@ class _Connection(BaseProtocol):
         self._timer = None
         if self._head is None and self._payload is None:
             return
-        if self._reading_paused:  # our client is slow to take the body: not the upstream's fault
+        if reading_paused(self):  # our client is slow to take the body: not the upstream's fault
             self._last_read = self._loop.time()
         deadline = self._last_read + self.timeout
         if self._loop.time() < deadline:
@@ -446,7 +451,7 @@ async def _send_body(conn: _Connection, request: Request, chunked: bool) -> None
         else:
             transport.write(chunk)
         if conn.writing_paused:
-            await conn._drain_helper()
+            await drain(conn)
         conn.progress()  # the response timeout counts from the last sign of life either way
     if chunked:
         transport.write(b"0\r\n\r\n")
