@@ -50,6 +50,12 @@ KINDS: Final[dict[str, ErrorKind]] = {
     ),
     "upstream_timeout": ErrorKind(504, "Gateway Timeout", "The upstream service did not answer in time"),
     "payload_too_large": ErrorKind(413, "Payload Too Large", "The request body is too large"),
+    "body_too_large": ErrorKind(413, "Content Too Large", "The request body is larger than this route accepts"),
+    "request_timeout": ErrorKind(408, "Request Timeout", "The request was not received in time"),
+    "headers_too_large": ErrorKind(
+        431, "Request Header Fields Too Large", "The request head is larger than this gateway accepts"
+    ),
+    "too_many_requests": ErrorKind(429, "Too Many Requests", "Too many failed attempts; retry later"),
     "internal_error": ErrorKind(500, "Internal Server Error", "The gateway failed to handle this request"),
     # admin API
     "missing_token": ErrorKind(
