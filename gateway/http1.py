@@ -59,6 +59,14 @@ Handler = Callable[["Request"], Awaitable[None]]
 Refused = Callable[[str, "str | None"], None]  # (request id, client address): a request the parser refused
 
 
+class BodyTooLarge(Exception):
+    """The request body grew past the route's max_body_bytes while it was read (413 body_too_large)."""
+
+
+class BodyTimeout(Exception):
+    """No byte of the request body arrived for limits.body_timeout_seconds (408 request_timeout)."""
+
+
 @functools.lru_cache(maxsize=2)
 def _date_of(second: int) -> bytes:
     return email.utils.formatdate(second, usegmt=True).encode()
@@ -77,6 +85,7 @@ class Request:
         "_conn",
         "_finished",
         "body_exists",
+        "body_length",
         "content",
         "continued",
         "expects_continue",
@@ -101,6 +110,8 @@ class Request:
         self.raw_headers = message.raw_headers
         self.content = payload
         self.body_exists = payload is not EMPTY_PAYLOAD
+        # The body's validated Content-Length; None for no body or a chunked one (set by the listener).
+        self.body_length: int | None = None
         self.remote = conn.remote
         self.keep_alive = not (message.should_close or message.upgrade)
         self.expects_continue = (
