@@ -95,7 +95,7 @@ def build(config: Config, redis: Redis, listen_redis: Redis, *, replica_id: str 
     codec = Codec(config.redis.channel_secret)
     store = KeyStore(redis, prefix)
     cache = KeyCache(config.cache.ttl_seconds, config.cache.negative_ttl_seconds, config.cache.max_entries)
-    coherence = Coherence()
+    coherence = Coherence(lease_seconds=config.redis.lease_seconds)
     metrics.watch_cache(cache)
     known = KnownKeys(enabled=config.cache.key_filter)
     metrics.watch_known(known)
@@ -108,6 +108,7 @@ def build(config: Config, redis: Redis, listen_redis: Redis, *, replica_id: str 
         cache=cache,
         metrics=metrics,
         timeout_seconds=config.admin.propagation_timeout_seconds,
+        lease_seconds=config.redis.lease_seconds,
     )
     subscriber = Subscriber(
         listen_client=listen_redis,

@@ -6,7 +6,9 @@ no round trip at all, where the negative cache would still pay one per distinct
 key. The set says "maybe" for every hash it holds; the cache and Redis decide
 those as before.
 
-When the set may be trusted follows the cache's rule (spec 8). It is built
+When the set may be trusted follows the cache's rule (spec 8), lease included:
+gateway/lookup.py consults it only while `coherence.coherent`, so a replica
+whose lease ran out (a silent subscription) refuses nothing from it. It is built
 after the invalidation subscription is live: from then on every new key is
 announced on the channel (its hash is added as the announcement is handled,
 before the ack, so an admin call that creates a key returns only once every

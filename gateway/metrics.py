@@ -139,6 +139,12 @@ class Metrics:
             "0 while every key is read from Redis",
             registry=self.registry,
         )
+        self.lease_remaining = Gauge(
+            "gateway_cache_lease_remaining_seconds",
+            "Seconds left of this replica's trust in its cache (the lease from its last answered "
+            "subscription PING, bounded by its live-set membership); 0 while it reads every key from Redis",
+            registry=self.registry,
+        )
         self.live_replicas = Gauge(
             "gateway_live_replicas",
             "Live replicas seen by this replica's last eviction wait",
@@ -153,6 +159,12 @@ class Metrics:
         self.unconfirmed = Counter(
             "gateway_propagation_unconfirmed",
             "Key changes answered before every live replica confirmed (the wait timed out)",
+            registry=self.registry,
+        )
+        self.fenced = Counter(
+            "gateway_propagation_fenced",
+            "Live replicas that a key change's answer did not hear confirm, answered for once their "
+            "cache lease had certainly lapsed (summed over answers)",
             registry=self.registry,
         )
         self.reloads = Counter(

@@ -1,10 +1,39 @@
-"""Confirmed eviction: a key change answers only once every live replica dropped the key.
+"""Confirmed eviction: a key change answers only once no live replica can still serve the old state.
 
 The admin handler opens an announcement (a nonce, registered for acks), the
 store publishes the announcement's message inside the change's transaction
 and reads the Redis time there too, each replica's subscriber evicts and
-acks, and `confirmed()` waits, bounded by admin.propagation_timeout_seconds,
-until every live replica has acked or has cleared its cache since the write.
+acks, and `confirmed()` waits until every live replica has acked or has
+cleared its cache since the write (its epoch is later), or, for a live replica
+that has done neither, until its cache lease has certainly lapsed: the answer
+reports `fenced` for those.
+
+Why a lapsed lease is enough (gateway/subscriber.py keeps the lease): a
+replica trusts its cache until t + lease, where t is when it sent a PING on its
+subscription connection whose reply it has received. Redis runs the PING and
+the change's MULTI/EXEC (which holds the PUBLISH) one after the other.
+
+- If Redis ran the PING after the PUBLISH, the evict message was written to
+  that replica's connection before the PING's reply: the replica's loop, which
+  handles messages in the order they arrive, evicted the key before it read
+  the reply that extends its lease. Any later lease is earned with the key
+  already gone.
+- If Redis ran the PING before the PUBLISH, then t (taken before the send)
+  came before the EXEC ran, which came before this process saw the EXEC's
+  reply, where `written` takes its monotonic time. So that lease ends before
+  written + lease on any clock that runs within CLOCK_RATE_MARGIN of ours; the
+  answer waits until written + lease * (1 + CLOCK_RATE_MARGIN) +
+  IN_FLIGHT_MARGIN, the last term for a request that passed its cache check
+  just before the lease ended and has yet to send its first byte upstream.
+
+A replica not in the live set is not waited for at all: its trust ends before
+its membership can expire (and it leaves only after it stopped trusting).
+
+admin.propagation_timeout_seconds is how long an answer waits for acks before
+it settles for fencing; it never shortens the fence: with a live replica
+unconfirmed, the answer comes at the later of the timeout and the lease's
+certain lapse (by default 1.0 s and ~1.09 s after the write). A healthy change
+answers as soon as every live replica has acked, in milliseconds.
 """
 
 from __future__ import annotations
@@ -20,6 +49,7 @@ from gateway.cache import KeyCache
 from gateway.channel import Ack, Codec
 from gateway.metrics import Metrics
 from gateway.replicas import Registry
+from gateway.subscriber import lease_lapsed_by
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,9 +57,10 @@ class Propagation:
     replicas: int
     confirmed: int
     ms: float
+    fenced: int = 0  # live, not confirmed, but its cache lease has certainly lapsed
 
     def public(self) -> dict[str, float | int]:
-        return {"replicas": self.replicas, "confirmed": self.confirmed, "ms": round(self.ms, 3)}
+        return {"replicas": self.replicas, "confirmed": self.confirmed, "fenced": self.fenced, "ms": round(self.ms, 3)}
 
 
 class Announcement:
@@ -39,6 +70,7 @@ class Announcement:
         self._owner = owner
         self.nonce = nonce
         self.written_at_us: int | None = None
+        self.written_at: float | None = None  # this process's monotonic clock, after the EXEC returned
         self.hashes: list[str] = []
         self.acked: set[str] = set()
         self.arrived = asyncio.Event()
@@ -49,6 +81,7 @@ class Announcement:
         return self._owner.codec.evict(self.nonce, self._owner.registry.replica_id, keys)
 
     def written(self, at_us: int) -> None:
+        self.written_at = time.monotonic()  # called once the transaction's reply is in
         self.written_at_us = at_us
 
     async def confirmed(self) -> Propagation:
@@ -66,12 +99,14 @@ class Propagator:
         cache: KeyCache,
         metrics: Metrics,
         timeout_seconds: float,
+        lease_seconds: float,
     ) -> None:
         self.metrics = metrics
         self.codec = codec
         self.registry = registry
         self.cache = cache
         self.timeout = timeout_seconds
+        self.lease = lease_seconds
         self._pending: dict[str, Announcement] = {}
 
     def on_ack(self, ack: Ack) -> None:
@@ -90,29 +125,33 @@ class Propagator:
             del self._pending[announcement.nonce]
 
     async def _wait(self, a: Announcement) -> Propagation:
-        started = time.perf_counter()
-        assert a.written_at_us is not None, "confirmed() before the change was written"
+        started = time.monotonic()
+        assert a.written_at_us is not None and a.written_at is not None, "confirmed() before the change was written"
         written = a.written_at_us
         for key_hash in a.hashes:  # this process at once, whatever its subscriber's state
             self.cache.evict(key_hash)
-        deadline = started + self.timeout
+        # With a live replica unconfirmed, the answer comes no earlier than `fenced_at`.
+        fenced_at = lease_lapsed_by(a.written_at, self.lease)
+        deadline = max(started + self.timeout, fenced_at)
         _, live = await self.registry.live()
-        refreshed = time.perf_counter()
+        refreshed = time.monotonic()
         while True:
             # A replica whose cache was cleared after the write holds nothing stale.
             done = {r for r, epoch in live.items() if r in a.acked or epoch > written}
-            now = time.perf_counter()
+            now = time.monotonic()
             if len(done) == len(live) or now >= deadline:
                 self.metrics.live_replicas.set(len(live))
                 self.metrics.propagation_seconds.observe(now - started)
-                if len(done) < len(live):
+                fenced = len(live) - len(done)
+                if fenced:  # only past the deadline, so past `fenced_at`
                     self.metrics.unconfirmed.inc()
-                return Propagation(len(live), len(done), (now - started) * 1000)
+                    self.metrics.fenced.inc(fenced)
+                return Propagation(len(live), len(done), (now - started) * 1000, fenced)
             a.arrived.clear()
             # Acks wake us at once; the live set is re-read now and then for
             # replicas that dropped out or resubscribed (and so cleared their cache).
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(a.arrived.wait(), min(deadline - now, 0.02))
-            if time.perf_counter() - refreshed >= 0.02:
+            if time.monotonic() - refreshed >= 0.02:
                 _, live = await self.registry.live()
-                refreshed = time.perf_counter()
+                refreshed = time.monotonic()

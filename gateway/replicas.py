@@ -7,6 +7,13 @@ read after it resubscribed and before it cleared its cache. A replica whose
 epoch is later than the moment a change was written cannot hold a stale entry
 for it, so it counts as confirmed without an ack. A replica that dies or loses its subscription drops
 out: it leaves, or its heartbeat expires.
+
+A change's answer does not wait for a replica outside the live set, so a
+replica trusts its cache only while its membership cannot have expired: until
+the send time of its last successful join or heartbeat plus ttl, less margins
+(subscriber.membership_trusted_until). Redis starts the TTL when it runs the
+command, after that send; only a step of the Redis host's wall clock (TIME)
+could end the membership sooner, which the margins do not cover.
 """
 
 from __future__ import annotations

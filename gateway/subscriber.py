@@ -8,6 +8,22 @@ leaves the live set so nobody waits for its ack. Once subscribed again (both
 confirmations seen) it reads an epoch, rejoins the live set, clears the cache,
 and only then trusts it.
 
+Trust is also a lease, so that a link that goes silent without closing (a
+half-open connection through a relay) cannot keep it alive until the health
+check notices: a PING sent on the subscription connection at monotonic time t
+whose reply came back extends the trust to t + redis.lease_seconds (from the
+send, not the reply). Pings go out every quarter of the lease, each tagged with
+its own payload, so a reply is matched to its own send time and a healthy link
+keeps the lease alive without a gap. The SUBSCRIBE that opened the session
+counts as the first such command. Why this lets a disable's answer stop
+waiting for a replica that never acked is argued in gateway/propagation.py.
+
+Trust also ends before the replica's live-set membership can have expired:
+at the send time of its last successful join or heartbeat plus the member TTL,
+less the clock-rate and in-flight margins. A replica that dropped out of the
+live set (nobody waits for its ack any more) therefore no longer answers from
+its cache.
+
 redis-py's PubSub reconnects and resubscribes on its own; this module never
 relies on that: it uses a client with retries off, and treats any error or
 unexpected subscribe message as a break and starts a fresh PubSub.
@@ -17,9 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 from redis.asyncio import Redis
 
@@ -32,24 +49,90 @@ from gateway.replicas import Registry
 log = logging.getLogger("gateway.subscriber")
 
 
-class Coherence:
-    """Whether this replica may trust its cache, and since when it may not."""
+# A clock may run this much slower or faster than another's (monotonic clocks on NTP-disciplined
+# hosts differ by parts per million; 1% is a wide margin that still costs only 10 ms a second).
+CLOCK_RATE_MARGIN: Final = 0.01
+# A request that passed its cache check just before the trust ended still has to reach its first
+# byte to the upstream: the answer of a change waits this much longer than the lease (and trust ends
+# this much before the live-set membership can expire).
+IN_FLIGHT_MARGIN: Final = 0.075
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self.coherent = False
+
+def lease_lapsed_by(written_at: float, lease_seconds: float) -> float:
+    """When (on the clock that read `written_at`, taken after the change's write returned) every
+    lease granted for a PING that Redis processed before the write has certainly run out, and
+    every request admitted under it has reached the upstream."""
+    return written_at + lease_seconds * (1 + CLOCK_RATE_MARGIN) + IN_FLIGHT_MARGIN
+
+
+def membership_trusted_until(sent_at: float, ttl_seconds: float) -> float:
+    """The end of trust granted by a join or heartbeat sent at `sent_at` (this replica's
+    monotonic clock): before the member can expire in Redis (whose clock starts the TTL later,
+    when it runs the command), with the same margins as the lease."""
+    return sent_at + ttl_seconds * (1 - CLOCK_RATE_MARGIN) - IN_FLIGHT_MARGIN
+
+
+class Coherence:
+    """Whether this replica may trust its cache now, and since when it may not.
+
+    `coherent` is read on every request: one monotonic clock read and a comparison with the
+    moment trust ends, which is the earliest of the lease's end and the membership's end while
+    the subscription session is live, and minus infinity otherwise.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, *, lease_seconds: float = 1.0) -> None:
+        self._clock = self.clock = clock
+        self.lease_seconds = lease_seconds
+        self.session = False  # the subscription session is live (subscribed, joined, cache cleared)
+        self.lease_until = -math.inf
+        self.member_until = math.inf  # no registry (unit tests): the lease alone bounds the trust
+        self._until = -math.inf
         self.broken_at: float = clock()
 
-    def lost(self) -> None:
-        if self.coherent:
-            self.coherent = False
-            self.broken_at = self._clock()
+    @property
+    def coherent(self) -> bool:
+        return self._clock() < self._until
 
-    def restored(self) -> None:
-        self.coherent = True
+    def _recompute(self) -> None:
+        self._until = min(self.lease_until, self.member_until) if self.session else -math.inf
+
+    def restored(self, lease_from: float | None = None, member_until: float | None = None) -> None:
+        """A new session: subscribed (the SUBSCRIBE sent at `lease_from` was answered), joined."""
+        self.session = True
+        self.lease_until = (self._clock() if lease_from is None else lease_from) + self.lease_seconds
+        if member_until is not None:
+            self.member_until = member_until
+        self._recompute()
+
+    def renew(self, sent_at: float) -> None:
+        """A PING sent at `sent_at` on the subscription connection was answered."""
+        until = sent_at + self.lease_seconds
+        if until > self.lease_until:
+            self.lease_until = until
+            self._recompute()
+
+    def membership(self, until: float) -> None:
+        """A join or heartbeat succeeded: the member cannot expire before `until`."""
+        self.member_until = until
+        self._recompute()
+
+    def lost(self) -> None:
+        if self.session:
+            now = self._clock()
+            self.broken_at = min(now, self._until)  # a lease that lapsed earlier broke the trust then
+            self.session = False
+            self.lease_until = -math.inf
+            self._recompute()
 
     def broken_for(self) -> float:
-        return 0.0 if self.coherent else self._clock() - self.broken_at
+        now = self._clock()
+        if now < self._until:
+            return 0.0
+        return now - (self._until if self.session else self.broken_at)
+
+    def remaining(self) -> float:
+        """Seconds of trust left (0 when the cache is not trusted); for the metrics gauge."""
+        return max(0.0, self._until - self._clock()) if self.session else 0.0
 
 
 class Break(Exception):
@@ -87,6 +170,13 @@ class Subscriber:
         self.known = known if known is not None else KnownKeys(enabled=False)
         self.table = table  # every key hash in the table, for rebuilding `known`
         self.sessions = 0  # how many times a subscription was (re)established
+        self.clock = coherence.clock
+        self.member_ttl = registry.ttl_ms / 1000
+        # A quarter of the lease between pings: a reply may take most of a lease to come back
+        # and the trust still has no gap. Never rarer than the silence check needs.
+        self.ping_every = min(coherence.lease_seconds, health_check_seconds) / 4
+        metrics.coherent.set_function(lambda: int(coherence.coherent))
+        metrics.lease_remaining.set_function(coherence.remaining)
 
     async def run(self) -> None:
         backoff = 0.05
@@ -114,6 +204,7 @@ class Subscriber:
         pubsub = self.listen_client.pubsub()
         rebuild: asyncio.Task[bool] | None = None
         try:
+            subscribe_sent = self.clock()  # the session's first lease counts from this send
             await pubsub.subscribe(self.events, self.acks)
             await self._await_confirmations(pubsub)
             # Subscribed: anything published from now on reaches us. What we
@@ -122,21 +213,20 @@ class Subscriber:
             epoch = await self.registry.now_us()
             # Join before trusting the cache: from the moment it answers from the
             # cache, every change must wait for its ack (its epoch covers what came before).
+            join_sent = self.clock()
             await self.registry.join(epoch)
             self.cache.clear()
-            self.coherence.restored()
+            self.coherence.restored(subscribe_sent, membership_trusted_until(join_sent, self.member_ttl))
             self.sessions += 1
-            self.metrics.coherent.set(1)
             log.info("invalidation subscription live; cache cleared")
             if self.known.enabled and self.table is not None:
                 # Announcements reach us from now on; the scan finds every key written before.
                 rebuild = asyncio.get_running_loop().create_task(self._rebuild_known(), name="key-filter-rebuild")
-            await self._listen(pubsub)
+            await self._listen(pubsub, join_sent)
         finally:
             # Before anything else can run: from here on the cache (and the key filter) is not trusted.
             self.coherence.lost()
             self.known.lost()
-            self.metrics.coherent.set(0)
             if rebuild is not None:
                 rebuild.cancel()
             try:
@@ -173,28 +263,42 @@ class Subscriber:
             elif message["type"] == "message":
                 await self._handle(message)
 
-    async def _listen(self, pubsub: Any) -> None:
-        heard = time.monotonic()
-        beat = heard
-        ping_sent: float | None = None
+    async def _listen(self, pubsub: Any, beat: float) -> None:
+        """Messages, lease pings and heartbeats until a break. `beat`: when the join was sent."""
+        clock = self.clock
+        pings: dict[bytes, float] = {}  # payload -> send time of every unanswered PING, oldest first
+        serial = 0
+        next_ping = clock()
         while True:
-            message = await pubsub.get_message(timeout=self.interval / 2)
-            now = time.monotonic()
+            now = clock()
+            if now >= next_ping:
+                serial += 1
+                payload = b"lease-%d" % serial
+                pings[payload] = now  # taken before the send: Redis runs the PING later than this
+                await self._bounded(pubsub.ping(payload), "ping")
+                next_ping = now + self.ping_every
             if now - beat >= self.interval:
                 # Bounded: a stalled link must not keep this loop from noticing the silence.
+                sent = clock()
                 await self._bounded(self.registry.heartbeat(), "heartbeat")
-                beat = now
+                self.coherence.membership(membership_trusted_until(sent, self.member_ttl))
+                beat = sent
+            oldest = next(iter(pings.values()), None)
+            now = clock()
+            if oldest is not None and now - oldest > self.interval:
+                raise Break("silence past the health-check interval")
+            wake = min(next_ping, beat + self.interval, math.inf if oldest is None else oldest + self.interval)
+            message = await pubsub.get_message(timeout=max(0.0, min(wake - now, self.interval / 2)))
             if message is None:
-                if ping_sent is not None and now - ping_sent > self.interval:
-                    raise Break("silence past the health-check interval")
-                if ping_sent is None and now - heard >= self.interval:
-                    await self._bounded(pubsub.ping(), "ping")
-                    ping_sent = now
                 continue
-            heard = now
             kind = message["type"]
             if kind == "pong":
-                ping_sent = None
+                sent_at = pings.get(_bytes(message["data"]))
+                if sent_at is not None:
+                    # Replies come in order: every older PING is answered or never will be.
+                    pings = {p: t for p, t in pings.items() if t > sent_at}
+                    # Every message Redis published before it ran this PING was handled above.
+                    self.coherence.renew(sent_at)
             elif kind == "message":
                 await self._handle(message)
             elif kind in ("subscribe", "unsubscribe"):

@@ -415,7 +415,7 @@ class GatedStore(KeyStore):
 
 
 def _coherent() -> Coherence:
-    coherence = Coherence()
+    coherence = Coherence(lease_seconds=3600)  # the lease (tested in tests/test_lease.py) never ends here
     coherence.restored()
     return coherence
 
@@ -758,6 +758,7 @@ async def test_a_live_replica_that_never_acks_is_reported_unconfirmed_after_the_
     try:
         created = await gw.create_key()  # waits for the silent replica too
         unconfirmed = metric(gw.replica, "gateway_propagation_unconfirmed_total")
+        fenced = metric(gw.replica, "gateway_propagation_fenced_total")
         started = time.monotonic()
         status, body = await admin(gw, "POST", f"/v1/keys/{created['id']}/disable", token="developer")
         waited = time.monotonic() - started
@@ -765,9 +766,14 @@ async def test_a_live_replica_that_never_acks_is_reported_unconfirmed_after_the_
         assert body["propagation"]["replicas"] == 2
         assert body["propagation"]["confirmed"] == 1
         assert 0.3 <= waited < 2.0
+        # Not before its lease (redis.lease_seconds, 1 s by default) has certainly lapsed.
+        assert body["propagation"]["fenced"] == 1
+        assert waited >= gw.replica.config.redis.lease_seconds
         assert unconfirmed is not None
         now_unconfirmed = metric(gw.replica, "gateway_propagation_unconfirmed_total")
         assert now_unconfirmed == unconfirmed + 1
+        assert fenced is not None
+        assert metric(gw.replica, "gateway_propagation_fenced_total") == fenced + 1
     finally:
         await silent.leave()
 

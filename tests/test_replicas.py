@@ -717,6 +717,7 @@ def test_a_frozen_replica_does_not_hang_a_disable_and_refuses_the_key_once_it_re
             assert status == 200, body
             assert body["propagation"]["replicas"] == 3, body["propagation"]
             assert body["propagation"]["confirmed"] == 2, body["propagation"]
+            assert body["propagation"]["fenced"] == 1, body["propagation"]  # its lease lapsed before the answer
             assert elapsed < PROPAGATION_TIMEOUT + 1.5, elapsed
             assert body["propagation"]["ms"] >= PROPAGATION_TIMEOUT * 1000 * 0.9, body["propagation"]
             unconfirmed = metric(cluster.nodes[0].metrics(), "gateway_propagation_unconfirmed_total")
