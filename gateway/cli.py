@@ -7,6 +7,7 @@ import asyncio
 import getpass
 import os
 import secrets
+import string
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
@@ -82,11 +83,26 @@ def _runner(loop: str) -> Callable[[Coroutine[Any, Any, T]], T]:
     return asyncio.run
 
 
-def cmd_hash_token(args: argparse.Namespace) -> int:
-    from .admin.auth import hash_token
+def _new_token_id() -> str:
+    """8 random lowercase letters and digits (41 bits): the `<id>` of a new admin token."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
 
+
+def cmd_hash_token(args: argparse.Namespace) -> int:
+    """A config entry for an admin token (spec 7): with --generate a new `gwadm_<id>_<secret>`
+    token and its entry; otherwise the entry for a token read from stdin (never from a flag)."""
+    from .admin.auth import TOKEN_ID, TOKEN_PREFIX, hash_token, token_id
+
+    if args.id is not None and not TOKEN_ID.fullmatch(args.id):
+        print("gateway: --id must be 4-32 lowercase letters and digits", file=sys.stderr)
+        return EXIT_CONFIG
     if args.generate:
-        token = "gwadm_" + secrets.token_urlsafe(32)
+        new_id = args.id or _new_token_id()
+        token = f"{TOKEN_PREFIX}{new_id}_{secrets.token_urlsafe(32)}"
+    elif args.id is not None:
+        print("gateway: --id goes with --generate; a token read from stdin carries its own id", file=sys.stderr)
+        return EXIT_CONFIG
     elif sys.stdin.isatty():
         token = getpass.getpass("admin token: ")
     else:
@@ -94,11 +110,22 @@ def cmd_hash_token(args: argparse.Namespace) -> int:
     if len(token) < 16:
         print("gateway: an admin token must be at least 16 characters", file=sys.stderr)
         return EXIT_CONFIG
+    selected = token_id(token)
+    if selected is None:
+        # A legacy token: still accepted (verified against every entry without an id), but
+        # each wrong guess then costs argon2 work. Never echo the token, not even here.
+        print(
+            "gateway: note: this token is not shaped gwadm_<id>_<secret>, so the entry has no id and "
+            "the gateway verifies it the slow legacy way; `gateway hash-token --generate` makes one "
+            "of the new shape",
+            file=sys.stderr,
+        )
     digest = hash_token(token)
     if args.generate:
         print(f"token: {token}")
         print("# keep the token secret; put this entry under admin.tokens:")
-    print(f'- name: {args.name}\n  role: {args.role}\n  hash: "{digest}"')
+    id_line = f"\n  id: {selected}" if selected is not None else ""
+    print(f'- name: {args.name}{id_line}\n  role: {args.role}\n  hash: "{digest}"')
     return 0
 
 
@@ -124,7 +151,9 @@ def parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check_config)
 
     ht = sub.add_parser("hash-token", help="print an argon2id hash for an admin token (read from stdin)")
-    ht.add_argument("--generate", action="store_true", help="generate a new random token and print it too")
+    ht.add_argument("--generate", action="store_true",
+                    help="generate a new random token gwadm_<id>_<secret> and print it too")  # fmt: skip
+    ht.add_argument("--id", help="the <id> for --generate: 4-32 lowercase letters and digits (default: random)")
     ht.add_argument("--name", default="ops", help="token name for the printed config entry")
     ht.add_argument("--role", default="admin", choices=list(config_mod.ROLES))
     ht.set_defaults(func=cmd_hash_token)

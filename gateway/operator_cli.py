@@ -32,7 +32,8 @@ Exit codes (errors are one line on stderr, `gateway: ...`, never a traceback):
     3  the admin API cannot be reached or did not answer as one: connection refused, DNS,
        timeout, TLS, a non-JSON answer, an answer of another server (or of the gateway's
        proxy listener), or a 5xx
-    4  authentication or authorization failed: 401 (missing/invalid token), 403 (role too low)
+    4  authentication or authorization failed: 401 (missing/invalid token), 403 (role too low),
+       429 too_many_requests (too many failed token attempts from this address: retry later)
     5  no key has this id (404 key_not_found)
 
 A change whose propagation was not confirmed by every live replica within the
@@ -113,6 +114,8 @@ def api_error(status: int, data: Any, where: str) -> CliError:
             EXIT_UNREACHABLE, f"{where} answered HTTP {status} without a gateway error: is it the admin API?"
         )
     text = f"{code}: {detail} (HTTP {status})" if isinstance(detail, str) and detail else f"{code} (HTTP {status})"
+    if status == 429 and code == "too_many_requests":  # the admin token throttle (spec 7)
+        return CliError(EXIT_AUTH, text)
     if status in (401, 403):
         if code in _ADMIN_AUTH_CODES:
             return CliError(EXIT_AUTH, text)

@@ -17,7 +17,11 @@ its announcement are written together or not at all.
 from __future__ import annotations
 
 import base64
+import binascii
+import hashlib
+import hmac
 import re
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -113,24 +117,42 @@ class KeyStore:
             return None
         return await self.get_by_hash(_text(key_hash))
 
+    async def record_by_id(self, key_id: str) -> KeyRecord | Unreadable | None:
+        """The record with this id for the admin API: one that does not decode is `Unreadable`."""
+        key_hash = await self.redis.get(self._id(key_id))
+        if key_hash is None:
+            return None
+        raw = await self.redis.get(self._k(_text(key_hash)))
+        return None if raw is None else _decoded(key_id, raw)
+
     async def page(
         self, *, owner: str | None, enabled: bool | None, cursor: int, limit: int
-    ) -> tuple[list[KeyRecord], int | None]:
-        """One page in creation order; the next cursor or None at the end."""
+    ) -> tuple[list[KeyRecord | Unreadable], int | None]:
+        """One page in creation order; the next cursor or None at the end.
+
+        A record that does not decode (written by hand, or by a version with other rules)
+        is listed as `Unreadable` rather than failing the page; it matches no `enabled`
+        filter, since its state is unknown. An id whose record is gone is skipped.
+        """
         index = self._owner(owner) if owner is not None else self.prefix + "ids"
-        out: list[KeyRecord] = []
+        out: list[KeyRecord | Unreadable] = []
         position = cursor
         while len(out) < limit:
             batch = max(limit, 50)
-            ids = await self.redis.zrange(index, position, position + batch - 1)
+            ids = [_text(i) for i in cast(list[bytes], await self.redis.zrange(index, position, position + batch - 1))]
             if not ids:
                 return out, None
-            hashes = await self.redis.mget([self._id(_text(i)) for i in cast(list[bytes], ids)])
-            raws = await self.redis.mget([self._k(_text(h)) for h in hashes if h is not None])
-            records = [KeyRecord.from_json(r) for r in raws if r is not None]
-            for n, record in enumerate(records, start=1):
-                if enabled is None or record.enabled == enabled:
-                    out.append(record)
+            hashes = await self.redis.mget([self._id(i) for i in ids])
+            present = [(i, _text(h)) for i, h in zip(ids, hashes, strict=True) if h is not None]
+            raws = await self.redis.mget([self._k(h) for _, h in present]) if present else []
+            by_id = {i: raw for (i, _), raw in zip(present, raws, strict=True)}
+            for n, key_id in enumerate(ids, start=1):
+                raw = by_id.get(key_id)
+                if raw is not None:
+                    record = _decoded(key_id, raw)
+                    wanted = enabled is None if isinstance(record, Unreadable) else enabled in (None, record.enabled)
+                    if wanted:
+                        out.append(record)
                 if len(out) == limit:
                     position += n
                     break
@@ -148,22 +170,7 @@ class KeyStore:
         rows = cast(
             list[tuple[bytes, dict[bytes, bytes]]], await self.redis.xrevrange(stream, max=high, min="-", count=limit)
         )
-        entries = []
-        for entry_id, fields in rows:
-            f = {_text(k): _text(v) for k, v in fields.items()}
-            entries.append(
-                {
-                    "id": _text(entry_id),
-                    "at": rfc3339(float(f["ts"])),
-                    "actor": f.get("actor"),
-                    "action": f.get("action"),
-                    "key_id": f.get("key_id"),
-                    "reason": f.get("reason"),
-                    "remote": f.get("remote"),
-                    "request_id": f.get("request_id"),
-                    "detail": orjson.loads(f["detail"]) if "detail" in f else None,
-                }
-            )
+        entries = [_audit_entry(_text(entry_id), fields) for entry_id, fields in rows]
         next_cursor = entries[-1]["id"] if len(entries) == limit else None
         return entries, next_cursor
 
@@ -274,14 +281,141 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def encode_cursor(position: int) -> str:
-    return base64.urlsafe_b64encode(str(position).encode()).decode().rstrip("=")
+def _audit_entry(entry_id: str, raw_fields: dict[bytes, bytes]) -> dict[str, Any]:
+    """One audit entry as the API shows it; a field that does not decode shows as null."""
+    f: dict[str, str] = {}
+    for k, v in raw_fields.items():
+        try:
+            f[_text(k)] = _text(v)
+        except UnicodeDecodeError:
+            continue
+    try:
+        at: str | None = rfc3339(float(f["ts"]))
+    except (KeyError, ValueError, OverflowError, OSError):
+        at = None
+    detail: Any = None
+    if "detail" in f:
+        try:
+            detail = orjson.loads(f["detail"])
+            orjson.dumps(detail)  # the answer encodes it again: nested too deep is refused there
+        except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+            detail = None
+    return {
+        "id": entry_id,
+        "at": at,
+        "actor": f.get("actor"),
+        "action": f.get("action"),
+        "key_id": f.get("key_id"),
+        "reason": f.get("reason"),
+        "remote": f.get("remote"),
+        "request_id": f.get("request_id"),
+        "detail": detail,
+    }
 
 
-def decode_cursor(cursor: str) -> int:
-    """Raises ValueError for a cursor this gateway did not issue."""
-    padded = cursor + "=" * (-len(cursor) % 4)
-    position = int(base64.urlsafe_b64decode(padded.encode()).decode())
-    if position < 0:
-        raise ValueError("negative cursor")
-    return position
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A stored record that does not decode: listed and shown by its id, never a failed page."""
+
+    id: str
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "state": "unreadable",
+            "unreadable": True,
+            "detail": "The stored record could not be decoded; it is shown by its id only",
+        }
+
+
+def _decoded(key_id: str, raw: bytes | str) -> KeyRecord | Unreadable:
+    try:
+        record = KeyRecord.from_json(raw)
+        # What the API will encode: a record that decodes but cannot be shown is unreadable too.
+        orjson.dumps(record.public())
+    except Exception:  # any shape of bad stored data: the page must still answer
+        return Unreadable(key_id)
+    return record
+
+
+# Cursors (spec 7): only cursors this gateway issued are accepted. A cursor is
+# base64url(version, the position as unsigned 64-bit numbers, 12 bytes of
+# HMAC-SHA256 over the endpoint, the query it was issued for and the position).
+# The key is derived from the configuration, so every replica and worker accepts
+# the cursors of the others; anything else is refused before Redis is asked.
+
+CURSOR_VERSION = 1
+_CURSOR_MAC = 12
+_CURSOR_CHARS = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_POSITION = 2**53  # far beyond any table; a listing position is a ZRANGE index
+MAX_STREAM_MS = 2**48  # stream ids are milliseconds since the epoch: year 10889
+_STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+
+
+class BadCursor(ValueError):
+    """A cursor this gateway did not issue (for this endpoint and query)."""
+
+
+class CursorCodec:
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    @classmethod
+    def derived(cls, *material: str) -> CursorCodec:
+        """A codec whose key every replica with the same configuration derives alike."""
+        digest = hashlib.sha256(b"gateway cursor key v1")
+        for item in material:
+            digest.update(b"\0" + item.encode("utf-8", "surrogatepass"))
+        return cls(digest.digest())
+
+    def _mac(self, endpoint: str, context: str, payload: bytes) -> bytes:
+        message = f"{endpoint}\0{context}\0".encode("utf-8", "surrogatepass") + payload
+        return hmac.new(self._key, message, hashlib.sha256).digest()[:_CURSOR_MAC]
+
+    def _encode(self, endpoint: str, context: str, values: tuple[int, ...]) -> str:
+        payload = struct.pack(f">B{len(values)}Q", CURSOR_VERSION, *values)
+        raw = payload + self._mac(endpoint, context, payload)
+        return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+    def _decode(self, endpoint: str, context: str, cursor: str, count: int) -> tuple[int, ...]:
+        if not _CURSOR_CHARS.fullmatch(cursor):  # ASCII, bounded: checked before anything is decoded
+            raise BadCursor(endpoint)
+        try:
+            raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        except (binascii.Error, ValueError):
+            raise BadCursor(endpoint) from None
+        size = 1 + 8 * count
+        if len(raw) != size + _CURSOR_MAC or raw[0] != CURSOR_VERSION:
+            raise BadCursor(endpoint)
+        payload, mac = raw[:size], raw[size:]
+        if not hmac.compare_digest(mac, self._mac(endpoint, context, payload)):
+            raise BadCursor(endpoint)
+        # Re-encoding must give the same text: no second spelling of one cursor is accepted.
+        values = struct.unpack(f">{count}Q", payload[1:])
+        if self._encode(endpoint, context, values) != cursor:
+            raise BadCursor(endpoint)
+        return values
+
+    def keys(self, position: int, context: str) -> str:
+        if not 0 <= position <= MAX_POSITION:
+            raise ValueError("listing position out of range")
+        return self._encode("keys", context, (position,))
+
+    def keys_position(self, cursor: str, context: str) -> int:
+        (position,) = self._decode("keys", context, cursor, 1)
+        if position > MAX_POSITION:
+            raise BadCursor("keys")
+        return position
+
+    def audit(self, stream_id: str, context: str) -> str:
+        match = _STREAM_ID.fullmatch(stream_id)
+        if match is None:
+            raise ValueError("not a stream id")
+        return self._encode("audit", context, (int(match[1]), int(match[2])))
+
+    def audit_id(self, cursor: str, context: str) -> str:
+        """The stream id the cursor stands for: an exclusive upper bound, so never 0-0."""
+        ms, seq = self._decode("audit", context, cursor, 2)
+        if ms > MAX_STREAM_MS or (ms, seq) == (0, 0):
+            raise BadCursor("audit")
+        return f"{ms}-{seq}"

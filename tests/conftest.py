@@ -127,8 +127,14 @@ class AdminTokens:
 
 @pytest.fixture(scope="session")
 def admin_tokens() -> AdminTokens:
+    """Tokens shaped gwadm_<id>_<secret> (spec 7). The viewer's and developer's entries carry
+    their id; the admin's is a legacy entry (no id), so every gateway under test runs the
+    migration case: both kinds in one config."""
     tokens = {role: f"gwadm_{role}_" + secrets.token_urlsafe(24) for role in ("viewer", "developer", "admin")}
-    entries = [{"name": f"ops-{role}", "role": role, "hash": hash_token(tok)} for role, tok in tokens.items()]
+    entries = [
+        {"name": f"ops-{role}", "role": role, "hash": hash_token(tok), **({"id": role} if role != "admin" else {})}
+        for role, tok in tokens.items()
+    ]
     return AdminTokens(tokens["viewer"], tokens["developer"], tokens["admin"], entries)
 
 
@@ -142,10 +148,10 @@ def argon2_once_per_session(monkeypatch: pytest.MonkeyPatch) -> None:
     checked by the real argon2 code once per test session, then remembered here."""
     real = TokenVerifier._verify_slowly
 
-    def remembered(self: TokenVerifier, token: str) -> Any:
-        memo_key = (tuple((t.name, t.role, t.hash) for t in self._tokens), token)
+    def remembered(self: TokenVerifier, token: str, candidates: tuple[config_mod.AdminToken, ...]) -> Any:
+        memo_key = (tuple((t.name, t.role, t.hash) for t in candidates), token)
         if memo_key not in _ARGON2_MEMO:
-            _ARGON2_MEMO[memo_key] = real(self, token)
+            _ARGON2_MEMO[memo_key] = real(self, token, candidates)
         return _ARGON2_MEMO[memo_key]
 
     monkeypatch.setattr(TokenVerifier, "_verify_slowly", remembered)

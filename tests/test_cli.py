@@ -303,6 +303,20 @@ async def test_a_wrong_token_or_too_low_a_role_is_exit_4(
     assert token.viewer not in run.out + run.err
 
 
+async def test_a_throttled_address_is_exit_4_saying_when_to_retry(
+    gw: Gateway, token: AdminTokens, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wrong = "gwadm_developer_" + secrets.token_urlsafe(24)  # a configured id, a wrong secret
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", wrong)
+    for _ in range(gw.replica.api.verifier.throttle.max_failures):
+        assert (await on(gw, capsys, "keys", "list")).code == operator_cli.EXIT_AUTH
+    run = await on(gw, capsys, "keys", "list")
+    assert run.code == operator_cli.EXIT_AUTH
+    assert run.error_line.startswith("gateway: too_many_requests: ") and "(HTTP 429)" in run.error_line
+    assert re.search(r"retry in \d+ s", run.error_line), run.error_line
+    assert wrong not in run.out + run.err
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -712,6 +726,8 @@ def test_api_errors_map_to_exit_codes() -> None:
     assert code(401, "invalid_token") == 4
     assert code(401, "missing_token") == 4
     assert code(403, "insufficient_permissions") == 4
+    assert code(429, "too_many_requests") == 4  # the admin token throttle
+    assert code(429, "rate_limited") == 1
     assert code(401, "key_not_found") == 3  # the proxy's answer
     assert code(404, "key_not_found") == 5
     assert code(404, "not_found") == 3

@@ -7,6 +7,7 @@ each naming the file, the key path, the value and the rule, never a secret.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -526,3 +527,59 @@ def test_hash_token_refuses_a_short_token() -> None:
     assert completed.returncode == 2
     assert "Traceback" not in completed.stderr
     assert "$argon2id$" not in completed.stdout
+
+
+def _entry_of(stdout: str) -> dict[str, Any]:
+    entries = [e for e in yaml.safe_load(stdout.split("\n", 1)[1]) if isinstance(e, dict)]
+    assert len(entries) == 1
+    entry: dict[str, Any] = entries[0]
+    return entry
+
+
+async def test_hash_token_generates_the_gwadm_id_secret_shape_and_its_entry_authenticates(tmp_path: Path) -> None:
+    from gateway.admin.auth import Principal, TokenVerifier
+
+    completed = run_gateway("hash-token", "--generate", "--name", "ci-bot", "--role", "developer")
+    assert completed.returncode == 0, completed.stderr
+    token = completed.stdout.splitlines()[0].removeprefix("token: ")
+    match = re.fullmatch(r"gwadm_([a-z0-9]{8})_([A-Za-z0-9_-]{43})", token)
+    assert match, token
+    entry = _entry_of(completed.stdout)
+    assert entry["id"] == match[1]
+    assert token not in completed.stderr and match[2] not in entry["hash"]
+    raw = valid_raw()
+    raw["admin"]["tokens"] = [entry]
+    cfg = config_mod.load(write(tmp_path, raw), {})
+    assert cfg.admin.tokens[0].id == match[1]
+    verifier = TokenVerifier(cfg.admin.tokens)
+    try:
+        assert await verifier.verify(token, "127.0.0.1") == Principal("ci-bot", "developer")
+        assert await verifier.verify(token[:-1] + ("A" if token[-1] != "A" else "B"), "127.0.0.1") is None
+    finally:
+        verifier.close()
+
+
+def test_hash_token_takes_the_id_to_generate_with_and_refuses_a_bad_one() -> None:
+    completed = run_gateway("hash-token", "--generate", "--id", "ci2027")
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.startswith("token: gwadm_ci2027_")
+    assert _entry_of(completed.stdout)["id"] == "ci2027"
+    for bad in ("CI", "ab", "has_underscore", "x" * 33):
+        refused = run_gateway("hash-token", "--generate", "--id", bad)
+        assert refused.returncode == 2 and "--id" in refused.stderr and "$argon2id$" not in refused.stdout
+
+
+def test_hash_token_reads_the_id_of_a_new_shape_token_and_notes_a_legacy_one() -> None:
+    shaped = "gwadm_mine1_" + "s" * 43
+    completed = run_gateway("hash-token", "--name", "mine", stdin=shaped + "\n")
+    assert completed.returncode == 0, completed.stderr
+    (entry,) = yaml.safe_load(completed.stdout)
+    assert entry["id"] == "mine1" and PasswordHasher().verify(entry["hash"], shaped)
+    assert shaped not in completed.stdout + completed.stderr
+    legacy = "an-old-admin-token-" + "y" * 20
+    completed = run_gateway("hash-token", stdin=legacy + "\n")
+    assert completed.returncode == 0, completed.stderr
+    (entry,) = yaml.safe_load(completed.stdout)
+    assert "id" not in entry
+    assert "legacy" in completed.stderr and "--generate" in completed.stderr
+    assert legacy not in completed.stdout + completed.stderr

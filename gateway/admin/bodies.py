@@ -18,12 +18,15 @@ from gateway.config import SCOPE_RULE
 from gateway.credentials import B64TOKEN, MAX_TOKEN_LENGTH
 from gateway.keys import PREFIX_RULE, SHA256_HEX
 
-MAX_TEXT: Final = 256
-MAX_META_BYTES: Final = 16 * 1024
+MAX_TEXT: Final = 200  # names, owners and reasons (spec 7)
+MAX_META_BYTES: Final = 4 * 1024  # meta, encoded as compact JSON (spec 7)
+MAX_META_DEPTH: Final = 8  # meta itself is level 1: {"a": {"b": 1}} is 2 levels deep
 MAX_SCOPES: Final = 100
 MAX_GRACE_SECONDS: Final = 30 * 86400
 MIN_IMPORTED_KEY: Final = 16
-_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+# C0, DEL, C1 and the Unicode line and paragraph separators: nothing that breaks a log line or a table.
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_DIGITS: Final = re.compile(r"[0-9]{1,6}")  # ASCII only: str.isdigit() also takes superscripts
 
 
 class BadInput(ValueError):
@@ -94,6 +97,39 @@ def _text(body: Mapping[str, Any], name: str, *, required: bool = False) -> str 
     return value
 
 
+def meta_depth(value: object, most: int) -> int:
+    """How many levels of objects and arrays `value` nests (a scalar is 0), counted without
+    recursion and stopping as soon as the count passes `most` (so a hostile value costs little)."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, level)
+        if deepest > most:
+            return deepest
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def _meta(value: object) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadInput("meta: must be a JSON object")
+    # Depth first: orjson refuses to encode past 254 levels, and every listing page encodes meta.
+    if meta_depth(value, MAX_META_DEPTH) > MAX_META_DEPTH:
+        raise BadInput(f"meta: must be at most {MAX_META_DEPTH} levels deep (meta itself is level 1)")
+    if len(orjson.dumps(value)) > MAX_META_BYTES:
+        raise BadInput(f"meta: must be at most {MAX_META_BYTES} bytes of JSON")
+    return value
+
+
 def timestamp(value: object, name: str) -> float | None:
     """An RFC 3339 date-time with an offset, as seconds since the epoch."""
     if value is None:
@@ -119,13 +155,7 @@ def create(body: Mapping[str, Any], now: float) -> CreateKey:
     for scope in scopes:
         if not isinstance(scope, str) or not SCOPE_RULE.fullmatch(scope):
             raise BadInput("scopes: each must be a scope name (letters, digits, _ . : / * -)")
-    meta = body.get("meta")
-    if meta is None:
-        meta = {}
-    if not isinstance(meta, dict):
-        raise BadInput("meta: must be a JSON object")
-    if len(orjson.dumps(meta)) > MAX_META_BYTES:
-        raise BadInput(f"meta: must be at most {MAX_META_BYTES} bytes of JSON")
+    meta = _meta(body.get("meta"))
     expires_at = timestamp(body.get("expires_at"), "expires_at")
     if expires_at is not None and expires_at <= now:
         raise BadInput("expires_at: must be in the future")
@@ -170,8 +200,8 @@ def reason(body: Mapping[str, Any]) -> str | None:
     value = body.get("reason")
     if value is None:
         return None
-    if not isinstance(value, str) or len(value) > 1024 or _CONTROL.search(value):
-        raise BadInput("reason: must be a string of at most 1024 characters without control characters")
+    if not isinstance(value, str) or len(value) > MAX_TEXT or _CONTROL.search(value):
+        raise BadInput(f"reason: must be a string of at most {MAX_TEXT} characters without control characters")
     return value
 
 
@@ -187,7 +217,7 @@ def _limit(query: Mapping[str, str], default: int, most: int) -> int:
     raw = query.get("limit")
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= most:
+    if not _DIGITS.fullmatch(raw) or not 1 <= int(raw) <= most:
         raise BadInput(f"limit: must be a whole number from 1 to {most}")
     return int(raw)
 
@@ -200,10 +230,10 @@ def list_query(query: Mapping[str, str]) -> ListQuery:
         if enabled_raw not in ("true", "false"):
             raise BadInput("enabled: must be true or false")
         enabled = enabled_raw == "true"
-    return ListQuery(query.get("owner") or None, enabled, query.get("cursor") or None, _limit(query, 20, 100))
+    owner = _text(query, "owner") if query.get("owner") else None
+    return ListQuery(owner, enabled, query.get("cursor") or None, _limit(query, 20, 100))
 
 
-_STREAM_ID: Final = re.compile(r"\d{1,20}-\d{1,20}")
 _KEY_ID: Final = re.compile(r"key_[0-9a-f]{20}")
 
 
@@ -212,10 +242,8 @@ def audit_query(query: Mapping[str, str]) -> AuditQuery:
     key_id = query.get("key_id") or None
     if key_id is not None and not _KEY_ID.fullmatch(key_id):
         raise BadInput("key_id: must be a key id (key_...)")
-    cursor = query.get("cursor") or None
-    if cursor is not None and not _STREAM_ID.fullmatch(cursor):
-        raise BadInput("cursor: must be a cursor this API returned")
-    return AuditQuery(key_id, cursor, _limit(query, 50, 500))
+    # The cursor is checked (signature, bounds) by the handler's CursorCodec.
+    return AuditQuery(key_id, query.get("cursor") or None, _limit(query, 50, 500))
 
 
 def valid_key_id(value: str) -> bool:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -18,11 +19,11 @@ from gateway.errors import Denial
 from gateway.keys import KeyRecord
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.propagation import Propagator
-from gateway.store import AuditEntry, KeyStore, Refused, decode_cursor, encode_cursor
+from gateway.store import AuditEntry, BadCursor, CursorCodec, KeyStore, Refused, Unreadable
 from gateway.subscriber import Coherence
 
 from . import bodies
-from .auth import Principal, TokenVerifier
+from .auth import Principal, Throttled, TokenVerifier
 
 log = logging.getLogger("gateway.admin")
 
@@ -78,6 +79,22 @@ class AdminApi:
     metrics: Metrics
     persistence: str = "unknown"  # Redis AOF: "aof", "off" or "unknown"; set at startup (server.py)
     draining: bool = False  # set on SIGTERM: /readyz answers 503 while in-flight requests finish
+    # Signs listing and audit cursors; derived from the configuration unless given, so every
+    # replica and worker accepts the others' cursors (see store.CursorCodec).
+    cursors: CursorCodec | None = field(default=None, repr=False)
+    # config.trusted_proxies: behind one of these, failed token attempts are counted against the
+    # client address its X-Forwarded-For names, not against the proxy (see client_address).
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.cursors is None:
+            material = [self.store.prefix, *sorted(t.hash for t in self.verifier.tokens)]
+            self.cursors = CursorCodec.derived(*material)
+
+    @property
+    def _cursors(self) -> CursorCodec:
+        assert self.cursors is not None
+        return self.cursors
 
     async def authenticate(self, request: web.Request) -> Principal | Denial:
         values = request.headers.getall("Authorization", ())
@@ -89,8 +106,16 @@ class AdminApi:
         token = token.strip()
         if scheme.lower() != "bearer" or not token or len(token) > 1024:
             return Denial("invalid_token")
-        principal = await self.verifier.verify(token)
-        return principal if principal is not None else Denial("invalid_token")
+        outcome = await self.verifier.verify(token, client_address(request, self.trusted_proxies))
+        if isinstance(outcome, Throttled):
+            why = (
+                "Too many admin token verifications are in progress"
+                if outcome.busy
+                else "Too many failed admin token attempts from this address"
+            )
+            detail = f"{why}; retry in {outcome.retry_after} s"
+            return Denial("too_many_requests", detail, headers={"Retry-After": str(outcome.retry_after)})
+        return outcome if outcome is not None else Denial("invalid_token")
 
     def _audit(self, request: web.Request, principal: Principal, action: str, key_id: str,
                request_id: str, reason: str | None = None, **detail: Any) -> AuditEntry:  # fmt: skip
@@ -160,22 +185,36 @@ class AdminApi:
     @requires("viewer")
     async def list_keys(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
         query = bodies.list_query(request.query)
+        # A cursor is good for the query it was issued for: the same owner and enabled filter.
+        context = orjson.dumps([query.owner, query.enabled]).decode()
         try:
-            position = decode_cursor(query.cursor) if query.cursor else 0
-        except ValueError:
-            raise bodies.BadInput("cursor: must be a cursor this API returned") from None
+            position = self._cursors.keys_position(query.cursor, context) if query.cursor else 0
+        except BadCursor:
+            raise bodies.BadInput("cursor: must be a cursor this API returned for the same query") from None
         records, next_position = await self.store.page(
             owner=query.owner, enabled=query.enabled, cursor=position, limit=query.limit
         )
-        next_cursor = encode_cursor(next_position) if next_position is not None else None
-        return json_response({"keys": [r.public() for r in records], "next_cursor": next_cursor}, request_id)
+        next_cursor = self._cursors.keys(next_position, context) if next_position is not None else None
+        # Each record is encoded on its own, so one that cannot be (stored by an older version with
+        # other bounds) is listed by its id instead of failing the whole page.
+        listed = b",".join(_encoded(record) for record in records)
+        payload = b'{"keys":[' + listed + b'],"next_cursor":' + orjson.dumps(next_cursor) + b"}"
+        return web.Response(
+            body=payload,
+            content_type="application/json",
+            headers={"X-Request-Id": request_id, "Cache-Control": "no-store"},
+        )
 
     @requires("viewer")
     async def show(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
-        record = await self.store.get_by_id(self._key_id(request))
+        record = await self.store.record_by_id(self._key_id(request))
         if record is None:
             return self._not_found(request_id)
-        return json_response(record.public(), request_id)
+        return web.Response(
+            body=_encoded(record),
+            content_type="application/json",
+            headers={"X-Request-Id": request_id, "Cache-Control": "no-store"},
+        )
 
     @requires("developer")
     async def disable(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
@@ -296,7 +335,13 @@ class AdminApi:
     @requires("admin")
     async def audit(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
         query = bodies.audit_query(request.query)
-        entries, next_cursor = await self.store.audit(key_id=query.key_id, cursor=query.cursor, limit=query.limit)
+        context = query.key_id or ""
+        try:
+            after = self._cursors.audit_id(query.cursor, context) if query.cursor else None
+        except BadCursor:
+            raise bodies.BadInput("cursor: must be a cursor this API returned for the same query") from None
+        entries, last_id = await self.store.audit(key_id=query.key_id, cursor=after, limit=query.limit)
+        next_cursor = self._cursors.audit(last_id, context) if last_id is not None else None
         return json_response({"entries": entries, "next_cursor": next_cursor}, request_id)
 
     # probes ---------------------------------------------------------------------
@@ -324,6 +369,39 @@ class AdminApi:
 
     async def metrics_text(self, request: web.Request) -> web.StreamResponse:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def _trusted(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.strip())
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
+
+
+def client_address(
+    request: web.Request, trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+) -> str | None:
+    """Whom a failed token attempt is counted against: the peer, or, when the peer is a trusted
+    proxy, the right-most address of X-Forwarded-For that is not one (what a client can forge is
+    to the left of what the trusted proxies appended)."""
+    peer = request.remote
+    if not trusted_proxies or peer is None or not _trusted(peer, trusted_proxies):
+        return peer
+    hops = [h.strip() for v in request.headers.getall("X-Forwarded-For", ()) for h in v.split(",")]
+    for hop in reversed(hops):
+        if not _trusted(hop, trusted_proxies):
+            return hop or peer
+    return peer
+
+
+def _encoded(record: KeyRecord | Unreadable) -> bytes:
+    try:
+        return orjson.dumps(record.public())
+    except orjson.JSONEncodeError:
+        return orjson.dumps(Unreadable(record.id).public())
 
 
 def routes(api: AdminApi) -> list[web.RouteDef]:
