@@ -8,8 +8,17 @@ uses is imported or reached here, and nowhere else; the check below runs at
 import time, so an aiohttp without them fails at start-up with one clear line
 instead of on the first proxied request.
 
-Supported: aiohttp `SUPPORTED` (pyproject.toml holds the same range, and
-`make test-lowest` runs the suite on the lowest of it).
+Supported: aiohttp `SUPPORTED`, >=3.14.4,<3.15. 3.14.4 is the first release
+whose BaseProtocol has `_buffer_paused`, `_pause_reading_for_buffer` and
+`_resume_reading_for_buffer` (3.14.3 lacks all three). The upper bound is the
+next minor release, where aiohttp's internals change most; a later 3.14 patch
+release is taken on trust (`make test` on a fresh clone installs the newest
+one, and this check still guards its start-up). pyproject.toml declares the same
+range (tests/test_compat.py checks that they agree and that the installed
+aiohttp is inside it); `make test-lowest` runs the whole suite on 3.14.4 and the
+lowest allowed version of every other dependency (constraints/lowest.txt). To
+widen the range: run the suite on the new release, then move both bounds
+together. docs/http-engine.md lists what is borrowed and why.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineToo
 from aiohttp.http_parser import HttpRequestParser, HttpResponseParser, RawRequestMessage, RawResponseMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
-SUPPORTED: Final = ">=3.14.3,<3.15"
+SUPPORTED: Final = ">=3.14.4,<3.15"
 
 __all__ = [
     "EMPTY_PAYLOAD",
@@ -40,6 +49,7 @@ __all__ = [
     "buffer_paused",
     "drain",
     "pause_for_buffer",
+    "reader_waiting",
     "reading_paused",
     "resume_for_buffer",
 ]
@@ -54,6 +64,10 @@ _PROTOCOL_MEMBERS: Final = (
 )
 
 
+# StreamReader members the gateway reads; not public API either.
+_READER_MEMBERS: Final = ("_waiter",)
+
+
 class UnsupportedAiohttp(ImportError):
     """The installed aiohttp lacks a private member the HTTP engine relies on."""
 
@@ -63,6 +77,12 @@ def _check() -> None:
     if missing:
         raise UnsupportedAiohttp(
             f"aiohttp {aiohttp.__version__} lacks BaseProtocol.{', .'.join(missing)}; "
+            f"the gateway supports aiohttp {SUPPORTED}"
+        )
+    missing = [name for name in _READER_MEMBERS if not hasattr(StreamReader, name)]
+    if missing:
+        raise UnsupportedAiohttp(
+            f"aiohttp {aiohttp.__version__} lacks StreamReader.{', .'.join(missing)}; "
             f"the gateway supports aiohttp {SUPPORTED}"
         )
 
@@ -91,3 +111,8 @@ def pause_for_buffer(protocol: BaseProtocol) -> None:
 
 def resume_for_buffer(protocol: BaseProtocol) -> None:
     protocol._resume_reading_for_buffer()
+
+
+def reader_waiting(payload: StreamReader) -> bool:
+    """True while a reader is waiting on the payload for bytes that have not come (its buffer is empty)."""
+    return payload._waiter is not None

@@ -128,9 +128,17 @@ def build(config: Config, redis: Redis, listen_redis: Redis, *, replica_id: str 
     forwarder = Forwarder()
     proxy = Proxy(RouteTable(config.routes), lookup, forwarder, config.keys, metrics)
     metrics.inflight.set_function(lambda: proxy.inflight)
-    proxy_server = Server(proxy.handle, proxy.refused)
+    proxy_server = Server(proxy.handle, proxy.refused, limits=config.limits, trusted_proxies=config.trusted_proxies)
 
-    api = AdminApi(store, TokenVerifier(config.admin.tokens), propagator, coherence, config.keys, metrics)
+    api = AdminApi(
+        store,
+        TokenVerifier(config.admin.tokens),
+        propagator,
+        coherence,
+        config.keys,
+        metrics,
+        trusted_proxies=config.trusted_proxies,
+    )
     admin_app = build_admin_app(api)
     return Replica(
         replica_id, config, store, cache, coherence, lookup, propagator, subscriber, registry, metrics, api,

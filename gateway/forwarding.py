@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Final
 
+from .config import MAX_SAFE_LENGTH
 from .keys import KeyRecord
 
 # RFC 9110 7.6.1, plus the de-facto ones proxies drop.
@@ -19,11 +20,19 @@ HOP_BY_HOP: Final = frozenset(
         "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade",
     }
 )  # fmt: skip
-# Set by the gateway, never copied from the client.
-_REQUEST_DROP: Final = HOP_BY_HOP | {"host", "expect", "x-request-id", "x-forwarded-proto", "x-forwarded-host"}
+# Set by the gateway, never copied from the client (and Content-Length: see upstream_request_head).
+_REQUEST_DROP: Final = HOP_BY_HOP | {
+    "host", "expect", "x-request-id", "x-forwarded-proto", "x-forwarded-host",
+}  # fmt: skip
+# Headers a client could use to pose as someone else (spec 6), believed only from trusted_proxies;
+# and every incoming X-Forwarded-* with them.
+POSING: Final = frozenset({"forwarded", "x-real-ip", "x-original-url", "x-rewrite-url"})
 GATEWAY_HEADER_PREFIX: Final = "x-gateway-"
 _DROP_BYTES: Final = frozenset(h.encode() for h in _REQUEST_DROP)
+_POSING_BYTES: Final = frozenset(h.encode() for h in POSING)
+_UNTRUSTED_DROP_BYTES: Final = _DROP_BYTES | _POSING_BYTES
 _PREFIX_BYTES: Final = GATEWAY_HEADER_PREFIX.encode()
+_FORWARDED_PREFIX: Final = b"x-forwarded-"
 
 RawHeaders = tuple[tuple[bytes, bytes], ...]
 
@@ -41,9 +50,14 @@ def upstream_request_headers(
     request_id: str,
     peer: str | None,
     scheme: str,
+    trusted: bool = False,
 ) -> list[tuple[bytes, bytes]]:
-    """The client's raw header lines, filtered, then the gateway's own; bytes as they came."""
-    drop = _DROP_BYTES
+    """The client's raw header lines, filtered, then the gateway's own; bytes as they came.
+
+    `trusted`: the peer is in trusted_proxies, so its Forwarded, X-Real-IP, X-Original-URL,
+    X-Rewrite-URL and X-Forwarded-* lines pass (X-Forwarded-For gets the peer appended); from
+    anyone else they are dropped and X-Forwarded-For is the peer alone."""
+    drop = _DROP_BYTES if trusted else _UNTRUSTED_DROP_BYTES
     named = _connection_named(raw)
     if named:
         drop = drop | named
@@ -56,14 +70,18 @@ def upstream_request_headers(
             if lower == b"host" and host is None:
                 host = value
             continue
-        # `X_Gateway_Key_Id` too: CGI/WSGI upstreams read '_' and '-' alike.
-        if lower.replace(b"_", b"-").startswith(_PREFIX_BYTES):
+        # `X_Gateway_Key_Id` too: CGI/WSGI upstreams read '_' and '-' alike (and X_Forwarded_For).
+        folded = lower.replace(b"_", b"-")
+        if folded.startswith(_PREFIX_BYTES):
             continue
         if lower == b"authorization" and not forward_authorization:
             continue
-        if lower == b"x-forwarded-for":
-            forwarded_for.append(value)
-            continue
+        if folded.startswith(_FORWARDED_PREFIX) or folded in _POSING_BYTES:
+            if not trusted:
+                continue
+            if lower == b"x-forwarded-for":
+                forwarded_for.append(value)
+                continue
         out.append((name, value))
     if record is not None:
         out.append((b"X-Gateway-Key-Id", record.id.encode()))
@@ -92,11 +110,15 @@ def upstream_request_head(
     peer: str | None,
     scheme: str,
     has_body: bool,
+    body_length: int | None = None,
+    trusted: bool = False,
 ) -> tuple[bytes, bool]:
     """The request line and headers for the upstream, and whether the body goes chunked.
 
-    A body with a Content-Length keeps it; a body without one (the client sent it
-    chunked) is re-framed as chunked, since Transfer-Encoding is hop-by-hop.
+    The framing is the gateway's own, never the client's lines: a body with a (validated)
+    length goes with `Content-Length: body_length`, a body without one (the client sent it
+    chunked) is re-framed as chunked, and a request without a body gets `Content-Length: 0`
+    when the client declared that (a POST with an empty body), else no framing line.
     """
     headers = upstream_request_headers(
         raw,
@@ -105,41 +127,85 @@ def upstream_request_head(
         request_id=request_id,
         peer=peer,
         scheme=scheme,
+        trusted=trusted,
     )
-    chunked = has_body and not any(n.lower() == b"content-length" for n, _ in headers)
     # The path keeps the client's own bytes (aiohttp decoded them with surrogateescape).
     lines = [f"{method} {path} HTTP/1.1\r\nHost: ".encode("utf-8", "surrogateescape"), host]
     for name, value in headers:
+        if len(name) == 14 and name.lower() == b"content-length":
+            continue  # the framing is the gateway's own (below), never the client's line
         lines += (b"\r\n", name, b": ", value)
-    lines.append(b"\r\nTransfer-Encoding: chunked\r\n\r\n" if chunked else b"\r\n\r\n")
+    chunked = False
+    if has_body and body_length is not None:
+        lines.append(b"\r\nContent-Length: %d\r\n\r\n" % body_length)
+    elif has_body:
+        chunked = True
+        lines.append(b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+    elif any(len(n) == 14 and n.lower() == b"content-length" for n, _ in raw):
+        lines.append(b"\r\nContent-Length: 0\r\n\r\n")
+    else:
+        lines.append(b"\r\n\r\n")
     return b"".join(lines), chunked
 
 
 _HOP_BY_HOP_BYTES: Final = frozenset(h.encode() for h in HOP_BY_HOP)
 
 
-def client_response_head(raw: RawHeaders, request_id: str, date: bytes) -> tuple[bytes, bool]:
+# The response's framing lines: never copied, the gateway states the length itself.
+_RESPONSE_DROP: Final = _HOP_BY_HOP_BYTES | {b"content-length", b"transfer-encoding"}
+_FROM_HEADERS: Final = -1  # client_response_head's default: the length the headers state
+
+
+def _stated_length(raw: RawHeaders) -> int | None:
+    """The one Content-Length of `raw` as a plain decimal (spec 6), None when there is none;
+    ValueError for a malformed, repeated or out-of-range one, or one beside Transfer-Encoding."""
+    values = [v for n, v in raw if n.lower() == b"content-length"]
+    if not values:
+        return None
+    value = values[0]
+    if (
+        len(values) > 1
+        or any(n.lower() == b"transfer-encoding" for n, _ in raw)
+        or not value.isdigit()  # bytes: ASCII digits only
+        or (value.startswith(b"0") and value != b"0")
+        or len(value) > 16
+        or int(value) > MAX_SAFE_LENGTH
+    ):
+        raise ValueError("a Content-Length the gateway cannot honour exactly")
+    return int(value)
+
+
+def client_response_head(
+    raw: RawHeaders, request_id: str, date: bytes, length: int | None = _FROM_HEADERS
+) -> tuple[bytes, bool]:
     """The upstream's header lines for our client, minus hop-by-hop ones, as one block; and
-    whether it carries a Content-Length. Adds X-Request-Id and Date when the upstream sent none."""
-    drop = _HOP_BY_HOP_BYTES
+    whether it carries a Content-Length. Adds X-Request-Id and Date when the upstream sent none.
+
+    The upstream's framing lines (Content-Length, Transfer-Encoding) are never copied: `length`,
+    the body's length as checked on the upstream's bytes, is written anew as the one
+    Content-Length; None writes none (the listener frames the body, or there is none). By default
+    it is the one plain-decimal Content-Length `raw` states (ValueError for any other)."""
+    if length == _FROM_HEADERS:
+        length = _stated_length(raw)
+    drop = _RESPONSE_DROP
     named = _connection_named(raw)
     if named:
         drop = drop | named
     lines: list[bytes] = []
-    has_length = has_request_id = has_date = False
+    has_request_id = has_date = False
     for name, value in raw:
         lower = name.lower()
         if lower in drop:
             continue
-        if lower == b"content-length":
-            has_length = True
-        elif lower == b"x-request-id":
+        if lower == b"x-request-id":
             has_request_id = True
         elif lower == b"date":
             has_date = True
         lines += (name, b": ", value, b"\r\n")
+    if length is not None:
+        lines.append(b"Content-Length: %d\r\n" % length)
     if not has_request_id:
         lines += (b"X-Request-Id: ", request_id.encode(), b"\r\n")
     if not has_date:  # RFC 9110 6.6.1: a recipient with a clock adds the one the sender left out
         lines += (b"Date: ", date, b"\r\n")
-    return b"".join(lines), has_length
+    return b"".join(lines), length is not None

@@ -1,4 +1,4 @@
-"""The proxy's listener: a lean HTTP/1.1 server on asyncio protocols (issue 5).
+"""The proxy's listener: a lean HTTP/1.1 server on asyncio protocols (issue 5, issue 10).
 
 Requests are parsed by aiohttp's C parser (llhttp), as aiohttp's own server
 does; what this module leaves out is everything a pass-through does not need
@@ -7,6 +7,20 @@ middleware chain and the writer's per-header work. A complete answer goes to
 the socket in one write; a streamed one is framed here (Content-Length,
 chunked, or close-delimited for HTTP/1.0) with the transport's flow control.
 
+The bytes a client sends are cut here at message boundaries before the parser
+sees them: a head ends at its first empty line (llhttp takes CRLF only), a
+body after exactly its Content-Length or at the end of its last chunk. So the
+parser is fed one head at a time, which gives three things: requests that
+came in one packet are each answered, in order, up to the first one the parser
+refuses (the parser raises before returning what it parsed earlier in the same
+feed); the head's bytes and fields are counted before the parser holds them
+(`limits.max_header_bytes`, `limits.max_headers`: 431); and each head's framing
+is checked on its raw lines (spec 6: one plain-decimal Content-Length within
+2^53, or exactly `Transfer-Encoding: chunked` on HTTP/1.1, never both) before
+a byte of its body is parsed. A refused head is answered in order (400, 431,
+or 408 when it was not complete `limits.header_timeout_seconds` after its
+first byte) with `Connection: close`, and nothing after it is read.
+
 One task per client connection reads the parsed requests in order (so
 pipelined requests are answered in order) and calls the handler for each. The
 handler answers through `Request.reply`, or `start`/`write`/`end` to stream.
@@ -14,8 +28,10 @@ Keep-alive follows RFC 9112 9.3: HTTP/1.1 unless `Connection: close`,
 HTTP/1.0 only with `Connection: keep-alive`. A request body the handler did
 not read (a refused upload) is read and dropped for up to `LINGER_SECONDS`
 before the connection can carry another request, so the client sees its answer
-rather than a reset. A request the parser refuses gets 400 `invalid_request`
-and the connection is closed; nothing of the refused bytes is echoed.
+rather than a reset. A request body that stalls while something waits for it
+(`limits.body_timeout_seconds`) or grows past the limit the handler set
+(`Request.limit_body`) ends in `BodyTimeout` / `BodyTooLarge` for its reader,
+and the connection is read no further. Nothing of refused bytes is echoed.
 """
 
 from __future__ import annotations
@@ -25,38 +41,49 @@ import collections
 import contextlib
 import email.utils
 import functools
+import ipaddress
 import logging
+import re
 import socket
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Final
 
 from multidict import CIMultiDictProxy
 
 from . import errors
 from .aiohttp_compat import (
     EMPTY_PAYLOAD,
+    BadHttpMessage,
     BaseProtocol,
+    HttpProcessingError,
     HttpRequestParser,
     RawRequestMessage,
     StreamReader,
     buffer_paused,
     drain,
     pause_for_buffer,
+    reader_waiting,
+    reading_paused,
     resume_for_buffer,
 )
+from .config import MAX_SAFE_LENGTH, LimitsConfig
 
 log = logging.getLogger("gateway.http")
 
 READ_LIMIT: Final = 2**16  # the request body's buffer before reading from the client pauses
-KEEPALIVE_SECONDS: Final = 75.0  # an idle client connection is closed after this (aiohttp's and nginx's default)
 LINGER_SECONDS: Final = 10.0  # how long an unread request body may take to arrive and be dropped
 MAX_QUEUED: Final = 32  # pipelined requests parsed ahead of the one being handled, before reading pauses
+MAX_REQUEST_LINE: Final = 8190  # aiohttp's (and nginx's large_client_header_buffers) default: longer is 400
 _NO_BODY: Final = frozenset({204, 304})
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_DECIMAL: Final = re.compile(rb"0|[1-9][0-9]*")
+_HEAD_END: Final = b"\r\n\r\n"
 
 Handler = Callable[["Request"], Awaitable[None]]
-Refused = Callable[[str, "str | None"], None]  # (request id, client address): a request the parser refused
+# (request id, client address, code): a request the listener refused before any handler saw it
+Refused = Callable[[str, "str | None", str], None]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class BodyTooLarge(Exception):
@@ -65,6 +92,70 @@ class BodyTooLarge(Exception):
 
 class BodyTimeout(Exception):
     """No byte of the request body arrived for limits.body_timeout_seconds (408 request_timeout)."""
+
+
+class BodyBroken(ConnectionResetError):
+    """The request body's framing broke mid-stream (a bad chunk): what was read of it cannot be trusted."""
+
+
+class Refusal(Exception):
+    """A request the listener answers itself, in order, before closing; `code` is spec 5's."""
+
+    code = "invalid_request"
+
+
+class FramingRefused(Refusal):
+    """Content-Length / Transfer-Encoding the gateway cannot honour exactly (spec 6): 400."""
+
+
+class HeadersTooLarge(Refusal):
+    code = "headers_too_large"
+
+
+class HeadTimeout(Refusal):
+    code = "request_timeout"
+
+
+def body_framing(message: RawRequestMessage) -> int | None:
+    """The validated Content-Length of a request (None: chunked or none); FramingRefused when
+    its raw framing lines are not exactly one plain decimal Content-Length within 2^53, or exactly
+    one `Transfer-Encoding: chunked` on HTTP/1.1, or neither."""
+    length: bytes | None = None
+    coding: bytes | None = None
+    for name, value in message.raw_headers:
+        size = len(name)
+        if size == 14 and name.lower() == b"content-length":
+            if length is not None:
+                raise FramingRefused("more than one Content-Length")
+            length = value
+        elif size == 17 and name.lower() == b"transfer-encoding":
+            if coding is not None:
+                raise FramingRefused("more than one Transfer-Encoding")
+            coding = value
+    if coding is not None:
+        if length is not None:
+            raise FramingRefused("Content-Length with Transfer-Encoding")
+        if coding.lower() != b"chunked" or message.version < (1, 1):
+            raise FramingRefused("a Transfer-Encoding other than chunked")
+        return None
+    if length is None:
+        return None
+    if _DECIMAL.fullmatch(length) is None or len(length) > 16 or int(length) > MAX_SAFE_LENGTH:
+        raise FramingRefused("a Content-Length that is not a plain decimal within 2^53")
+    return int(length)
+
+
+def trusted_peer(remote: str | None, networks: Iterable[Network]) -> bool:
+    """Whether a peer address is in `trusted_proxies` (an IPv4-mapped IPv6 address counts as IPv4)."""
+    if remote is None:
+        return False
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(remote.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
 
 
 @functools.lru_cache(maxsize=2)
@@ -96,12 +187,15 @@ class Request:
         "raw_path",
         "remote",
         "responded",
+        "trusted",
         "version",
     )  # fmt: skip
 
     scheme: Final = "http"
 
-    def __init__(self, conn: _ServerConnection, message: RawRequestMessage, payload: StreamReader) -> None:
+    def __init__(
+        self, conn: _ServerConnection, message: RawRequestMessage, payload: StreamReader, length: int | None = None
+    ) -> None:
         self._conn = conn
         self.method: str = message.method
         self.raw_path: str = message.path  # the client's bytes, decoded with surrogateescape
@@ -111,8 +205,9 @@ class Request:
         self.content = payload
         self.body_exists = payload is not EMPTY_PAYLOAD
         # The body's validated Content-Length; None for no body or a chunked one (set by the listener).
-        self.body_length: int | None = None
+        self.body_length: int | None = length if self.body_exists else None
         self.remote = conn.remote
+        self.trusted: bool = conn.trusted  # the peer is in trusted_proxies (decided once per connection)
         self.keep_alive = not (message.should_close or message.upgrade)
         self.expects_continue = (
             self.body_exists and message.version >= (1, 1) and self.headers.get("Expect", "").lower() == "100-continue"
@@ -125,6 +220,12 @@ class Request:
     @property
     def transport(self) -> asyncio.Transport | None:
         return self._conn.transport
+
+    def limit_body(self, max_bytes: int) -> None:
+        """The body may be at most `max_bytes` (the route's max_body_bytes): past it, its reader
+        gets BodyTooLarge and nothing more is read from this connection."""
+        if self.body_exists:
+            self._conn.limit_body(self.content, max_bytes)
 
     # answering ---------------------------------------------------------------
 
@@ -178,8 +279,12 @@ class Request:
         return status >= 200 and status not in _NO_BODY
 
     def _connection_line(self) -> bytes:
-        if self._conn.closing or (self.expects_continue and not self.continued):
-            self.keep_alive = False  # a refused Expect: 100-continue upload never comes; close instead
+        if (
+            self._conn.closing
+            or (self.expects_continue and not self.continued)  # a refused upload never comes: close instead
+            or (self.body_exists and self.content.exception() is not None)  # its body broke: nothing after it is read
+        ):
+            self.keep_alive = False
         if not self.keep_alive:
             return b"Connection: close\r\n"
         if self.version < (1, 1):
@@ -196,20 +301,93 @@ class Request:
             await drain(conn)
 
 
-class _ServerConnection(BaseProtocol):
-    """One client connection: the parser feeds a queue, one task answers it in order."""
+class _ChunkedEnd:
+    """Where a chunked body ends in the bytes that follow its head: only to cut the bytes at the
+    message boundary before the parser sees them. llhttp does the parsing and refuses what is not
+    valid; when the two disagree, the connection is refused rather than read on."""
 
-    __slots__ = ("_current", "_queue", "_server", "_task", "_waiter", "busy", "closing", "last_active", "lost",
-                 "remote")  # fmt: skip
+    __slots__ = ("_left", "_line", "_state")
+    _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
+
+    def __init__(self) -> None:
+        self._state = self._SIZE
+        self._left = 0
+        self._line = b""
+
+    def scan(self, data: bytes, pos: int) -> tuple[int, bool]:
+        """The index where this body's bytes in `data` (from `pos`) end, and whether the body ends there."""
+        end = len(data)
+        while pos < end:
+            state = self._state
+            if state == self._DATA or state == self._DATA_END:
+                take = min(self._left, end - pos)
+                pos += take
+                self._left -= take
+                if not self._left:
+                    if state == self._DATA:
+                        self._state, self._left = self._DATA_END, 2
+                    else:
+                        self._state = self._SIZE
+                continue
+            newline = data.find(b"\n", pos)
+            stop = end if newline < 0 else newline + 1
+            if len(self._line) < 64:
+                self._line += data[pos : min(stop, pos + 64)]
+            pos = stop
+            if newline < 0:
+                break
+            line, self._line = self._line, b""
+            if state == self._TRAILER:
+                if line == b"\r\n":
+                    return pos, True
+                continue
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                return pos, True  # not a chunk size: the parser refuses it; nothing after it is read
+            if size:
+                self._state, self._left = self._DATA, size
+            else:
+                self._state = self._TRAILER
+        return pos, False
+
+
+class _ServerConnection(BaseProtocol):
+    """One client connection: the bytes are cut at message boundaries and parsed into a queue,
+    one task answers it in order."""
+
+    __slots__ = ("_body", "_body_left", "_body_seen", "_chunks", "_current", "_head_bytes", "_head_lines",
+                 "_head_started", "_head_tail", "_limit", "_limit_payload", "_pending", "_queue", "_server",
+                 "_task", "_timer", "_waiter", "busy", "closing", "last_active", "lost", "remote",
+                 "trusted")  # fmt: skip
 
     def __init__(self, server: Server, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
         self._server = server
-        self._queue: collections.deque[tuple[Any, StreamReader]] = collections.deque()
+        # (message, its body, its validated Content-Length), or (a refusal, EMPTY_PAYLOAD, None)
+        self._queue: collections.deque[tuple[RawRequestMessage | BaseException, StreamReader, int | None]] = (
+            collections.deque()
+        )
         self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._current: StreamReader = EMPTY_PAYLOAD  # the body of the request being handled
+        self._timer: asyncio.TimerHandle | None = None
+        self._pending = b""  # bytes not yet cut, held while a body's reader is slow (the parser is paused)
+        # the head being received: its bytes and lines so far, when its first byte came, its last 3 bytes
+        self._head_bytes = 0
+        self._head_lines = 0
+        self._head_started: float | None = None
+        self._head_tail = b""
+        # the body being received: its payload, the bytes of it still to come (Content-Length) or
+        # where its chunks end, and when a byte of it last came (or when nobody was waiting for one)
+        self._body: StreamReader | None = None
+        self._body_left: int | None = None
+        self._chunks: _ChunkedEnd | None = None
+        self._body_seen = 0.0
+        self._limit_payload: StreamReader | None = None
+        self._limit = 0
         self.remote: str | None = None
+        self.trusted = False
         self.busy = False
         self.closing = False
         self.lost = False
@@ -217,46 +395,232 @@ class _ServerConnection(BaseProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # sets TCP_NODELAY
+        server = self._server
+        if len(server.connections) >= server.limits.max_connections:
+            server.reject()
+            self.closing = self.lost = True
+            transport.close()
+            return
         peer = transport.get_extra_info("peername")
         self.remote = str(peer[0]) if isinstance(peer, tuple) and peer else None
-        self._parser = HttpRequestParser(self, self._loop, READ_LIMIT, auto_decompress=False)
+        self.trusted = bool(server.trusted_proxies) and trusted_peer(self.remote, server.trusted_proxies)
+        self._parser = self._new_parser()
         self.last_active = self._loop.time()
-        self._server.connections.add(self)
+        server.connections.add(self)
         self._task = self._loop.create_task(self._serve())
 
+    def _new_parser(self) -> HttpRequestParser:
+        limits = self._server.limits
+        return HttpRequestParser(
+            self,
+            self._loop,
+            READ_LIMIT,
+            max_line_size=MAX_REQUEST_LINE,
+            max_headers=limits.max_headers,
+            max_field_size=limits.max_header_bytes,
+            auto_decompress=False,
+        )
+
+    # reading -------------------------------------------------------------------
+
     def data_received(self, data: bytes) -> None:
-        if self.closing and not self.busy and not self._queue:
+        if self._parser is None:  # refused, stopped, or an upgrade we do not follow: nothing more is read
             return
+        now = self._loop.time()
         if data:
-            self.last_active = self._loop.time()
-        parser = self._parser
-        if parser is None:  # refused, or an upgrade we do not follow: nothing more is read
-            return
-        try:
-            messages, upgraded, _tail = parser.feed_data(data)
-        except Exception as exc:
-            self._parser = None
-            self._queue.append((exc, EMPTY_PAYLOAD))
-            messages, upgraded = [], False
-        if messages:
-            self._queue.extend(messages)
-        if upgraded:
-            self._parser = None  # the request is answered as a plain one, then the connection closes
-        if len(self._queue) >= MAX_QUEUED:
+            self.last_active = now
+        if self._pending:
+            data, self._pending = self._pending + data, b""
+        elif not data:
+            # resume_reading(): the parser goes on with the body bytes it held back when the body's
+            # reader was slow (only body bytes: what followed them was kept uncut in _pending).
+            self._feed(b"", body=True)
+        pos, end = 0, len(data)
+        while pos < end and self._parser is not None:
+            if reading_paused(self):  # a body's reader is slow: the rest waits, uncut, until it resumes
+                self._pending = data[pos:] if pos else data
+                break
+            if self._body is None:
+                pos = self._cut_head(data, pos, now)
+            else:
+                pos = self._cut_body(data, pos, now)
+        if len(self._queue) >= MAX_QUEUED and not buffer_paused(self):
             pause_for_buffer(self)
         waiter = self._waiter
         if waiter is not None and self._queue and not waiter.done():
             waiter.set_result(None)
+        if self._timer is None and self._parser is not None:
+            if self._head_started is not None:
+                self._arm(self._head_started + self._server.limits.header_timeout_seconds)
+            elif self._body is not None:
+                self._arm(self._body_seen + self._server.limits.body_timeout_seconds)
+
+    def _cut_head(self, data: bytes, pos: int, now: float) -> int:
+        """Feeds the bytes of a head up to its end (or all of them, when it does not end in `data`)."""
+        end = -1
+        tail = self._head_tail
+        if tail:  # the empty line may straddle two reads
+            found = (tail + data[pos : pos + 3]).find(_HEAD_END)
+            if found >= 0:
+                end = pos + found + 4 - len(tail)
+        if end < 0:
+            found = data.find(_HEAD_END, pos)
+            end = found + 4 if found >= 0 else len(data)
+        limits = self._server.limits
+        self._head_bytes += end - pos
+        self._head_lines += data.count(b"\n", pos, end)
+        # A head of N fields has N + 2 line ends; both bounds hold before the parser holds a byte more.
+        if self._head_bytes > limits.max_header_bytes or self._head_lines > limits.max_headers + 2:
+            self._stop(HeadersTooLarge())
+            return len(data)
+        if self._head_started is None:
+            self._head_started = now
+        self._head_tail = data[end - 3 : end] if end - pos >= 3 else (tail + data[pos:end])[-3:]
+        self._feed(data[pos:end] if pos or end < len(data) else data, body=False)
+        return end
+
+    def _cut_body(self, data: bytes, pos: int, now: float) -> int:
+        """Feeds the bytes of the body being received, up to its end."""
+        if self._chunks is None:
+            assert self._body_left is not None
+            end = min(len(data), pos + self._body_left)
+            self._body_left -= end - pos
+            done = not self._body_left
+        else:
+            end, done = self._chunks.scan(data, pos)
+        self._body_seen = now
+        body = self._body
+        self._feed(data[pos:end] if pos or end < len(data) else data, body=True)
+        if body is not None and body is self._limit_payload and body.total_bytes > self._limit:
+            self._too_large(body)
+        if done and self._parser is not None:
+            if self._chunks is not None:
+                # aiohttp's C parser keeps a chunked body's trailer fields and hands them to the next
+                # request as headers of its own (X-Injected: 1 from the trailer of the one before):
+                # a fresh parser for what follows. Trailers are not forwarded (the body is re-framed).
+                self._parser = self._new_parser()
+            self._body = self._chunks = self._body_left = None
+            self._head_started = None
+        return end
+
+    def _feed(self, piece: bytes, *, body: bool) -> None:
+        parser = self._parser
+        assert parser is not None
+        try:
+            messages, upgraded, _tail = parser.feed_data(piece)
+        except Exception as exc:
+            self._stop(exc)
+            return
+        if messages and body:  # the parser found a message where the cut saw body bytes: trust neither
+            self._stop(FramingRefused("the body's end is ambiguous"))
+            return
+        for message, payload in messages:
+            try:
+                length = body_framing(message)
+            except FramingRefused as exc:
+                self._stop(exc)  # its body is never parsed, nor anything after it
+                return
+            self._queue.append((message, payload, length))
+            self._head_bytes = self._head_lines = 0
+            self._head_started = None
+            self._head_tail = b""
+            if payload is not EMPTY_PAYLOAD and not payload.is_eof():
+                self._body = payload
+                self._body_left = length
+                self._chunks = _ChunkedEnd() if length is None else None
+                self._body_seen = self._loop.time()
+        if upgraded:  # the request is answered as a plain one, then the connection closes
+            self._stop(None)
+
+    def _stop(self, refusal: BaseException | None) -> None:
+        """Nothing more is parsed on this connection; `refusal` is answered after the requests before it."""
+        self._parser = None
+        self._pending = b""
+        self._disarm()
+        body = self._body
+        self._body = self._chunks = self._body_left = None
+        self._head_started = None
+        if body is not None and not body.is_eof() and body.exception() is None:
+            # It broke inside a body: the refusal is that request's, its reader gets it (a parser's
+            # error is answered 400 by the forwarder) and its answer closes the connection.
+            if isinstance(refusal, HttpProcessingError):
+                body.set_exception(refusal)
+            elif isinstance(refusal, FramingRefused):
+                body.set_exception(BadHttpMessage("the request body's end is ambiguous"))
+            else:
+                body.set_exception(BodyBroken("the request body was cut short"))
+            refusal = None
+        if refusal is not None:
+            self._queue.append((refusal, EMPTY_PAYLOAD, None))
+        # else: the request whose body broke is answered after those before it, with `Connection: close`
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def limit_body(self, payload: StreamReader, max_bytes: int) -> None:
+        if payload.total_bytes > max_bytes:
+            self._too_large(payload)
+        elif not payload.is_eof():
+            self._limit_payload, self._limit = payload, max_bytes
+
+    def _too_large(self, payload: StreamReader) -> None:
+        self._limit_payload = None
+        payload.set_exception(BodyTooLarge())
+        if self._parser is not None:
+            if payload is not self._body:
+                self._body = None  # its body is complete: the BodyBroken of _stop is not for it
+            self._stop(None)
+
+    # deadlines: one timer per connection, armed only while a head or a body is incomplete -------
+
+    def _arm(self, when: float) -> None:
+        self._timer = self._loop.call_at(when, self._deadline)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _deadline(self) -> None:
+        self._timer = None
+        if self._parser is None:
+            return
+        now = self._loop.time()
+        limits = self._server.limits
+        if self._head_started is not None:
+            if buffer_paused(self):  # we stopped reading (pipelined requests queued): not the client's delay
+                self._head_started = now
+            deadline = self._head_started + limits.header_timeout_seconds
+            if now >= deadline:
+                log.info("request head incomplete after %.1f s", limits.header_timeout_seconds)
+                self._stop(HeadTimeout())
+                return
+            self._arm(deadline)
+            return
+        body = self._body
+        if body is None or body.is_eof():
+            return
+        if reading_paused(self) or not reader_waiting(body):  # nobody is waiting for the client's bytes
+            self._body_seen = now
+        deadline = self._body_seen + limits.body_timeout_seconds
+        if now >= deadline:
+            body.set_exception(BodyTimeout())
+            self._body = None
+            self._stop(None)
+            return
+        self._arm(deadline)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lost = True  # it stays in the server's set until its task ends: the drain waits for it
+        self._disarm()
         parser, self._parser = self._parser, None
+        self._pending = b""
         if parser is not None:
             with contextlib.suppress(Exception):
                 parser.feed_eof()
         # The parser's feed_eof may raise (a truncated body) before telling the payload: every body
         # still expected, the one being read included, ends in an error its reader sees.
-        for payload in [self._current, *(payload for _message, payload in self._queue)]:
+        for payload in [self._current, *(payload for _message, payload, _length in self._queue)]:
             if payload is not EMPTY_PAYLOAD and not payload.is_eof():
                 payload.set_exception(ConnectionResetError("the client closed the connection"))
         waiter = self._waiter
@@ -271,6 +635,7 @@ class _ServerConnection(BaseProtocol):
 
     def close(self) -> None:
         self.closing = True
+        self._disarm()
         if self.transport is not None:
             self.transport.close()
         waiter = self._waiter
@@ -305,13 +670,13 @@ class _ServerConnection(BaseProtocol):
                     finally:
                         self._waiter = None
                     continue
-                message, payload = self._queue.popleft()
+                message, payload, length = self._queue.popleft()
                 if buffer_paused(self) and not self._queue:
                     resume_for_buffer(self)
                 if not isinstance(message, RawRequestMessage):
                     self._refuse(message)
                     break
-                request = Request(self, message, payload)
+                request = Request(self, message, payload, length)
                 self._current = payload
                 self.busy = True
                 try:
@@ -345,24 +710,34 @@ class _ServerConnection(BaseProtocol):
     def _refuse(self, exc: BaseException) -> None:
         # The parser's message may quote the bytes it refused (a header carrying a key):
         # log the type only, answer the spec 5 body without any of it.
-        log.info("request refused by the HTTP parser: %s", type(exc).__name__)
+        code = exc.code if isinstance(exc, Refusal) else "invalid_request"
+        if not isinstance(exc, HeadTimeout):
+            log.info("request refused: %s", type(exc).__name__)
         request_id = errors.new_request_id()
-        status, reason, head, body = errors.wire(errors.Denial("invalid_request"), request_id)
+        status, reason, head, body = errors.wire(errors.Denial(code), request_id)
         self.send(b"HTTP/1.1 %d %s\r\n%bDate: %b\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b"
                   % (status, reason.encode(), head, http_date(time.time()), len(body), body))  # fmt: skip
-        self._server.on_refused(request_id, self.remote)
+        self._server.on_refused(request_id, self.remote, code)
 
 
 class Server:
     """The proxy listener: `start` to listen, `shutdown` to drain and close (SIGTERM)."""
 
     def __init__(
-        self, handler: Handler, on_refused: Refused = lambda *_: None, *, keepalive_seconds: float = KEEPALIVE_SECONDS
+        self,
+        handler: Handler,
+        on_refused: Refused = lambda *_: None,
+        *,
+        limits: LimitsConfig | None = None,
+        trusted_proxies: Iterable[Network] = (),
     ) -> None:
         self.handler = handler
         self.on_refused = on_refused
-        self.keepalive_seconds = keepalive_seconds
+        self.limits = limits or LimitsConfig()
+        self.trusted_proxies: tuple[Network, ...] = tuple(trusted_proxies)
         self.connections: set[_ServerConnection] = set()
+        self.rejected = 0  # connections closed on accept: limits.max_connections were open
+        self._rejected_logged = 0.0
         self.loop: asyncio.AbstractEventLoop | None = None  # set by start()
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
@@ -375,6 +750,18 @@ class Server:
     def port(self) -> int:
         return int(self._servers[0].sockets[0].getsockname()[1])
 
+    def reject(self) -> None:
+        """A connection over limits.max_connections, closed on accept: counted, logged at most once a second."""
+        self.rejected += 1
+        now = time.monotonic()
+        if now - self._rejected_logged >= 1.0:
+            self._rejected_logged = now
+            log.warning(
+                "connection limit reached: %d open, new ones closed on accept (%d so far)",
+                self.limits.max_connections,
+                self.rejected,
+            )
+
     async def start(self, host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024) -> None:
         self.loop = asyncio.get_running_loop()
         server = await self.loop.create_server(
@@ -385,12 +772,14 @@ class Server:
             self._sweeper = self.loop.create_task(self._sweep())
 
     async def _sweep(self) -> None:
-        """Close client connections idle longer than the keep-alive timeout (one timer for all of them)."""
-        period = min(5.0, self.keepalive_seconds / 2)
+        """Close client connections idle longer than the keep-alive timeout (one timer for all of them).
+        A connection with part of a head is not idle to this: the head's own deadline governs it."""
+        keepalive = self.limits.keepalive_seconds
+        period = min(5.0, keepalive / 2)
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(period)
-            deadline = loop.time() - self.keepalive_seconds
+            deadline = loop.time() - keepalive
             for conn in [c for c in self.connections if c.idle and c.last_active < deadline]:
                 conn.close()
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import errors
-from .config import KeysConfig
+from .config import METHODS, KeysConfig
 from .credentials import bearer_from
 from .errors import Denial
 from .http1 import Request, http_date
@@ -30,6 +30,7 @@ access = logging.getLogger("gateway.access")
 log = logging.getLogger("gateway")
 _USER_AGENT_MAX = 256
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first"
+_UNLISTED = frozenset({"CONNECT", "TRACE"})  # refused unless a route's `methods` names them
 
 
 @dataclass
@@ -70,11 +71,20 @@ class Proxy:
         if route is None:
             self._deny(request, Denial("route_not_found"), request_id, started, path=target.path)
             return
-        if route.methods is not None and request.method not in route.methods:
-            allow = ", ".join(sorted(route.methods))
+        allowed = route.methods
+        if request.method not in allowed if allowed is not None else request.method in _UNLISTED:
+            # CONNECT and TRACE only where a route lists them (spec 6): a tunnel or an echo of the
+            # request (its Authorization included) is never what "all methods" means.
+            allow = ", ".join(sorted(allowed if allowed is not None else METHODS - _UNLISTED))
             denial = Denial("method_not_allowed", headers={"Allow": allow})
             self._deny(request, denial, request_id, started, target.path, route.name)
             return
+        if request.body_exists:
+            if request.body_length is not None and request.body_length > route.max_body_bytes:
+                request.keep_alive = False  # its body is not read: the connection cannot carry another request
+                self._deny(request, Denial("body_too_large"), request_id, started, target.path, route.name)
+                return
+            request.limit_body(route.max_body_bytes)  # a chunked body: the listener counts it as it comes
 
         record: KeyRecord | None = None
         if route.requires_key:
@@ -114,10 +124,12 @@ class Proxy:
             return
         self._record(request, request_id, started, target.path, route.name, "forwarded", outcome, record, upstream)
 
-    def refused(self, request_id: str, remote: str | None) -> None:
-        """A request the HTTP parser refused (answered 400 invalid_request by the listener):
-        counted and logged like any other, with nothing of what was refused."""
-        self._record(None, request_id, time.perf_counter(), None, "-", "invalid_request", 400, None, None, remote)
+    def refused(self, request_id: str, remote: str | None, code: str = "invalid_request") -> None:
+        """A request the listener refused before any handler saw it (400 invalid_request, 408
+        request_timeout, 431 headers_too_large): counted and logged like any other, with nothing
+        of what was refused."""
+        status = errors.KINDS[code].status
+        self._record(None, request_id, time.perf_counter(), None, "-", code, status, None, None, remote)
 
     def _deny(
         self,

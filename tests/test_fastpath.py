@@ -232,7 +232,13 @@ async def front(redis_server: RedisProcess, admin_tokens: AdminTokens) -> AsyncI
         async def start(
             upstream_url: str, *, socket_timeout: float = 10.0, retries: bool = True, **overrides: Any
         ) -> Gateway:
-            overrides = {"routes": routes_for(upstream_url), "redis.health_check_seconds": 5, **overrides}
+            # A Redis paused by a test (2 s) is neither a break nor the end of the cache's lease.
+            overrides = {
+                "routes": routes_for(upstream_url),
+                "redis.health_check_seconds": 5,
+                "redis.lease_seconds": 5,
+                **overrides,
+            }
             cfg = make_config(
                 redis_url=redis_server.url, upstream_url=upstream_url, tokens=admin_tokens.entries, overrides=overrides
             )
@@ -898,7 +904,16 @@ async def gateway_serve(tmp_path: Path, redis_url: str, upstream_url: str) -> As
         "listen": {"host": "127.0.0.1", "port": proxy_port},
         "admin": {"listen": {"host": "127.0.0.1", "port": admin_port}},
         "redis": {"url": redis_url, "prefix": f"fp{secrets.token_hex(4)}:"},
-        "routes": [{"name": "public", "path_prefix": "/public", "upstream": upstream_url, "auth": "none"}],
+        # max_body_bytes: the 64 MiB upload below is above the default limit (10 MiB)
+        "routes": [
+            {
+                "name": "public",
+                "path_prefix": "/public",
+                "upstream": upstream_url,
+                "auth": "none",
+                "max_body_bytes": 256 * MIB,
+            }
+        ],
     }
     config = tmp_path / "gateway.yaml"
     config.write_text(yaml.safe_dump(raw))

@@ -386,8 +386,11 @@ async def test_a_request_without_an_id_gets_one_the_upstream_and_client_share(gw
     ],
 )
 async def test_x_forwarded_headers_are_appended_and_set(
-    gw: Gateway, key: dict[str, Any], client_xff: str | None, expected: str
+    gateway_factory: Callable[..., Any], client_xff: str | None, expected: str
 ) -> None:
+    # Appended only from a peer in trusted_proxies (spec 6; tests/test_limits.py has the untrusted side).
+    gw: Gateway = await gateway_factory(trusted_proxies=["127.0.0.0/8"])
+    key = await gw.create_key(name="forwarding", owner="acme")
     sent = {"Host": "api.example.com", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "evil.example"}
     if client_xff is not None:
         sent["X-Forwarded-For"] = client_xff
@@ -414,8 +417,12 @@ def _block(i: int) -> bytes:
 
 
 async def test_an_upload_is_streamed_to_the_upstream_before_it_is_complete(
-    gw: Gateway, key: dict[str, Any], upstream: TestServer
+    gateway_factory: Callable[..., Any], upstream: TestServer
 ) -> None:
+    # 24 MiB, above the default max_body_bytes (10 MiB): this gateway's api route takes 64 MiB.
+    api = {"name": "api", "path_prefix": "/api", "upstream": str(upstream.make_url("")).rstrip("/")}
+    gw: Gateway = await gateway_factory(routes=[{**api, "max_body_bytes": 64 * MIB}])
+    key = await gw.create_key(name="forwarding", owner="acme")
     started = upstream.app[UPLOAD_STARTED]
     total = 24
     expected = hashlib.sha256(b"".join(_block(i) for i in range(total))).hexdigest()

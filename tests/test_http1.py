@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
 from gateway import http1
+from gateway.config import LimitsConfig
 from tests.conftest import Gateway
 from tests.upstream_app import UPLOAD_STARTED
 
@@ -336,11 +337,6 @@ async def test_connection_close_from_an_http11_client_is_honoured(gw: Gateway, t
         assert await closed_by_server(reader) == b""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bytes after a `Connection: close` request in the same packet make the parser raise, and "
-    "http1._ServerConnection.data_received then drops the valid request parsed before them: 400 instead",
-)
 async def test_a_request_saying_close_is_answered_even_when_more_bytes_follow_it(gw: Gateway) -> None:
     """RFC 9112 9.6: answer the request that said close, then close; what follows is not processed."""
     async with connect(gw.proxy.port) as (reader, writer):
@@ -453,11 +449,6 @@ async def test_a_request_the_parser_refuses_is_400_and_closes_after_the_one_befo
     await refused_after_a_good_one(gw, key, BAD_REQUESTS[bad], same_write=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="http1._ServerConnection.data_received drops the requests parsed earlier in the same chunk "
-    "when the parser raises on a later one (the C parser raises before returning its messages)",
-)
 @pytest.mark.parametrize("bad", list(BAD_REQUESTS), ids=list(BAD_REQUESTS))
 async def test_a_good_request_in_the_same_packet_as_a_refused_one_is_still_answered(
     gw: Gateway, key: str, bad: str
@@ -503,7 +494,7 @@ async def test_an_idle_connection_is_closed_after_the_keepalive_timeout_but_a_bu
             await asyncio.sleep(1.5)
         await say_path(req)
 
-    server = await serve(handler, keepalive_seconds=1.0)
+    server = await serve(handler, limits=LimitsConfig(keepalive_seconds=1.0))
     loop = asyncio.get_running_loop()
 
     async def idle_never_spoke() -> float:

@@ -50,8 +50,10 @@ def forward(
     peer: str | None = "127.0.0.1",
     scheme: str = "http",
     host: str | None = "api.example.com",
+    trusted: bool = False,
 ) -> CIMultiDict[str]:
-    """The upstream's headers for a client that sent `pairs` (plus `Host: host` unless it sent one)."""
+    """The upstream's headers for a client that sent `pairs` (plus `Host: host` unless it sent one);
+    `trusted`: the peer is in trusted_proxies."""
     if host is not None and not any(name.lower() == "host" for name, _ in pairs):
         pairs = (*pairs, ("Host", host))
     out = upstream_request_headers(
@@ -61,6 +63,7 @@ def forward(
         request_id=request_id,
         peer=peer,
         scheme=scheme,
+        trusted=trusted,
     )
     return CIMultiDict((name.decode(), value.decode()) for name, value in out)
 
@@ -419,7 +422,8 @@ def test_proxy_authorization_is_dropped_even_when_authorization_is_forwarded() -
     ],
 )
 def test_x_forwarded_for_appends_the_peer(client: tuple[str, ...], peer: str | None, expected: str) -> None:
-    out = forward(*(("X-Forwarded-For", v) for v in client), peer=peer)
+    # A client's X-Forwarded-For is kept only from a trusted proxy (spec 6): this peer is one.
+    out = forward(*(("X-Forwarded-For", v) for v in client), peer=peer, trusted=True)
     assert out.getall("X-Forwarded-For") == [expected]
 
 
