@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint install redis deploy-tools clean bench bench-propagation
+.PHONY: run test test-lowest lint install redis deploy-tools clean bench bench-propagation
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,28 @@ lint: install
 	$(VENV)/bin/ruff format --check gateway tests scripts benchmarks
 	$(VENV)/bin/mypy
 
+# The suite on the newest allowed dependencies (.venv), then on the lowest ones (test-lowest).
 test: install redis deploy-tools lint
 	$(VENV)/bin/pytest
+	$(MAKE) --no-print-directory test-lowest
+
+# The lowest version of every dependency pyproject.toml allows (constraints/lowest.txt), in a
+# virtualenv of its own: a declared minimum is one the suite has passed on. No lint here (old ruff
+# and mypy judge differently; `make lint` runs in .venv). Rebuilt from scratch when either file changes.
+LOWEST       := .venv-lowest
+LOWEST_STAMP := $(LOWEST)/.installed
+
+$(LOWEST_STAMP): pyproject.toml constraints/lowest.txt
+	rm -rf $(LOWEST)
+	$(PYTHON) -m venv $(LOWEST)
+	printf '*\n' > $(LOWEST)/.gitignore
+	$(LOWEST)/bin/python -m pip install --quiet --upgrade pip
+	$(LOWEST)/bin/python -m pip install --quiet -c constraints/lowest.txt -e '.[dev]'
+	touch $(LOWEST_STAMP)
+
+test-lowest: $(LOWEST_STAMP) redis deploy-tools
+	$(LOWEST)/bin/python scripts/lowest-versions.py constraints/lowest.txt
+	$(LOWEST)/bin/pytest -p no:cacheprovider
 
 # Disable -> refused on all 3 replicas, over 200 disables (prints p50/p99/max).
 bench-propagation: install redis
@@ -46,4 +66,4 @@ bench: install redis
 	$(PY) benchmarks/bench.py
 
 clean:
-	rm -rf $(VENV) .venv-tools .gateway-data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LOWEST) .venv-tools .gateway-data .pytest_cache .mypy_cache .ruff_cache
