@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import errors
@@ -24,11 +25,13 @@ from .keys import KeyRecord, decide, digest
 from .lookup import AuthUnavailable, KeyLookup
 from .metrics import Metrics
 from .routing import RouteTable, UnsafePath, split_target
+from .subscriber import IN_FLIGHT_MARGIN
 from .upstream import Forwarder
 
 access = logging.getLogger("gateway.access")
 log = logging.getLogger("gateway")
 _USER_AGENT_MAX = 256
+_DECISIONS = 3  # a key decision made stale while its upstream connection opened is taken again, this often
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first"
 _UNLISTED = frozenset({"CONNECT", "TRACE"})  # refused unless a route's `methods` names them
 
@@ -87,24 +90,36 @@ class Proxy:
             request.limit_body(route.max_body_bytes)  # a chunked body: the listener counts it as it comes
 
         record: KeyRecord | None = None
+        admit: Callable[[], bool] | None = None
+        key_hash: str | None = None
         if route.requires_key:
             credential = bearer_from(request.headers.getall("Authorization", ()))
             if isinstance(credential, Denial):
                 self._deny(request, credential, request_id, started, target.path, route.name)
                 return
-            try:
-                record = await self.lookup.find(digest(credential.token))
-            except AuthUnavailable:
-                self._deny(request, Denial("auth_unavailable"), request_id, started, target.path, route.name)
-                return
-            refusal = decide(record, route, time.time(), self.keys.disabled_status)
-            if refusal is not None:
-                self._deny(request, refusal, request_id, started, target.path, route.name, record)
-                return
+            key_hash = digest(credential.token)
 
         sent = time.perf_counter()
         try:
-            outcome = await self.forwarder.forward(request, route, target, record, request_id)
+            for _attempt in range(_DECISIONS):
+                if key_hash is not None:
+                    try:
+                        record = await self.lookup.find(key_hash)
+                    except AuthUnavailable:
+                        self._deny(request, Denial("auth_unavailable"), request_id, started, target.path, route.name)
+                        return
+                    refusal = decide(record, route, time.time(), self.keys.disabled_status)
+                    if refusal is not None:
+                        self._deny(request, refusal, request_id, started, target.path, route.name, record)
+                        return
+                    admit = self._fresh_decision()
+                    sent = time.perf_counter()
+                outcome = await self.forwarder.forward(request, route, target, record, request_id, admit)
+                if outcome is not None:
+                    break
+            else:  # stale every time: a key table changing faster than we connect upstream
+                self._deny(request, Denial("auth_unavailable"), request_id, started, target.path, route.name, record)
+                return
         except ConnectionError:
             # The client went away before its answer could start: nothing to send, nothing to
             # log as an error. Recorded as nginx does, 499.
@@ -123,6 +138,16 @@ class Proxy:
             self._deny(request, outcome, request_id, started, target.path, route.name, record, upstream)
             return
         self._record(request, request_id, started, target.path, route.name, "forwarded", outcome, record, upstream)
+
+    def _fresh_decision(self) -> Callable[[], bool]:
+        """Whether a key decision taken now may still put a request's first byte upstream: only if no
+        eviction happened since (a change this replica acked) and it is younger than half the margin
+        a change's answer leaves for a request between its cache check and its first byte upstream
+        (subscriber.IN_FLIGHT_MARGIN). Asked only after a wait for a new upstream connection."""
+        cache = self.lookup.cache
+        generation = cache.generation
+        until = time.monotonic() + IN_FLIGHT_MARGIN / 2
+        return lambda: cache.generation == generation and time.monotonic() < until
 
     def refused(self, request_id: str, remote: str | None, code: str = "invalid_request") -> None:
         """A request the listener refused before any handler saw it (400 invalid_request, 408

@@ -45,7 +45,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
@@ -455,9 +455,12 @@ class Forwarder:
         target: Target,
         record: KeyRecord | None,
         request_id: str,
-    ) -> int | errors.Denial:
+        admit: Callable[[], bool] | None = None,
+    ) -> int | errors.Denial | None:
         """Stream the exchange and return the status sent; a Denial when no response could be started
-        (502/504 for the upstream's side, 413/408/400 for the client's body)."""
+        (502/504 for the upstream's side, 413/408/400 for the client's body). None when `admit`, asked
+        after a wait for a new connection and before the first byte goes upstream, says the decision
+        to forward is stale: nothing was sent, and the caller decides again."""
         loop = self._loop
         if loop is None:
             raise RuntimeError("the forwarder is not started")
@@ -465,11 +468,7 @@ class Forwarder:
         path = base + encode(upstream_path(route, target.path))
         if target.query:
             path += "?" + target.query
-        has_body = request.body_exists
-        if has_body:
-            if request.body_length is not None and request.body_length > route.max_body_bytes:
-                return errors.Denial("body_too_large")  # declared too large: nothing is forwarded
-            request.limit_body(route.max_body_bytes)  # a chunked one: BodyTooLarge when it outgrows it
+        has_body = request.body_exists  # its size was checked against the route by the proxy
         head, chunked = upstream_request_head(
             request.method,
             path,
@@ -497,6 +496,9 @@ class Forwarder:
             try:
                 if conn is None:
                     conn = await pool.connect(loop, timeout)
+                    if admit is not None and not admit():
+                        pool.give_back(conn, loop.time())  # unused: the next request takes it
+                        return None
                 transport = conn.transport
                 if conn.closed or transport is None or transport.is_closing():
                     raise _Closed("connection closed before the request was written")
