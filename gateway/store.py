@@ -5,7 +5,7 @@ Layout, every name under `redis.prefix` (P):
   P id:<id>          sha256 of the key with that id
   P ids              sorted set of ids by creation time (listing)
   P owner:<owner>    sorted set of that owner's ids by creation time
-  P audit            stream of every change; P audit:<id> the same, per key
+  P audit            stream of every change; P audit:<id> the same, per key, under the same ids
   P events           pub/sub channel announcing each change (see channel.py)
   P acks             pub/sub channel of replicas' eviction acks
   P replicas         live replicas (see replicas.py)
@@ -262,11 +262,42 @@ class KeyStore:
         pipe.time()
 
     def _queue_audit(self, pipe: Any, entries: list[AuditEntry]) -> None:
+        """Each entry into the global stream and its key's stream under one id (see _AUDIT_XADD)."""
         now = time.time()
         for entry in entries:
-            fields = entry.fields(now)
-            pipe.xadd(self.prefix + "audit", fields)
-            pipe.xadd(self.prefix + "audit:" + entry.key_id, fields)
+            args = [part for pair in entry.fields(now).items() for part in pair]
+            pipe.eval(_AUDIT_XADD, 2, self.prefix + "audit", self.prefix + "audit:" + entry.key_id, *args)
+
+
+# One audit entry, one stream id in both streams: two XADD * can take two ids (the clock can
+# tick between them), and a page of one stream and a cursor from the other would then disagree.
+# An explicit id must be above the stream's last generated id, so the stream whose last id is
+# higher generates it (XADD *: above its own last id and the clock) and the other takes it as
+# given. Ids are compared as decimal strings (Redis writes them without leading zeros): a
+# Lua number cannot hold every 64-bit part. EVAL rather than EVALSHA: in MULTI an unknown sha
+# would fail alone at EXEC, leaving the change written without its audit entry.
+_AUDIT_XADD = """
+local function last(stream)
+  if redis.call('EXISTS', stream) == 0 then return {'0', '0'} end
+  local info = redis.call('XINFO', 'STREAM', stream)
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then return {string.match(info[i + 1], '^(%d+)-(%d+)$')} end
+  end
+  return {'0', '0'}
+end
+local function less(a, b)
+  if #a ~= #b then return #a < #b end
+  return a < b
+end
+local all, own = last(KEYS[1]), last(KEYS[2])
+local first, second = KEYS[1], KEYS[2]
+if less(all[1], own[1]) or (all[1] == own[1] and less(all[2], own[2])) then
+  first, second = KEYS[2], KEYS[1]
+end
+local id = redis.call('XADD', first, '*', unpack(ARGV))
+redis.call('XADD', second, id, unpack(ARGV))
+return id
+"""
 
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")

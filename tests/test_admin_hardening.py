@@ -188,13 +188,20 @@ async def test_every_stored_record_remains_listable_and_readable(gw: Gateway, re
         "key_" + "e" * 20: _raw_record("key_" + "e" * 20, meta={"blob": "x" * 200_000}),  # 200 kB of meta
         "key_" + "f" * 20: b"[]",
     }
-    start = time.time()
-    for n, (key_id, raw) in enumerate(odd.items()):
+    # Scored after the keys made before them, and the keys made after wait until the clock has
+    # passed the last score: listed between the two, however fast the keys are made.
+    last_good = await redis.zscore(f"{prefix}ids", good[-1])
+    assert last_good is not None
+    start = max(time.time(), last_good)
+    scores = [start + (n + 1) / 1000 for n in range(len(odd))]
+    for score, (key_id, raw) in zip(scores, odd.items(), strict=True):
         key_hash = hashlib.sha256(key_id.encode()).hexdigest()
         await redis.set(f"{prefix}k:{key_hash}", raw)
         await redis.set(f"{prefix}id:{key_id}", key_hash)
-        await redis.zadd(f"{prefix}ids", {key_id: start + n / 1000})
-        await redis.zadd(f"{prefix}owner:legacy", {key_id: start + n / 1000})
+        await redis.zadd(f"{prefix}ids", {key_id: score})
+        await redis.zadd(f"{prefix}owner:legacy", {key_id: score})
+    await asyncio.sleep(scores[-1] - time.time() + 0.01)
+    assert time.time() > scores[-1]
     more = [(await gw.create_key(name=f"after-{i}", owner="legacy"))["id"] for i in range(2)]
     everyone = good + list(odd) + more
 
