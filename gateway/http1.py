@@ -74,6 +74,7 @@ log = logging.getLogger("gateway.http")
 READ_LIMIT: Final = 2**16  # the request body's buffer before reading from the client pauses
 LINGER_SECONDS: Final = 10.0  # how long an unread request body may take to arrive and be dropped
 MAX_QUEUED: Final = 32  # pipelined requests parsed ahead of the one being handled, before reading pauses
+MAX_FIELD: Final = 8190  # one header field's value: longer is refused 400, as nginx's and aiohttp's defaults do
 MAX_REQUEST_LINE: Final = 8190  # aiohttp's (and nginx's large_client_header_buffers) default: longer is 400
 _NO_BODY: Final = frozenset({204, 304})
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -417,7 +418,7 @@ class _ServerConnection(BaseProtocol):
             READ_LIMIT,
             max_line_size=MAX_REQUEST_LINE,
             max_headers=limits.max_headers,
-            max_field_size=limits.max_header_bytes,
+            max_field_size=MAX_FIELD,  # one field: nginx's and aiohttp's 8 KiB; the whole head: max_header_bytes
             auto_decompress=False,
         )
 
@@ -711,7 +712,9 @@ class _ServerConnection(BaseProtocol):
         # The parser's message may quote the bytes it refused (a header carrying a key):
         # log the type only, answer the spec 5 body without any of it.
         code = exc.code if isinstance(exc, Refusal) else "invalid_request"
-        if not isinstance(exc, HeadTimeout):
+        if not isinstance(exc, Refusal):
+            log.info("request refused by the HTTP parser: %s", type(exc).__name__)
+        elif not isinstance(exc, HeadTimeout):
             log.info("request refused: %s", type(exc).__name__)
         request_id = errors.new_request_id()
         status, reason, head, body = errors.wire(errors.Denial(code), request_id)

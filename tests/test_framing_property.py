@@ -41,6 +41,8 @@ from tests.recording_upstream import (
 )
 from tests.test_framing import REFUSED, SMUGGLED
 
+BAD_ID = "bad"  # the test id every REFUSED case carries (tests/test_framing.py, with_headers)
+
 T = TypeVar("T")
 BAD = sorted(name for name, bad in REFUSED.items() if bad.status == 400)
 EXAMPLE = itertools.count()
@@ -214,14 +216,25 @@ async def one_example(world: World, reqs: list[Req], cuts: list[int]) -> None:
         await c.close()
     await recorder.settle(quiet=0.05)
 
+    # A chunked body that breaks after its head arrived (the cut fell between them) is streamed until
+    # it breaks: the gateway cannot know the future bytes. Then the upstream holds that one request
+    # incomplete on a connection the gateway closes (never reused: nothing can follow it there), and
+    # the client gets 400, or, from an upstream that answered before the body, that answer; either way
+    # the client's connection then closes and nothing after it is read.
+    body_broken = bool(expected) and expected[-1].req.bad and expected[-1].req.framing.startswith("chunk-")
+    cut = [BAD_ID] if body_broken else []
     # What the upstream read: exactly the requests the model forwards, each whole with exactly its body.
     forwarded = [e for e in expected if e.status == 200]
-    upstream_saw_exactly(recorder, [e.req.sent(e.test_id) for e in forwarded], secrets=[world.key])
+    upstream_saw_exactly(recorder, [e.req.sent(e.test_id) for e in forwarded], secrets=[world.key], allow_cut=cut)
     # ... and exactly the ones the gateway answered with the upstream's answer.
-    from_upstream = [a.headers[TEST_ID] for a in answers if isinstance(a, Answer) and a.from_upstream]
+    answered = [a for a in answers if isinstance(a, Answer) and a.from_upstream]
+    from_upstream = [a.headers[TEST_ID] for a in answered if a.headers[TEST_ID] not in cut]
     assert from_upstream == [e.test_id for e in forwarded], (from_upstream, answers)
     for e, answer in zip(expected, answers, strict=True):
         assert isinstance(answer, Answer), (e, answer)
+        if e.status == 400 and body_broken and answer.from_upstream:
+            assert world.recorder.mode == "early" and closes, (e, answer.raw_headers)
+            continue
         assert answer.status == e.status, (e, answer.status, answer.body[:200])
         if e.status == 400:
             assert answer.code == "invalid_request" and answer.closes, answer.raw_headers
