@@ -201,10 +201,7 @@ class TokenVerifier:
             if self._queued[target] >= MAX_QUEUED_PER_TARGET:
                 return Throttled(1, busy=True)
             task = self._start(fingerprint, token, target, key)
-        result = await asyncio.shield(task)
-        if result is None:
-            self.throttle.failed(key)
-        return result
+        return await asyncio.shield(task)  # a wrong token's failure is counted when its verification ends
 
     def _start(self, fingerprint: str, token: str, target: str, key: tuple[str, str]) -> asyncio.Task[Principal | None]:
         """A verification that finishes (and is remembered) even if every caller goes away."""
@@ -215,10 +212,12 @@ class TokenVerifier:
 
         def done(t: asyncio.Task[Principal | None]) -> None:
             self._queued[target] -= 1
+            # The failure is counted in the same step as the verification stops being pending: between
+            # the two, another attempt would see the budget one short of spent.
+            if not t.cancelled() and t.exception() is None and t.result() is None:
+                self.throttle.failed(key)
             self.throttle.end(key)
             self._inflight.pop(fingerprint, None)
-            if not t.cancelled():
-                t.exception()  # retrieved: no "never retrieved" warning when every caller left
 
         task.add_done_callback(done)
         return task
