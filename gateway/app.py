@@ -73,7 +73,7 @@ class Replica:
 
 
 # What a reload does not apply: listeners, Redis, cache, keys, admin, logging and lifecycle need a restart.
-_RESTART_SECTIONS = ("listen", "admin", "redis", "cache", "keys", "logging", "lifecycle")
+_RESTART_SECTIONS = ("listen", "admin", "redis", "cache", "keys", "logging", "lifecycle", "limits", "trusted_proxies")
 
 
 async def _cancel(task: asyncio.Task[None], seconds: float = 5.0) -> None:

@@ -44,7 +44,7 @@ K8S_VERSIONS = ["1.28", None]
 # checkov checks allowed to fail without an annotation in the manifest, with the reason for each.
 # Empty: every accepted finding is a `checkov.io/skipN: CHECK=reason` annotation on its resource.
 CHECKOV_SKIP: dict[str, str] = {}
-# The annotated skips the README lists ("Deployment" section); a new one must be added there too.
+# The annotated skips docs/deployment.md lists ("Checkov checks skipped"); a new one must be added there too.
 DOCUMENTED_ANNOTATED_SKIPS = {
     ("CKV_K8S_35", "Deployment.gateway.gateway"),  # secrets as env: the gateway reads them only from env
     ("CKV_K8S_43", "Deployment.gateway.gateway"),  # image digest: pinned in kustomization.yaml per registry
@@ -233,7 +233,7 @@ def test_checkov_skips_are_annotated_with_reasons_and_documented(checkov_report:
     for check in skipped:
         assert len(check["reason"]) >= 20, f"{check['id']} on {check['resource']}: the skip needs a real reason"
     found = {(c["id"], c["resource"]) for c in skipped}
-    assert found == DOCUMENTED_ANNOTATED_SKIPS, "update DOCUMENTED_ANNOTATED_SKIPS and the README's list"
+    assert found == DOCUMENTED_ANNOTATED_SKIPS, "update DOCUMENTED_ANNOTATED_SKIPS and the list in docs/deployment.md"
 
 
 # kustomization -----------------------------------------------------------
