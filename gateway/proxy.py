@@ -5,7 +5,7 @@
 Every step before `forward` either passes or returns a Denial, which one
 renderer turns into the JSON error. No path that returns a Denial forwards.
 Each request ends in `_record`: one metric increment and one access-log record.
-It runs on gateway/http1.py's server: the answer is written through the request.
+It runs on gateway/h1/server.py's server: the answer is written through the request.
 """
 
 from __future__ import annotations
@@ -16,17 +16,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import errors
-from .config import METHODS, KeysConfig
-from .credentials import bearer_from
-from .errors import Denial
-from .http1 import Request, http_date
-from .keys import KeyRecord, decide, digest
-from .lookup import AuthUnavailable, KeyLookup
-from .metrics import Metrics
-from .routing import RouteTable, UnsafePath, split_target
-from .subscriber import IN_FLIGHT_MARGIN
-from .upstream import Forwarder
+from gateway import errors
+from gateway.coherence.subscriber import IN_FLIGHT_MARGIN
+from gateway.config import METHODS, KeysConfig
+from gateway.errors import Denial
+from gateway.h1.client import Forwarder
+from gateway.h1.server import Request, http_date
+from gateway.keytable.credentials import bearer_from
+from gateway.keytable.lookup import AuthUnavailable, KeyLookup
+from gateway.keytable.record import KeyRecord, decide, digest
+from gateway.metrics import Metrics
+from gateway.routing import RouteTable, UnsafePath, split_target
 
 access = logging.getLogger("gateway.access")
 log = logging.getLogger("gateway")

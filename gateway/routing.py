@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import quote, unquote
 
-from .config import Route
+from gateway.config import Route
 
 # Characters left as they are when the normalised path is re-encoded for the
 # upstream: RFC 3986 pchar minus '%' (every '%' left after decoding is literal).

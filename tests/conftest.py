@@ -29,10 +29,10 @@ from redis.exceptions import RedisError
 from yarl import URL
 
 from gateway import config as config_mod
-from gateway import http1
 from gateway.admin.auth import TokenVerifier, hash_token
-from gateway.app import Replica, build
-from gateway.server import listen_client
+from gateway.h1 import server as http1
+from gateway.runtime.replica import Replica, build
+from gateway.runtime.serve import listen_client
 from tests.upstream_app import make_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,7 +206,7 @@ def make_config(
 
 
 class ProxyTestServer:
-    """The replica's own proxy listener (gateway/http1.py) on a free loopback port."""
+    """The replica's own proxy listener (gateway/h1/server.py) on a free loopback port."""
 
     def __init__(self, server: http1.Server) -> None:
         self.server = server

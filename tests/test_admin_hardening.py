@@ -22,11 +22,11 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
+from gateway.admin.api import client_address
 from gateway.admin.auth import FailureThrottle, TokenVerifier, client_bucket, hash_token, token_id
-from gateway.admin.handlers import client_address
 from gateway.config import AdminToken
-from gateway.keys import KeyRecord
-from gateway.store import CursorCodec
+from gateway.keytable.record import KeyRecord
+from gateway.keytable.store import CursorCodec
 from tests.conftest import ROOT, Gateway
 
 # helpers ---------------------------------------------------------------------

@@ -28,8 +28,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway import keyfile, operator_cli
-from gateway.cli import main
+from gateway.cli import keyfile
+from gateway.cli import keys as operator_cli
+from gateway.cli.main import main
 from tests.conftest import ROOT, AdminTokens, Gateway, free_port
 
 UNKNOWN_ID = "key_" + "0" * 20

@@ -23,15 +23,15 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from gateway import keys
-from gateway.app import Replica
-from gateway.cache import MISS, KeyCache
-from gateway.channel import MAX_MESSAGE, Ack, Codec, Evict, Rejected
-from gateway.keys import KeyRecord
-from gateway.lookup import AuthUnavailable, KeyLookup
-from gateway.replicas import Registry
-from gateway.store import KeyStore
-from gateway.subscriber import Coherence
+from gateway.coherence.channel import MAX_MESSAGE, Ack, Codec, Evict, Rejected
+from gateway.coherence.replicas import Registry
+from gateway.coherence.subscriber import Coherence
+from gateway.keytable import record as keys
+from gateway.keytable.cache import MISS, KeyCache
+from gateway.keytable.lookup import AuthUnavailable, KeyLookup
+from gateway.keytable.record import KeyRecord
+from gateway.keytable.store import KeyStore
+from gateway.runtime.replica import Replica
 from tests.conftest import AdminTokens, Gateway, RedisProcess, make_config, start_replica
 
 SECRET = "coherence-secret-0123456789abcdef"

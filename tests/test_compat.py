@@ -1,4 +1,4 @@
-"""gateway/aiohttp_compat.py: the import-time check of aiohttp's private members, and the supported range.
+"""gateway/h1/compat.py: the import-time check of aiohttp's private members, and the supported range.
 
 - With any one BaseProtocol member missing, importing the module fails with an ImportError that names
   the member, the installed aiohttp version and the supported range (a fresh copy of the module is
@@ -21,7 +21,7 @@ import aiohttp.base_protocol
 import aiohttp.streams
 import pytest
 
-from gateway import aiohttp_compat
+from gateway.h1 import compat as aiohttp_compat
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,9 +72,9 @@ _CASES = [(module, cls, members, missing) for module, cls, members in _GUARDED f
 
 
 def _load_copy(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
-    """Execute gateway/aiohttp_compat.py afresh under a name of its own, against whatever the test
-    put into aiohttp's modules (the real gateway.aiohttp_compat in sys.modules is not touched)."""
-    name = "gateway._aiohttp_compat_probe"
+    """Execute gateway/h1/compat.py afresh under a name of its own, against whatever the test
+    put into aiohttp's modules (the real gateway.h1.compat in sys.modules is not touched)."""
+    name = "gateway.h1._compat_probe"
     spec = importlib.util.spec_from_file_location(name, aiohttp_compat.__file__)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -122,7 +122,7 @@ def test_a_copy_loads_against_the_real_aiohttp(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_the_real_module_was_left_alone() -> None:
-    assert sys.modules["gateway.aiohttp_compat"] is aiohttp_compat
+    assert sys.modules["gateway.h1.compat"] is aiohttp_compat
     assert aiohttp_compat.BaseProtocol is aiohttp.base_protocol.BaseProtocol
     assert aiohttp_compat.StreamReader is aiohttp.streams.StreamReader
     for module, cls, members in _GUARDED:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from gateway import upstream
+from gateway.h1 import client as upstream
 from tests.conftest import Gateway
 
 

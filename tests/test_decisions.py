@@ -27,8 +27,8 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 from redis.asyncio import Redis
 
-from gateway.cache import MISS
-from gateway.keys import KeyRecord, digest
+from gateway.keytable.cache import MISS
+from gateway.keytable.record import KeyRecord, digest
 from tests.conftest import Gateway, RedisProcess, free_port
 
 ERROR_FIELDS = {"code", "title", "detail", "status", "type"}

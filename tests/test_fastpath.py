@@ -1,5 +1,5 @@
-"""The fast forwarding path (gateway/upstream.py) against upstreams that misbehave, and the lookup path's
-single flight and negative-cache bound (gateway/lookup.py, gateway/cache.py), all on real parts.
+"""The fast forwarding path (gateway/h1/client.py) against upstreams that misbehave, and the lookup path's
+single flight and negative-cache bound (gateway/keytable/lookup.py, gateway/keytable/cache.py), all on real parts.
 The lookup tests turn the key filter off (cache.key_filter: false): they show what happens behind
 it, when it is not ready; tests/test_known.py shows the filter itself.
 
@@ -36,10 +36,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from gateway import config as config_mod
-from gateway.app import Replica, build
-from gateway.cache import NEGATIVE_MAX
-from gateway.keys import KeyRecord, digest
-from gateway.server import listen_client
+from gateway.keytable.cache import NEGATIVE_MAX
+from gateway.keytable.record import KeyRecord, digest
+from gateway.runtime.replica import Replica, build
+from gateway.runtime.serve import listen_client
 from tests.conftest import AdminTokens, Gateway, ProxyTestServer, RedisProcess, free_port, make_config
 
 MIB = 1024 * 1024
@@ -727,7 +727,7 @@ async def test_a_get_on_a_connection_closed_while_idle_is_retried_once_on_a_fres
 async def test_the_retry_goes_to_a_fresh_connection_not_to_another_pooled_one(
     front: Front, raw_upstream: Callable[..., Awaitable[RawUpstream]]
 ) -> None:
-    """upstream.py: "A kept-alive connection that the upstream closed while idle is retried once on a
+    """h1/client.py: "A kept-alive connection that the upstream closed while idle is retried once on a
     fresh one". With two idle connections in the pool that the upstream has both dropped, the retry
     must not take the second stale one."""
 
@@ -1160,7 +1160,7 @@ async def test_a_read_begun_before_an_eviction_is_not_joined_by_a_request_after_
     gw = await front(upstream.url)
     created = await gw.create_key(name="generation", owner="acme")
     key, key_hash = created["key"], digest(created["key"])
-    record_name = f"{gw.replica.config.redis.prefix}k:{key_hash}"  # the layout in gateway/store.py
+    record_name = f"{gw.replica.config.redis.prefix}k:{key_hash}"  # the layout in gateway/keytable/store.py
     record = KeyRecord.from_json(await redis.get(record_name))
     assert record.enabled
     disabled = record.bump(enabled=False, disabled_at=time.time(), disabled_reason="test").to_json()
@@ -1198,7 +1198,7 @@ async def test_requests_sharing_a_failed_read_each_answer_503(
     front: Front, raw_upstream: Callable[..., Awaitable[RawUpstream]], redis: Redis
 ) -> None:
     """The shared read times out (Redis paused past the client's socket timeout): every request that
-    waited on it answers 503 auth_unavailable itself (lookup.py: "each waiter answers for itself")."""
+    waited on it answers 503 auth_unavailable itself (keytable/lookup.py: "each waiter answers for itself")."""
     upstream = await lookup_upstream(raw_upstream)
     gw = await front(upstream.url, socket_timeout=1.5, retries=False, **{"cache.key_filter": False})
     await warm_redis_pool(gw)

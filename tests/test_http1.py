@@ -1,4 +1,4 @@
-"""The proxy's own HTTP/1.1 server (gateway/http1.py), over real loopback sockets.
+"""The proxy's own HTTP/1.1 server (gateway/h1/server.py), over real loopback sockets.
 
 Two kinds of test: the full gateway (`gw`: real redis-server, the echo upstream of
 tests/upstream_app.py) spoken to byte for byte over raw sockets; and `http1.Server`
@@ -22,8 +22,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
-from gateway import http1
 from gateway.config import LimitsConfig
+from gateway.h1 import server as http1
 from tests.conftest import Gateway
 from tests.upstream_app import UPLOAD_STARTED
 

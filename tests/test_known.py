@@ -1,4 +1,4 @@
-"""The key filter (gateway/known.py): unknown keys refused without a Redis read, on real parts.
+"""The key filter (gateway/keytable/keyfilter.py): unknown keys refused without a Redis read, on real parts.
 
 What this file shows, each against the session's real redis-server and real in-process replicas:
 
@@ -36,10 +36,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from gateway import config as config_mod
-from gateway import keys
-from gateway.keys import KeyRecord
-from gateway.known import KnownKeys
-from gateway.store import KeyStore
+from gateway.keytable import record as keys
+from gateway.keytable.keyfilter import KnownKeys
+from gateway.keytable.record import KeyRecord
+from gateway.keytable.store import KeyStore
 from tests.conftest import Gateway
 
 WAIT = 5.0  # bound on every wait for something asynchronous

@@ -27,16 +27,16 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from gateway import keys
-from gateway.app import Replica
-from gateway.keys import KeyRecord
-from gateway.subscriber import (
+from gateway.coherence.subscriber import (
     CLOCK_RATE_MARGIN,
     IN_FLIGHT_MARGIN,
     Coherence,
     lease_lapsed_by,
     membership_trusted_until,
 )
+from gateway.keytable import record as keys
+from gateway.keytable.record import KeyRecord
+from gateway.runtime.replica import Replica
 from tests.conftest import AdminTokens, Gateway, RedisProcess
 from tests.test_replicas import (
     START_TIMEOUT,

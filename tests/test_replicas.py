@@ -31,7 +31,7 @@ import pytest
 import redis
 import yaml
 
-from gateway.channel import Codec
+from gateway.coherence.channel import Codec
 from tests.conftest import AdminTokens, RedisProcess, free_port
 
 pytestmark = pytest.mark.slow

@@ -14,10 +14,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import errors
 from gateway.config import Route
-from gateway.credentials import MAX_TOKEN_LENGTH, Bearer, bearer_from
 from gateway.errors import Denial
-from gateway.forwarding import HOP_BY_HOP, client_response_head, upstream_request_headers
-from gateway.keys import KeyRecord
+from gateway.h1.headers import HOP_BY_HOP, client_response_head, upstream_request_headers
+from gateway.keytable.credentials import MAX_TOKEN_LENGTH, Bearer, bearer_from
+from gateway.keytable.record import KeyRecord
 from gateway.routing import RouteTable, Target, UnsafePath, encode, normalise, split_target, upstream_path
 
 

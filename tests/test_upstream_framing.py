@@ -1,4 +1,4 @@
-"""The upstream side of exact framing (spec 6, issue 10): gateway/upstream.py against an upstream
+"""The upstream side of exact framing (spec 6, issue 10): gateway/h1/client.py against an upstream
 that answers with scripted bytes.
 
 The upstream here is a raw asyncio server written for these tests: it records, per accepted

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.middleware import error_middleware
-
-from .handlers import AdminApi, routes
+from gateway.admin.api import AdminApi, routes
+from gateway.admin.middleware import error_middleware
 
 MAX_BODY = 64 * 1024
 

@@ -15,8 +15,8 @@ from typing import Any, Final
 import orjson
 
 from gateway.config import SCOPE_RULE
-from gateway.credentials import B64TOKEN, MAX_TOKEN_LENGTH
-from gateway.keys import PREFIX_RULE, SHA256_HEX
+from gateway.keytable.credentials import B64TOKEN, MAX_TOKEN_LENGTH
+from gateway.keytable.record import PREFIX_RULE, SHA256_HEX
 
 MAX_TEXT: Final = 200  # names, owners and reasons (spec 7)
 MAX_META_BYTES: Final = 4 * 1024  # meta, encoded as compact JSON (spec 7)

@@ -12,10 +12,10 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
-from . import config as config_mod
-from . import operator_cli
-from .embedded import MissingRedis
-from .logs import configure as configure_logging
+from gateway import config as config_mod
+from gateway.cli import keys as keys_commands
+from gateway.logs import configure as configure_logging
+from gateway.runtime.embedded import MissingRedis
 
 EXIT_CONFIG = 2
 T = TypeVar("T")
@@ -48,7 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     # The flags win over the file and its GATEWAY_LOGGING_* overrides.
     configure_logging(args.log_level or cfg.logging.level, args.log_format or cfg.logging.format)
-    from gateway.server import serve, supervise_workers
+    from gateway.runtime.serve import serve, supervise_workers
 
     log_args = [*(["--log-level", args.log_level] if args.log_level else []),
                 *(["--log-format", args.log_format] if args.log_format else [])]  # fmt: skip
@@ -92,7 +92,7 @@ def _new_token_id() -> str:
 def cmd_hash_token(args: argparse.Namespace) -> int:
     """A config entry for an admin token (spec 7): with --generate a new `gwadm_<id>_<secret>`
     token and its entry; otherwise the entry for a token read from stdin (never from a flag)."""
-    from .admin.auth import TOKEN_ID, TOKEN_PREFIX, hash_token, token_id
+    from gateway.admin.auth import TOKEN_ID, TOKEN_PREFIX, hash_token, token_id
 
     if args.id is not None and not TOKEN_ID.fullmatch(args.id):
         print("gateway: --id must be 4-32 lowercase letters and digits", file=sys.stderr)
@@ -158,7 +158,7 @@ def parser() -> argparse.ArgumentParser:
     ht.add_argument("--role", default="admin", choices=list(config_mod.ROLES))
     ht.set_defaults(func=cmd_hash_token)
 
-    operator_cli.register(sub)
+    keys_commands.register(sub)
     return p
 
 

@@ -16,7 +16,7 @@ send, not the reply). Pings go out every quarter of the lease, each tagged with
 its own payload, so a reply is matched to its own send time and a healthy link
 keeps the lease alive without a gap. The SUBSCRIBE that opened the session
 counts as the first such command. Why this lets a disable's answer stop
-waiting for a replica that never acked is argued in gateway/propagation.py.
+waiting for a replica that never acked is argued in gateway/coherence/propagation.py.
 
 Trust also ends before the replica's live-set membership can have expired:
 at the send time of its last successful join or heartbeat plus the member TTL,
@@ -40,11 +40,11 @@ from typing import Any, Final
 
 from redis.asyncio import Redis
 
-from gateway.cache import KeyCache
-from gateway.channel import Ack, Codec, Evict, Rejected
-from gateway.known import KnownKeys
+from gateway.coherence.channel import Ack, Codec, Evict, Rejected
+from gateway.coherence.replicas import Registry
+from gateway.keytable.cache import KeyCache
+from gateway.keytable.keyfilter import KnownKeys
 from gateway.metrics import Metrics
-from gateway.replicas import Registry
 
 log = logging.getLogger("gateway.subscriber")
 

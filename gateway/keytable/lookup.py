@@ -3,11 +3,11 @@
 Redis failures are translated here, once, into AuthUnavailable: the request
 path answers 503 auth_unavailable and never forwards. While the replica is
 incoherent (its invalidation subscription may have missed a message, or its
-cache lease has run out: gateway/subscriber.py) the cache is not read: every
+cache lease has run out: gateway/coherence/subscriber.py) the cache is not read: every
 key comes from Redis. `coherence.coherent` is read once per lookup (a clock
 read), before the cache; the answer's wait covers the time from that check to
-the request's first byte upstream (propagation.py, IN_FLIGHT_MARGIN). While coherent, a key whose hash is
-not in the replica's key filter (gateway/known.py) is unknown without a read. Only if the operator set
+the request's first byte upstream (coherence/propagation.py, IN_FLIGHT_MARGIN). While coherent, a key whose hash is
+not in the replica's key filter (gateway/keytable/keyfilter.py) is unknown without a read. Only if the operator set
 cache.serve_stale_seconds, and only for that long after the break, may a
 cached entry answer while Redis cannot.
 """
@@ -18,12 +18,12 @@ import asyncio
 
 from redis.exceptions import RedisError
 
-from gateway.cache import MISS, KeyCache
-from gateway.keys import KeyRecord
-from gateway.known import KnownKeys
+from gateway.coherence.subscriber import Coherence
+from gateway.keytable.cache import MISS, KeyCache
+from gateway.keytable.keyfilter import KnownKeys
+from gateway.keytable.record import KeyRecord
+from gateway.keytable.store import KeyStore
 from gateway.metrics import Metrics
-from gateway.store import KeyStore
-from gateway.subscriber import Coherence
 
 
 class AuthUnavailable(Exception):

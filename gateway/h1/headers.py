@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Final
 
-from .config import MAX_SAFE_LENGTH
-from .keys import KeyRecord
+from gateway.config import MAX_SAFE_LENGTH
+from gateway.keytable.record import KeyRecord
 
 # RFC 9110 7.6.1, plus the de-facto ones proxies drop.
 HOP_BY_HOP: Final = frozenset(

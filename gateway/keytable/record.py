@@ -11,8 +11,8 @@ from typing import Any, Final
 
 import orjson
 
-from .config import Route
-from .errors import Denial
+from gateway.config import Route
+from gateway.errors import Denial
 
 DEFAULT_PREFIX: Final = "gw_"
 PREFIX_RULE: Final = re.compile(r"[A-Za-z][A-Za-z0-9]{0,15}_")

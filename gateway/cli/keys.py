@@ -69,8 +69,8 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from gateway import keyfile
 from gateway.admin import bodies
+from gateway.cli import keyfile
 
 EXIT_OK: Final = 0
 EXIT_REFUSED: Final = 1

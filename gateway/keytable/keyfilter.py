@@ -7,7 +7,7 @@ key. The set says "maybe" for every hash it holds; the cache and Redis decide
 those as before.
 
 When the set may be trusted follows the cache's rule (spec 8), lease included:
-gateway/lookup.py consults it only while `coherence.coherent`, so a replica
+gateway/keytable/lookup.py consults it only while `coherence.coherent`, so a replica
 whose lease ran out (a silent subscription) refuses nothing from it. It is built
 after the invalidation subscription is live: from then on every new key is
 announced on the channel (its hash is added as the announcement is handled,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from .errors import Denial
+from gateway.errors import Denial
 
 MAX_TOKEN_LENGTH: Final = 512
 # RFC 6750 b64token: the only characters a bearer token may contain.

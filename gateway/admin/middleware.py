@@ -12,7 +12,7 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from . import errors
+from gateway import errors
 
 log = logging.getLogger("gateway")
 

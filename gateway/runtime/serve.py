@@ -26,9 +26,9 @@ from redis.exceptions import RedisError, ResponseError
 from redis.retry import Retry
 
 from gateway import config as config_mod
-from gateway.app import Replica, build
 from gateway.config import Config
-from gateway.embedded import EmbeddedRedis
+from gateway.runtime.embedded import EmbeddedRedis
+from gateway.runtime.replica import Replica, build
 
 log = logging.getLogger("gateway")
 
@@ -39,7 +39,7 @@ def redis_client(url: str) -> Redis:
 
 
 def listen_client(url: str) -> Redis:
-    # The subscription's own client: no retries, so a break surfaces at once (subscriber.py).
+    # The subscription's own client: no retries, so a break surfaces at once (coherence/subscriber.py).
     return Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0, retry=Retry(NoBackoff(), 0))
 
 

@@ -19,20 +19,20 @@ from redis.asyncio import Redis
 
 from gateway.admin import AdminApi, build_admin_app
 from gateway.admin.auth import TokenVerifier
-from gateway.cache import KeyCache
-from gateway.channel import Codec
+from gateway.coherence.channel import Codec
+from gateway.coherence.propagation import Propagator
+from gateway.coherence.replicas import Registry
+from gateway.coherence.subscriber import Coherence, Subscriber
 from gateway.config import Config
-from gateway.http1 import Server
-from gateway.known import KnownKeys
-from gateway.lookup import KeyLookup
+from gateway.h1.client import Forwarder
+from gateway.h1.server import Server
+from gateway.keytable.cache import KeyCache
+from gateway.keytable.keyfilter import KnownKeys
+from gateway.keytable.lookup import KeyLookup
+from gateway.keytable.store import KeyStore
 from gateway.metrics import Metrics
-from gateway.propagation import Propagator
 from gateway.proxy import Proxy
-from gateway.replicas import Registry
 from gateway.routing import RouteTable
-from gateway.store import KeyStore
-from gateway.subscriber import Coherence, Subscriber
-from gateway.upstream import Forwarder
 
 
 @dataclass
@@ -49,7 +49,7 @@ class Replica:
     metrics: Metrics
     api: AdminApi
     proxy: Proxy
-    proxy_server: Server  # the lean HTTP/1.1 listener (gateway/http1.py): no router or middleware on the request path
+    proxy_server: Server  # the lean HTTP/1.1 listener (h1/server.py): no router or middleware on the request path
     admin_app: web.Application
 
     def reload_routes(self, new: Config) -> list[str]:

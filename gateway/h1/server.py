@@ -51,8 +51,9 @@ from typing import Final
 
 from multidict import CIMultiDictProxy
 
-from . import errors
-from .aiohttp_compat import (
+from gateway import errors
+from gateway.config import MAX_SAFE_LENGTH, LimitsConfig
+from gateway.h1.compat import (
     EMPTY_PAYLOAD,
     BadHttpMessage,
     BaseProtocol,
@@ -67,7 +68,6 @@ from .aiohttp_compat import (
     reading_paused,
     resume_for_buffer,
 )
-from .config import MAX_SAFE_LENGTH, LimitsConfig
 
 log = logging.getLogger("gateway.http")
 

@@ -6,9 +6,9 @@ Layout, every name under `redis.prefix` (P):
   P ids              sorted set of ids by creation time (listing)
   P owner:<owner>    sorted set of that owner's ids by creation time
   P audit            stream of every change; P audit:<id> the same, per key, under the same ids
-  P events           pub/sub channel announcing each change (see channel.py)
+  P events           pub/sub channel announcing each change (see coherence/channel.py)
   P acks             pub/sub channel of replicas' eviction acks
-  P replicas         live replicas (see replicas.py)
+  P replicas         live replicas (see coherence/replicas.py)
 
 Every change is one MULTI/EXEC under WATCH: the record, its audit entries and
 its announcement are written together or not at all.
@@ -31,7 +31,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
-from .keys import KeyRecord, rfc3339
+from gateway.keytable.record import KeyRecord, rfc3339
 
 
 @dataclass(frozen=True, slots=True)

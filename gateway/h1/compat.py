@@ -1,7 +1,7 @@
 """The one module that touches aiohttp's internals (issue 10).
 
-The proxy listener (gateway/http1.py) and the upstream client
-(gateway/upstream.py) run on aiohttp's C HTTP parser (its llhttp binding), its
+The proxy listener (gateway/h1/server.py) and the upstream client
+(gateway/h1/client.py) run on aiohttp's C HTTP parser (its llhttp binding), its
 StreamReader and its BaseProtocol's flow control. aiohttp's maintainers call
 these private: they may change in any release. Every such name the gateway
 uses is imported or reached here, and nowhere else; the check below runs at

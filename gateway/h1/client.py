@@ -1,7 +1,7 @@
 """Forwarding to the upstream (spec 6): a lean HTTP/1.1 client on asyncio protocols.
 
 Connections are pooled per origin and kept alive. The request head is written
-as bytes straight from the client's raw headers (gateway/forwarding.py picks
+as bytes straight from the client's raw headers (gateway/h1/headers.py picks
 them); the response is parsed by aiohttp's own HTTP parser (the C llhttp
 binding), not by hand. A small response that arrived whole goes back in one
 write; anything else is streamed both ways, with flow control.
@@ -13,7 +13,7 @@ or neither (the body ends at the close); never both, never a bare CR or LF, a
 folded line, a NUL or a space before a colon. Anything else is 502 and the
 connection is closed. The parser's view must then agree with that check. The
 client never gets the upstream's framing lines: the validated length is written
-anew (gateway/forwarding.py), or the listener frames the body itself.
+anew (gateway/h1/headers.py), or the listener frames the body itself.
 
 A connection goes back to the pool only when the request went out whole as
 framed (every body byte and the chunked terminator written), the response was
@@ -50,8 +50,9 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
-from . import errors
-from .aiohttp_compat import (
+from gateway import errors
+from gateway.config import MAX_SAFE_LENGTH, Route
+from gateway.h1.compat import (
     EMPTY_PAYLOAD,
     BaseProtocol,
     HttpProcessingError,
@@ -61,11 +62,10 @@ from .aiohttp_compat import (
     drain,
     reading_paused,
 )
-from .config import MAX_SAFE_LENGTH, Route
-from .forwarding import client_response_head, upstream_request_head
-from .http1 import BodyTimeout, BodyTooLarge, Request, http_date
-from .keys import KeyRecord
-from .routing import Target, encode, upstream_path
+from gateway.h1.headers import client_response_head, upstream_request_head
+from gateway.h1.server import BodyTimeout, BodyTooLarge, Request, http_date
+from gateway.keytable.record import KeyRecord
+from gateway.routing import Target, encode, upstream_path
 
 log = logging.getLogger("gateway.upstream")
 

@@ -13,17 +13,17 @@ import orjson
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from gateway import errors, keys
+from gateway import errors
+from gateway.admin import bodies
+from gateway.admin.auth import Principal, Throttled, TokenVerifier
+from gateway.coherence.propagation import Propagator
+from gateway.coherence.subscriber import Coherence
 from gateway.config import KeysConfig
 from gateway.errors import Denial
-from gateway.keys import KeyRecord
+from gateway.keytable import record as keys
+from gateway.keytable.record import KeyRecord
+from gateway.keytable.store import AuditEntry, BadCursor, CursorCodec, KeyStore, Refused, Unreadable
 from gateway.metrics import CONTENT_TYPE, Metrics
-from gateway.propagation import Propagator
-from gateway.store import AuditEntry, BadCursor, CursorCodec, KeyStore, Refused, Unreadable
-from gateway.subscriber import Coherence
-
-from . import bodies
-from .auth import Principal, Throttled, TokenVerifier
 
 log = logging.getLogger("gateway.admin")
 
@@ -77,7 +77,7 @@ class AdminApi:
     coherence: Coherence
     keys_config: KeysConfig
     metrics: Metrics
-    persistence: str = "unknown"  # Redis AOF: "aof", "off" or "unknown"; set at startup (server.py)
+    persistence: str = "unknown"  # Redis AOF: "aof", "off" or "unknown"; set at startup (runtime/serve.py)
     draining: bool = False  # set on SIGTERM: /readyz answers 503 while in-flight requests finish
     # Signs listing and audit cursors; derived from the configuration unless given, so every
     # replica and worker accepts the others' cursors (see store.CursorCodec).

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Final
 
-from .keys import KeyRecord
+from gateway.keytable.record import KeyRecord
 
 _MISS: Final = object()
 NEGATIVE_MAX: Final = 10_000  # unknown keys remembered at most (each costs ~200 bytes)
