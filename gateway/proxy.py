@@ -17,12 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway import errors
-from gateway.coherence.subscriber import IN_FLIGHT_MARGIN
 from gateway.config import METHODS, KeysConfig
 from gateway.errors import Denial
 from gateway.h1.client import Forwarder
 from gateway.h1.server import Request, http_date
 from gateway.keytable.credentials import bearer_from
+from gateway.keytable.lease import IN_FLIGHT_MARGIN
 from gateway.keytable.lookup import AuthUnavailable, KeyLookup
 from gateway.keytable.record import KeyRecord, decide, digest
 from gateway.metrics import Metrics
@@ -143,7 +143,7 @@ class Proxy:
         """Whether a key decision taken now may still put a request's first byte upstream: only if no
         eviction happened since (a change this replica acked) and it is younger than half the margin
         a change's answer leaves for a request between its cache check and its first byte upstream
-        (subscriber.IN_FLIGHT_MARGIN). Asked only after a wait for a new upstream connection."""
+        (keytable/lease.py, IN_FLIGHT_MARGIN). Asked only after a wait for a new upstream connection."""
         cache = self.lookup.cache
         generation = cache.generation
         until = time.monotonic() + IN_FLIGHT_MARGIN / 2

@@ -25,9 +25,9 @@ from redis.backoff import NoBackoff
 
 from gateway.coherence.channel import MAX_MESSAGE, Ack, Codec, Evict, Rejected
 from gateway.coherence.replicas import Registry
-from gateway.coherence.subscriber import Coherence
 from gateway.keytable import record as keys
 from gateway.keytable.cache import MISS, KeyCache
+from gateway.keytable.lease import Coherence
 from gateway.keytable.lookup import AuthUnavailable, KeyLookup
 from gateway.keytable.record import KeyRecord
 from gateway.keytable.store import KeyStore

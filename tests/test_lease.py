@@ -27,14 +27,14 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from gateway.coherence.subscriber import (
+from gateway.keytable import record as keys
+from gateway.keytable.lease import (
     CLOCK_RATE_MARGIN,
     IN_FLIGHT_MARGIN,
     Coherence,
     lease_lapsed_by,
     membership_trusted_until,
 )
-from gateway.keytable import record as keys
 from gateway.keytable.record import KeyRecord
 from gateway.runtime.replica import Replica
 from tests.conftest import AdminTokens, Gateway, RedisProcess

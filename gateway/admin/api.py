@@ -17,10 +17,10 @@ from gateway import errors
 from gateway.admin import bodies
 from gateway.admin.auth import Principal, Throttled, TokenVerifier
 from gateway.coherence.propagation import Propagator
-from gateway.coherence.subscriber import Coherence
 from gateway.config import KeysConfig
 from gateway.errors import Denial
 from gateway.keytable import record as keys
+from gateway.keytable.lease import Coherence
 from gateway.keytable.record import KeyRecord
 from gateway.keytable.store import AuditEntry, BadCursor, CursorCodec, KeyStore, Refused, Unreadable
 from gateway.metrics import CONTENT_TYPE, Metrics

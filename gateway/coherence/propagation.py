@@ -8,7 +8,7 @@ cleared its cache since the write (its epoch is later), or, for a live replica
 that has done neither, until its cache lease has certainly lapsed: the answer
 reports `fenced` for those.
 
-Why a lapsed lease is enough (gateway/coherence/subscriber.py keeps the lease): a
+Why a lapsed lease is enough (gateway/keytable/lease.py keeps the lease): a
 replica trusts its cache until t + lease, where t is when it sent a PING on its
 subscription connection whose reply it has received. Redis runs the PING and
 the change's MULTI/EXEC (which holds the PUBLISH) one after the other.
@@ -47,8 +47,8 @@ from dataclasses import dataclass
 
 from gateway.coherence.channel import Ack, Codec
 from gateway.coherence.replicas import Registry
-from gateway.coherence.subscriber import lease_lapsed_by
 from gateway.keytable.cache import KeyCache
+from gateway.keytable.lease import lease_lapsed_by
 from gateway.metrics import Metrics
 
 

@@ -3,7 +3,7 @@
 Redis failures are translated here, once, into AuthUnavailable: the request
 path answers 503 auth_unavailable and never forwards. While the replica is
 incoherent (its invalidation subscription may have missed a message, or its
-cache lease has run out: gateway/coherence/subscriber.py) the cache is not read: every
+cache lease has run out: gateway/keytable/lease.py) the cache is not read: every
 key comes from Redis. `coherence.coherent` is read once per lookup (a clock
 read), before the cache; the answer's wait covers the time from that check to
 the request's first byte upstream (coherence/propagation.py, IN_FLIGHT_MARGIN). While coherent, a key whose hash is
@@ -18,9 +18,9 @@ import asyncio
 
 from redis.exceptions import RedisError
 
-from gateway.coherence.subscriber import Coherence
 from gateway.keytable.cache import MISS, KeyCache
 from gateway.keytable.keyfilter import KnownKeys
+from gateway.keytable.lease import Coherence
 from gateway.keytable.record import KeyRecord
 from gateway.keytable.store import KeyStore
 from gateway.metrics import Metrics

@@ -22,12 +22,13 @@ from gateway.admin.auth import TokenVerifier
 from gateway.coherence.channel import Codec
 from gateway.coherence.propagation import Propagator
 from gateway.coherence.replicas import Registry
-from gateway.coherence.subscriber import Coherence, Subscriber
+from gateway.coherence.subscriber import Subscriber
 from gateway.config import Config
 from gateway.h1.client import Forwarder
 from gateway.h1.server import Server
 from gateway.keytable.cache import KeyCache
 from gateway.keytable.keyfilter import KnownKeys
+from gateway.keytable.lease import Coherence
 from gateway.keytable.lookup import KeyLookup
 from gateway.keytable.store import KeyStore
 from gateway.metrics import Metrics
