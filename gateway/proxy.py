@@ -5,7 +5,8 @@
 Every step before `forward` either passes or returns a Denial, which one
 renderer turns into the JSON error. No path that returns a Denial forwards.
 Each request ends in `_record`: one metric increment and one access-log record.
-It runs on gateway/h1/server.py's server: the answer is written through the request.
+It runs on gateway/h1/server.py's listener and forwards through gateway/h1/client.py, which
+sees the request only as a `Downstream` (gateway/h1/downstream.py) and plain values.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from gateway import errors
 from gateway.config import METHODS, KeysConfig
 from gateway.errors import Denial
 from gateway.h1.client import Forwarder
-from gateway.h1.server import Request, http_date
+from gateway.h1.headers import http_date
+from gateway.h1.server import Request
 from gateway.keytable.credentials import bearer_from
 from gateway.keytable.lease import IN_FLIGHT_MARGIN
 from gateway.keytable.lookup import AuthUnavailable, KeyLookup
 from gateway.keytable.record import KeyRecord, decide, digest
 from gateway.metrics import Metrics
-from gateway.routing import RouteTable, UnsafePath, split_target
+from gateway.routing import RouteTable, UnsafePath, encode, split_target, upstream_path
 
 access = logging.getLogger("gateway.access")
 log = logging.getLogger("gateway")
@@ -58,7 +60,7 @@ class Proxy:
             if not request.responded:
                 self._deny(request, Denial("internal_error"), request_id, started)
             else:
-                request.keep_alive = False
+                request.close_after()
         finally:
             self.inflight -= 1
 
@@ -84,7 +86,7 @@ class Proxy:
             return
         if request.body_exists:
             if request.body_length is not None and request.body_length > route.max_body_bytes:
-                request.keep_alive = False  # its body is not read: the connection cannot carry another request
+                request.close_after()  # its body is not read: the connection cannot carry another request
                 self._deny(request, Denial("body_too_large"), request_id, started, target.path, route.name)
                 return
             request.limit_body(route.max_body_bytes)  # a chunked body: the listener counts it as it comes
@@ -99,6 +101,10 @@ class Proxy:
                 return
             key_hash = digest(credential.token)
 
+        # What the upstream is asked for: the route's rewrite of the normalised path, with the query.
+        path = encode(upstream_path(route, target.path))
+        if target.query:
+            path += "?" + target.query
         sent = time.perf_counter()
         try:
             for _attempt in range(_DECISIONS):
@@ -114,7 +120,15 @@ class Proxy:
                         return
                     admit = self._fresh_decision()
                     sent = time.perf_counter()
-                outcome = await self.forwarder.forward(request, route, target, record, request_id, admit)
+                outcome = await self.forwarder.forward(
+                    request,
+                    route,
+                    path,
+                    request_id,
+                    key_id=record.id if record is not None else None,
+                    key_owner=record.owner if record is not None else None,
+                    admit=admit,
+                )
                 if outcome is not None:
                     break
             else:  # stale every time: a key table changing faster than we connect upstream
@@ -125,7 +139,7 @@ class Proxy:
             # log as an error. Recorded as nginx does, 499.
             self._record(request, request_id, started, target.path, route.name, "client_closed", CLIENT_CLOSED,
                          record, time.perf_counter() - sent)  # fmt: skip
-            request.keep_alive = False
+            request.close_after()
             return
         except asyncio.CancelledError:
             # Cut by the shutdown (the drain's deadline passed): leave a trace, then let it end.

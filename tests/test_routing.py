@@ -59,7 +59,8 @@ def forward(
     out = upstream_request_headers(
         tuple((name.encode(), value.encode()) for name, value in pairs),
         forward_authorization=forward_authorization,
-        record=record,
+        key_id=record.id if record is not None else None,
+        key_owner=record.owner if record is not None else None,
         request_id=request_id,
         peer=peer,
         scheme=scheme,

@@ -62,10 +62,8 @@ from gateway.h1.compat import (
     drain,
     reading_paused,
 )
-from gateway.h1.headers import client_response_head, upstream_request_head
-from gateway.h1.server import BodyTimeout, BodyTooLarge, Request, http_date
-from gateway.keytable.record import KeyRecord
-from gateway.routing import Target, encode, upstream_path
+from gateway.h1.downstream import BodyTimeout, BodyTooLarge, Downstream
+from gateway.h1.headers import client_response_head, http_date, upstream_request_head
 
 log = logging.getLogger("gateway.upstream")
 
@@ -450,24 +448,27 @@ class Forwarder:
 
     async def forward(
         self,
-        request: Request,
+        request: Downstream,
         route: Route,
-        target: Target,
-        record: KeyRecord | None,
+        path: str,
         request_id: str,
+        *,
+        key_id: str | None = None,
+        key_owner: str | None = None,
         admit: Callable[[], bool] | None = None,
     ) -> int | errors.Denial | None:
         """Stream the exchange and return the status sent; a Denial when no response could be started
         (502/504 for the upstream's side, 413/408/400 for the client's body). None when `admit`, asked
         after a wait for a new connection and before the first byte goes upstream, says the decision
-        to forward is stale: nothing was sent, and the caller decides again."""
+        to forward is stale: nothing was sent, and the caller decides again.
+
+        `path` is the request target on the upstream below the route's base path (encoded, with its
+        query); `key_id` and `key_owner` become the X-Gateway-Key-* identity headers."""
         loop = self._loop
         if loop is None:
             raise RuntimeError("the forwarder is not started")
         pool, base = self._pool(route.upstream)
-        path = base + encode(upstream_path(route, target.path))
-        if target.query:
-            path += "?" + target.query
+        path = base + path
         has_body = request.body_exists  # its size was checked against the route by the proxy
         head, chunked = upstream_request_head(
             request.method,
@@ -475,7 +476,8 @@ class Forwarder:
             request.raw_headers,
             host=pool.origin.host_header,
             forward_authorization=route.forward_authorization,
-            record=record,
+            key_id=key_id,
+            key_owner=key_owner,
             request_id=request_id,
             peer=request.remote,
             scheme=request.scheme,
@@ -559,7 +561,7 @@ class Forwarder:
 
     async def _answer(
         self,
-        request: Request,
+        request: Downstream,
         route: Route,
         request_id: str,
         pool: _Pool,
@@ -591,18 +593,18 @@ class Forwarder:
         return code
 
     @staticmethod
-    async def _rest_sent(rest: asyncio.Task[int | None], request: Request, conn: _Connection) -> None:
+    async def _rest_sent(rest: asyncio.Task[int | None], request: Downstream, conn: _Connection) -> None:
         """Waits for the rest of a body the upstream answered early; the connection is reusable only
         when all of it went out, and the client's only when all of it was read."""
         try:
             conn.request_whole = await rest is None
         except (ClientGone, BodyTooLarge, BodyTimeout, _BadClientBody, *_UPSTREAM_ERRORS):
             conn.request_whole = False
-            request.keep_alive = False  # the client's body was not read to its end
+            request.close_after()  # the client's body was not read to its end
 
     async def _stream(
         self,
-        request: Request,
+        request: Downstream,
         pool: _Pool,
         conn: _Connection,
         payload: StreamReader,
@@ -626,8 +628,7 @@ class Forwarder:
                 except _UPSTREAM_ERRORS as exc:
                     # The status line is gone already: the only honest signal left is a cut connection.
                     self._upstream_failed(exc, conn, route, request_id, "body")
-                    if request.transport is not None:
-                        request.transport.close()
+                    request.abort()
                     return
                 if not chunk:
                     break
@@ -715,7 +716,7 @@ def _buffered(content: StreamReader) -> bytes | None:
 async def _send_body(
     loop: asyncio.AbstractEventLoop,
     conn: _Connection,
-    request: Request,
+    request: Downstream,
     chunked: bool,
     answered: asyncio.Future[Any] | None,
     sent: int = 0,

@@ -8,10 +8,11 @@ client cannot use `Connection: X-Gateway-Key-Id` to strip them.
 
 from __future__ import annotations
 
+import email.utils
+import functools
 from typing import Final
 
 from gateway.config import MAX_SAFE_LENGTH
-from gateway.keytable.record import KeyRecord
 
 # RFC 9110 7.6.1, plus the de-facto ones proxies drop.
 HOP_BY_HOP: Final = frozenset(
@@ -37,6 +38,16 @@ _FORWARDED_PREFIX: Final = b"x-forwarded-"
 RawHeaders = tuple[tuple[bytes, bytes], ...]
 
 
+@functools.lru_cache(maxsize=2)
+def _date_of(second: int) -> bytes:
+    return email.utils.formatdate(second, usegmt=True).encode()
+
+
+def http_date(now: float) -> bytes:
+    """The Date header's value (RFC 9110 6.6.1), formatted once a second."""
+    return _date_of(int(now))
+
+
 def _connection_named(raw: RawHeaders) -> set[bytes]:
     """The header names a message's `Connection` lines list (hop-by-hop for this message too)."""
     return {t.strip().lower() for n, v in raw if n.lower() == b"connection" for t in v.split(b",")}
@@ -46,7 +57,8 @@ def upstream_request_headers(
     raw: RawHeaders,
     *,
     forward_authorization: bool,
-    record: KeyRecord | None,
+    key_id: str | None,
+    key_owner: str | None = None,
     request_id: str,
     peer: str | None,
     scheme: str,
@@ -83,10 +95,10 @@ def upstream_request_headers(
                 forwarded_for.append(value)
                 continue
         out.append((name, value))
-    if record is not None:
-        out.append((b"X-Gateway-Key-Id", record.id.encode()))
-        if record.owner is not None:
-            out.append((b"X-Gateway-Key-Owner", record.owner.encode()))
+    if key_id is not None:  # the gateway's identity headers: the key's id and owner, never the key
+        out.append((b"X-Gateway-Key-Id", key_id.encode()))
+        if key_owner is not None:
+            out.append((b"X-Gateway-Key-Owner", key_owner.encode()))
     out.append((b"X-Request-Id", request_id.encode()))
     if peer:
         forwarded_for.append(peer.encode())
@@ -105,7 +117,8 @@ def upstream_request_head(
     *,
     host: bytes,
     forward_authorization: bool,
-    record: KeyRecord | None,
+    key_id: str | None,
+    key_owner: str | None = None,
     request_id: str,
     peer: str | None,
     scheme: str,
@@ -123,7 +136,8 @@ def upstream_request_head(
     headers = upstream_request_headers(
         raw,
         forward_authorization=forward_authorization,
-        record=record,
+        key_id=key_id,
+        key_owner=key_owner,
         request_id=request_id,
         peer=peer,
         scheme=scheme,

@@ -39,8 +39,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import email.utils
-import functools
 import ipaddress
 import logging
 import re
@@ -68,6 +66,8 @@ from gateway.h1.compat import (
     reading_paused,
     resume_for_buffer,
 )
+from gateway.h1.downstream import BodyTimeout, BodyTooLarge
+from gateway.h1.headers import http_date
 
 log = logging.getLogger("gateway.http")
 
@@ -85,14 +85,6 @@ Handler = Callable[["Request"], Awaitable[None]]
 # (request id, client address, code): a request the listener refused before any handler saw it
 Refused = Callable[[str, "str | None", str], None]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-class BodyTooLarge(Exception):
-    """The request body grew past the route's max_body_bytes while it was read (413 body_too_large)."""
-
-
-class BodyTimeout(Exception):
-    """No byte of the request body arrived for limits.body_timeout_seconds (408 request_timeout)."""
 
 
 class BodyBroken(ConnectionResetError):
@@ -159,30 +151,36 @@ def trusted_peer(remote: str | None, networks: Iterable[Network]) -> bool:
     return any(address in network for network in networks)
 
 
-@functools.lru_cache(maxsize=2)
-def _date_of(second: int) -> bytes:
-    return email.utils.formatdate(second, usegmt=True).encode()
-
-
-def http_date(now: float) -> bytes:
-    """The Date header's value (RFC 9110 6.6.1), formatted once a second."""
-    return _date_of(int(now))
+def connection_line(keep_alive: bool, version: tuple[int, int]) -> bytes:
+    """The `Connection` line of an answer (RFC 9112 9.3), pure: `close` when the connection ends
+    after it, `keep-alive` for an HTTP/1.0 client that keeps it, nothing for HTTP/1.1's default."""
+    if not keep_alive:
+        return b"Connection: close\r\n"
+    if version < (1, 1):
+        return b"Connection: keep-alive\r\n"
+    return b""
 
 
 class Request:
-    """One parsed request and the way to answer it."""
+    """One parsed request and the way to answer it (it implements gateway/h1/downstream.py's
+    `Downstream`, the upstream client's view of it).
+
+    The connection's keep-alive state is kept here, and only here: it starts as the request
+    asked (RFC 9112 9.3), `close_after` and `abort` end it, and `_settle`, called as the head of
+    the answer is written, ends it for what only the answer's moment knows (a shutdown, a refused
+    upload, a broken body, a body framed by the close); `connection_line` renders it."""
 
     __slots__ = (
         "_chunked",
         "_conn",
         "_finished",
+        "_keep_alive",
         "body_exists",
         "body_length",
         "content",
         "continued",
         "expects_continue",
         "headers",
-        "keep_alive",
         "method",
         "raw_headers",
         "raw_path",
@@ -209,7 +207,7 @@ class Request:
         self.body_length: int | None = length if self.body_exists else None
         self.remote = conn.remote
         self.trusted: bool = conn.trusted  # the peer is in trusted_proxies (decided once per connection)
-        self.keep_alive = not (message.should_close or message.upgrade)
+        self._keep_alive = not (message.should_close or message.upgrade)
         self.expects_continue = (
             self.body_exists and message.version >= (1, 1) and self.headers.get("Expect", "").lower() == "100-continue"
         )
@@ -221,6 +219,34 @@ class Request:
     @property
     def transport(self) -> asyncio.Transport | None:
         return self._conn.transport
+
+    # the connection's state ----------------------------------------------------
+
+    @property
+    def keep_alive(self) -> bool:
+        """Whether the connection may carry another request after this answer."""
+        return self._keep_alive
+
+    def close_after(self) -> None:
+        """The connection carries no other request after this answer (`Connection: close`)."""
+        self._keep_alive = False
+
+    def abort(self) -> None:
+        """Cut the connection now: a streamed answer that cannot be finished honestly."""
+        self._keep_alive = False
+        transport = self._conn.transport
+        if transport is not None:
+            transport.close()
+
+    def _settle(self) -> bytes:
+        """The keep-alive state at the moment the answer's head is written, rendered."""
+        if (
+            self._conn.closing
+            or (self.expects_continue and not self.continued)  # a refused upload never comes: close instead
+            or (self.body_exists and self.content.exception() is not None)  # its body broke: nothing after it is read
+        ):
+            self._keep_alive = False
+        return connection_line(self._keep_alive, self.version)
 
     def limit_body(self, max_bytes: int) -> None:
         """The body may be at most `max_bytes` (the route's max_body_bytes): past it, its reader
@@ -236,7 +262,7 @@ class Request:
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("latin-1", "replace")), head]
         if not has_length and self._takes_body(status) and self.method != "HEAD":
             lines.append(b"Content-Length: %d\r\n" % len(body))
-        lines.append(self._connection_line())
+        lines.append(self._settle())
         lines.append(b"\r\n")
         if body and self.method != "HEAD" and status not in _NO_BODY:
             lines.append(body)
@@ -251,8 +277,8 @@ class Request:
                 self._chunked = True
                 lines.append(b"Transfer-Encoding: chunked\r\n")
             else:  # an HTTP/1.0 client: the body ends when the connection does
-                self.keep_alive = False
-        lines.append(self._connection_line())
+                self._keep_alive = False
+        lines.append(self._settle())
         lines.append(b"\r\n")
         self.responded = True
         await self._write(b"".join(lines))
@@ -278,19 +304,6 @@ class Request:
     @staticmethod
     def _takes_body(status: int) -> bool:
         return status >= 200 and status not in _NO_BODY
-
-    def _connection_line(self) -> bytes:
-        if (
-            self._conn.closing
-            or (self.expects_continue and not self.continued)  # a refused upload never comes: close instead
-            or (self.body_exists and self.content.exception() is not None)  # its body broke: nothing after it is read
-        ):
-            self.keep_alive = False
-        if not self.keep_alive:
-            return b"Connection: close\r\n"
-        if self.version < (1, 1):
-            return b"Connection: keep-alive\r\n"
-        return b""
 
     async def _write(self, data: bytes) -> None:
         conn = self._conn
@@ -684,7 +697,7 @@ class _ServerConnection(BaseProtocol):
                     await handler(request)
                 except Exception as exc:  # the handler has its own guard; this is the last line
                     log.error("request handler failed: %s", type(exc).__name__)
-                    request.keep_alive = False
+                    request.close_after()
                 finally:
                     self.busy = False
                     self.last_active = self._loop.time()
