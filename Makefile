@@ -31,6 +31,7 @@ lint: install
 	$(VENV)/bin/ruff check gateway tests scripts benchmarks
 	$(VENV)/bin/ruff format --check gateway tests scripts benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # The suite on the newest allowed dependencies (.venv), then on the lowest ones (test-lowest).
 test: install redis deploy-tools lint
