@@ -1,4 +1,10 @@
-"""The admin listener: key management, audit, probes and metrics (spec 7)."""
+"""The admin listener: key management, audit, probes and metrics (spec 7).
+
+Owns: `api` (the handlers and routes), `auth` (admin tokens, roles, the guess throttle), `bodies`
+(request bodies' validation), `middleware` (every error as the one JSON error body).
+
+May import: the proxy, coherence, h1, keytable, routing and the base. Not runtime or cli.
+"""
 
 from __future__ import annotations
 
