@@ -24,7 +24,7 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 
 class CacheStats(Protocol):
-    """What the key cache counts (gateway.cache.KeyCache)."""
+    """What the key cache counts (gateway.keytable.cache.KeyCache)."""
 
     hits: int
     negative_hits: int
@@ -68,7 +68,7 @@ class _CacheCollector(Collector):
 
 
 class KnownStats(Protocol):
-    """What the key filter counts (gateway.known.KnownKeys)."""
+    """What the key filter counts (gateway.keytable.keyfilter.KnownKeys)."""
 
     ready: bool
     refused: int
