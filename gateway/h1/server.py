@@ -277,7 +277,7 @@ class Request:
                 self._chunked = True
                 lines.append(b"Transfer-Encoding: chunked\r\n")
             else:  # an HTTP/1.0 client: the body ends when the connection does
-                self._keep_alive = False
+                self.close_after()
         lines.append(self._settle())
         lines.append(b"\r\n")
         self.responded = True
