@@ -11,7 +11,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Final
+from typing import Final, Literal
 
 import orjson
 from aiohttp import web
@@ -19,6 +19,41 @@ from aiohttp import web
 ERROR_TYPE_BASE: Final = "https://gateway.dev/errors/"
 WWW_AUTHENTICATE: Final = 'Bearer realm="gateway"'
 ADMIN_WWW_AUTHENTICATE: Final = 'Bearer realm="gateway-admin"'
+
+
+# Every code the gateway answers with (spec 5), the proxy's then the admin API's: a typo in a
+# code is a type error, and KINDS below must give each one its status and words (a test checks
+# that the two name the same set).
+ErrorCode = Literal[
+    "missing_key",
+    "malformed_key",
+    "key_not_found",
+    "key_disabled",
+    "key_revoked",
+    "key_expired",
+    "insufficient_permissions",
+    "invalid_request",
+    "route_not_found",
+    "method_not_allowed",
+    "auth_unavailable",
+    "upstream_unavailable",
+    "upstream_timeout",
+    "payload_too_large",
+    "body_too_large",
+    "request_timeout",
+    "headers_too_large",
+    "too_many_requests",
+    "internal_error",
+    # admin API
+    "missing_token",
+    "invalid_token",
+    "not_found",
+    "key_exists",
+    "key_rotated",
+    "store_unavailable",
+    "not_ready",
+    "reenable_not_allowed",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +64,7 @@ class ErrorKind:
 
 
 # code -> (status, title, detail). The proxy table of spec 5, then the admin API's own.
-KINDS: Final[dict[str, ErrorKind]] = {
+KINDS: Final[dict[ErrorCode, ErrorKind]] = {
     "missing_key": ErrorKind(
         401, "Unauthorized", "This route requires an API key in the Authorization header: Bearer <key>"
     ),
@@ -95,13 +130,13 @@ def request_id_from(client_value: str | None) -> str:
 class Denial:
     """A decision not to forward: a code from KINDS, an optional detail and status override."""
 
-    code: str
+    code: ErrorCode
     detail: str | None = None
     status: int | None = None
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def body(code: str, request_id: str, *, detail: str | None = None, status: int | None = None) -> bytes:
+def body(code: ErrorCode, request_id: str, *, detail: str | None = None, status: int | None = None) -> bytes:
     kind = KINDS[code]
     status = status or kind.status
     # A status override (keys.disabled_status: 401) takes the title of its own status.
@@ -134,7 +169,7 @@ _ID_MARK: Final = "rid-0f1e2d3c4b5a69788796a5b4c3d2e1f0"  # stands for the reque
 
 
 @functools.lru_cache(maxsize=512)
-def _template(code: str, detail: str | None, status: int | None, headers: tuple[tuple[str, str], ...]) -> tuple[
+def _template(code: ErrorCode, detail: str | None, status: int | None, headers: tuple[tuple[str, str], ...]) -> tuple[
     int, str, tuple[bytes, bytes], tuple[bytes, bytes]
 ]:  # fmt: skip
     status, fields, payload = rendered(Denial(code, detail, status, dict(headers)), _ID_MARK)

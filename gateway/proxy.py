@@ -4,7 +4,8 @@
 
 Every step before `forward` either passes or returns a Denial, which one
 renderer turns into the JSON error. No path that returns a Denial forwards.
-Each request ends in `_record`: one metric increment and one access-log record.
+A request is one `Exchange`, made when it arrives and filled in as it goes down
+the path; it ends in `_record`: one metric increment and one access-log record.
 It runs on gateway/h1/server.py's listener and forwards through gateway/h1/client.py, which
 sees the request only as a `Downstream` (gateway/h1/downstream.py) and plain values.
 """
@@ -16,10 +17,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from gateway import errors
 from gateway.config import METHODS, KeysConfig
-from gateway.errors import Denial
+from gateway.errors import Denial, ErrorCode
 from gateway.h1.client import Forwarder
 from gateway.h1.headers import http_date
 from gateway.h1.server import Request
@@ -38,6 +40,25 @@ CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection firs
 _UNLISTED = frozenset({"CONNECT", "TRACE"})  # refused unless a route's `methods` names them
 
 
+# An access-log record's `code`: a spec 5 code, or how a request that was not refused ended.
+Outcome = ErrorCode | Literal["forwarded", "client_closed", "cancelled"]
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request on its way through the proxy, made once when it arrives: what its answer,
+    its metric and its access-log record are made of, filled in as each step learns it."""
+
+    request: Request | None  # None: the listener refused it and nothing of it is known (`refused`)
+    request_id: str  # the client's X-Request-Id when well-formed, else a new one: decided once
+    started: float  # perf_counter() when it arrived
+    path: str | None = None  # the normalised path, without its query, once the target parsed
+    route: str = "-"  # the matching route's name
+    record: KeyRecord | None = None  # the key's record, once looked up
+    upstream: float | None = None  # seconds from the (last) key decision to the upstream's answer
+    remote: str | None = None  # the client's address, for a request the listener refused
+
+
 @dataclass
 class Proxy:
     routes: RouteTable  # replaced whole by a SIGHUP reload; a request uses the table it started with
@@ -49,45 +70,45 @@ class Proxy:
 
     async def handle(self, request: Request) -> None:
         self.inflight += 1
-        started = time.perf_counter()
+        exchange = Exchange(request, errors.request_id_from(request.headers.get("X-Request-Id")), time.perf_counter())
         try:
-            await self._handle(request, started)
+            await self._handle(request, exchange)
         except Exception as exc:
             # The boundary: an unexpected exception is logged by type with its traceback and
             # answered 500 internal_error (when nothing was sent yet), never forwarded, never echoed.
-            request_id = errors.request_id_from(request.headers.get("X-Request-Id"))
-            log.exception("unhandled %s", type(exc).__name__, extra={"request_id": request_id})
+            log.exception("unhandled %s", type(exc).__name__, extra={"request_id": exchange.request_id})
             if not request.responded:
-                self._deny(request, Denial("internal_error"), request_id, started)
+                # Recorded as it always was: its id and duration, no route or key (the route label is "-").
+                self._deny(Exchange(request, exchange.request_id, exchange.started), Denial("internal_error"))
             else:
                 request.close_after()
         finally:
             self.inflight -= 1
 
-    async def _handle(self, request: Request, started: float) -> None:
-        request_id = errors.request_id_from(request.headers.get("X-Request-Id"))
+    async def _handle(self, request: Request, exchange: Exchange) -> None:
         try:
             target = split_target(request.raw_path)
         except UnsafePath as exc:
-            self._deny(request, Denial("invalid_request", str(exc)), request_id, started)
+            self._deny(exchange, Denial("invalid_request", str(exc)))
             return
+        exchange.path = target.path
 
         route = self.routes.match(target.path)
         if route is None:
-            self._deny(request, Denial("route_not_found"), request_id, started, path=target.path)
+            self._deny(exchange, Denial("route_not_found"))
             return
+        exchange.route = route.name
         allowed = route.methods
         if request.method not in allowed if allowed is not None else request.method in _UNLISTED:
             # CONNECT and TRACE only where a route lists them (spec 6): a tunnel or an echo of the
             # request (its Authorization included) is never what "all methods" means.
             allow = ", ".join(sorted(allowed if allowed is not None else METHODS - _UNLISTED))
-            denial = Denial("method_not_allowed", headers={"Allow": allow})
-            self._deny(request, denial, request_id, started, target.path, route.name)
+            self._deny(exchange, Denial("method_not_allowed", headers={"Allow": allow}))
             return
         if request.body_exists:
             if request.body_length is not None and request.body_length > route.max_body_bytes:
                 request.close_after()  # its body is not read: the connection cannot carry another request
-                self._deny(request, Denial("body_too_large"), request_id, started, target.path, route.name)
+                self._deny(exchange, Denial("body_too_large"))
                 return
             request.limit_body(route.max_body_bytes)  # a chunked body: the listener counts it as it comes
 
@@ -97,7 +118,7 @@ class Proxy:
         if route.requires_key:
             credential = bearer_from(request.headers.getall("Authorization", ()))
             if isinstance(credential, Denial):
-                self._deny(request, credential, request_id, started, target.path, route.name)
+                self._deny(exchange, credential)
                 return
             key_hash = digest(credential.token)
 
@@ -110,13 +131,13 @@ class Proxy:
             for _attempt in range(_DECISIONS):
                 if key_hash is not None:
                     try:
-                        record = await self.lookup.find(key_hash)
+                        record = exchange.record = await self.lookup.find(key_hash)
                     except AuthUnavailable:
-                        self._deny(request, Denial("auth_unavailable"), request_id, started, target.path, route.name)
+                        self._deny(exchange, Denial("auth_unavailable"))
                         return
                     refusal = decide(record, route, time.time(), self.keys.disabled_status)
                     if refusal is not None:
-                        self._deny(request, refusal, request_id, started, target.path, route.name, record)
+                        self._deny(exchange, refusal)
                         return
                     admit = self._fresh_decision()
                     sent = time.perf_counter()
@@ -124,7 +145,7 @@ class Proxy:
                     request,
                     route,
                     path,
-                    request_id,
+                    exchange.request_id,
                     key_id=record.id if record is not None else None,
                     key_owner=record.owner if record is not None else None,
                     admit=admit,
@@ -132,26 +153,26 @@ class Proxy:
                 if outcome is not None:
                     break
             else:  # stale every time: a key table changing faster than we connect upstream
-                self._deny(request, Denial("auth_unavailable"), request_id, started, target.path, route.name, record)
+                self._deny(exchange, Denial("auth_unavailable"))
                 return
         except ConnectionError:
             # The client went away before its answer could start: nothing to send, nothing to
             # log as an error. Recorded as nginx does, 499.
-            self._record(request, request_id, started, target.path, route.name, "client_closed", CLIENT_CLOSED,
-                         record, time.perf_counter() - sent)  # fmt: skip
+            exchange.upstream = time.perf_counter() - sent
+            self._record(exchange, "client_closed", CLIENT_CLOSED)
             request.close_after()
             return
         except asyncio.CancelledError:
             # Cut by the shutdown (the drain's deadline passed): leave a trace, then let it end.
-            self._record(request, request_id, started, target.path, route.name, "cancelled", CLIENT_CLOSED,
-                         record, time.perf_counter() - sent)  # fmt: skip
+            exchange.upstream = time.perf_counter() - sent
+            self._record(exchange, "cancelled", CLIENT_CLOSED)
             raise
-        upstream = time.perf_counter() - sent
+        exchange.upstream = upstream = time.perf_counter() - sent
         self.metrics.upstream(route.name, upstream)
         if isinstance(outcome, Denial):
-            self._deny(request, outcome, request_id, started, target.path, route.name, record, upstream)
+            self._deny(exchange, outcome)
             return
-        self._record(request, request_id, started, target.path, route.name, "forwarded", outcome, record, upstream)
+        self._record(exchange, "forwarded", outcome)
 
     def _fresh_decision(self) -> Callable[[], bool]:
         """Whether a key decision taken now may still put a request's first byte upstream: only if no
@@ -163,60 +184,40 @@ class Proxy:
         until = time.monotonic() + IN_FLIGHT_MARGIN / 2
         return lambda: cache.generation == generation and time.monotonic() < until
 
-    def refused(self, request_id: str, remote: str | None, code: str = "invalid_request") -> None:
+    def refused(self, request_id: str, remote: str | None, code: ErrorCode = "invalid_request") -> None:
         """A request the listener refused before any handler saw it (400 invalid_request, 408
         request_timeout, 431 headers_too_large): counted and logged like any other, with nothing
         of what was refused."""
-        status = errors.KINDS[code].status
-        self._record(None, request_id, time.perf_counter(), None, "-", code, status, None, None, remote)
+        self._record(Exchange(None, request_id, time.perf_counter(), remote=remote), code, errors.KINDS[code].status)
 
-    def _deny(
-        self,
-        request: Request,
-        denial: Denial,
-        request_id: str,
-        started: float,
-        path: str | None = None,
-        route: str = "-",
-        record: KeyRecord | None = None,
-        upstream: float | None = None,
-    ) -> None:
-        status, reason, head, body = errors.wire(denial, request_id)
+    def _deny(self, exchange: Exchange, denial: Denial) -> None:
+        request = exchange.request
+        assert request is not None  # a request the listener refused is answered there (`refused`)
+        status, reason, head, body = errors.wire(denial, exchange.request_id)
         request.reply(status, reason, head + b"Date: " + http_date(time.time()) + b"\r\n", body)
-        self._record(request, request_id, started, path, route, denial.code, status, record, upstream)
+        self._record(exchange, denial.code, status)
 
-    def _record(
-        self,
-        request: Request | None,  # None: the parser refused it, nothing of it is known
-        request_id: str,
-        started: float,
-        path: str | None,
-        route: str,
-        code: str,
-        status: int,
-        record: KeyRecord | None,
-        upstream: float | None,
-        remote: str | None = None,
-    ) -> None:
+    def _record(self, exchange: Exchange, code: Outcome, status: int) -> None:
         # Metric labels are route names and codes only: never the path, a header or the key.
-        self.metrics.request(route, code)
+        self.metrics.request(exchange.route, code)
         if not access.isEnabledFor(logging.INFO):
             return
         # The log line names the key by its id, never the key; the path is the normalised
         # one without its query (queries carry tokens more often than paths do).
+        request, record, upstream = exchange.request, exchange.record, exchange.upstream
         access.info(
             "request",
             extra={
-                "request_id": request_id,
+                "request_id": exchange.request_id,
                 "method": request.method if request is not None else None,
-                "path": path,
-                "route": route,
+                "path": exchange.path,
+                "route": exchange.route,
                 "code": code,
                 "status": status,
                 "key_id": record.id if record is not None else None,
                 "upstream_ms": round(upstream * 1000, 3) if upstream is not None else None,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-                "remote": request.remote if request is not None else remote,
+                "duration_ms": round((time.perf_counter() - exchange.started) * 1000, 3),
+                "remote": request.remote if request is not None else exchange.remote,
                 "user_agent": ((request.headers.get("User-Agent") or "")[:_USER_AGENT_MAX] or None)
                 if request is not None
                 else None,

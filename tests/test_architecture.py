@@ -128,3 +128,51 @@ def test_the_check_catches_upward_and_sibling_imports() -> None:
 def test_the_walk_finds_imports_inside_functions() -> None:
     module = PACKAGE / "cli" / "main.py"  # imports gateway.runtime.serve inside a function
     assert "gateway.runtime.serve" in {name for _, name in imports(module)}
+
+
+# Task creation: the loop keeps only a weak reference to a task, so one whose result is dropped
+# can be collected mid-flight. Ruff's RUF006 checks `asyncio.create_task`/`asyncio.ensure_future`;
+# this checks every `.create_task(` and `ensure_future(` whatever the receiver (`loop.create_task`
+# included). A TaskGroup holds its own tasks.
+TASK_MAKERS = frozenset({"create_task", "ensure_future"})
+
+
+def unheld_tasks(source: str) -> list[int]:
+    """The lines where a task is created and its result dropped (a bare expression statement)."""
+    tree = ast.parse(source)
+    groups = {
+        item.optional_vars.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.AsyncWith)
+        for item in node.items
+        if isinstance(item.context_expr, ast.Call)
+        and ast.unparse(item.context_expr.func).endswith("TaskGroup")
+        and isinstance(item.optional_vars, ast.Name)
+    }
+    lines = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)):
+            continue
+        func = node.value.func
+        if isinstance(func, ast.Attribute) and func.attr in TASK_MAKERS:
+            if not (isinstance(func.value, ast.Name) and func.value.id in groups):
+                lines.append(node.lineno)
+        elif isinstance(func, ast.Name) and func.id in TASK_MAKERS:
+            lines.append(node.lineno)
+    return lines
+
+
+@pytest.mark.parametrize("path", MODULES, ids=[module_name(p) for p in MODULES])
+def test_every_task_the_gateway_creates_is_held(path: Path) -> None:
+    assert not unheld_tasks(path.read_text()), f"{path}: hold the task (a name, a set, or a TaskGroup)"
+
+
+def test_the_check_catches_dropped_tasks_on_any_receiver() -> None:
+    assert unheld_tasks("loop.create_task(work())\n") == [1]
+    assert unheld_tasks("self._loop.create_task(work())\n") == [1]
+    assert unheld_tasks("asyncio.ensure_future(work())\n") == [1]
+    assert unheld_tasks("ensure_future(work())\n") == [1]
+    held = "t = loop.create_task(work())\ntasks.add(asyncio.ensure_future(w()))\nawait loop.create_task(w())\n"
+    assert unheld_tasks(f"async def f():\n{''.join('    ' + line + chr(10) for line in held.splitlines())}") == []
+    grouped = "async def f():\n    async with asyncio.TaskGroup() as g:\n        g.create_task(work())\n"
+    assert unheld_tasks(grouped) == []

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from aiohttp import web
@@ -15,11 +15,13 @@ from redis.exceptions import RedisError
 
 from gateway import errors
 from gateway.admin import bodies
-from gateway.admin.auth import Principal, Throttled, TokenVerifier
+from gateway.admin.auth import MAX_ADMIN_TOKEN_LENGTH, Principal, Throttled, TokenVerifier
 from gateway.coherence.propagation import Propagator
 from gateway.config import KeysConfig
 from gateway.errors import Denial
+from gateway.h1.headers import trusted_peer
 from gateway.keytable import record as keys
+from gateway.keytable.credentials import REPEATED_DETAIL, VISIBLE_ASCII, NoBearer, bearer_token
 from gateway.keytable.lease import Coherence
 from gateway.keytable.record import KeyRecord
 from gateway.keytable.store import AuditEntry, BadCursor, CursorCodec, KeyStore, Refused, Unreadable
@@ -29,6 +31,7 @@ log = logging.getLogger("gateway.admin")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Action = Callable[["AdminApi", web.Request, Principal, str], Awaitable[web.StreamResponse]]
+Persistence = Literal["aof", "off", "unknown"]  # Redis AOF, as /readyz reports it (runtime/serve.py)
 
 
 def json_response(data: Any, request_id: str, status: int = 200) -> web.Response:
@@ -77,7 +80,7 @@ class AdminApi:
     coherence: Coherence
     keys_config: KeysConfig
     metrics: Metrics
-    persistence: str = "unknown"  # Redis AOF: "aof", "off" or "unknown"; set at startup (runtime/serve.py)
+    persistence: Persistence = "unknown"  # Redis AOF: "aof", "off" or "unknown"; set at startup (runtime/serve.py)
     draining: bool = False  # set on SIGTERM: /readyz answers 503 while in-flight requests finish
     # Signs listing and audit cursors; derived from the configuration unless given, so every
     # replica and worker accepts the others' cursors (see store.CursorCodec).
@@ -97,14 +100,12 @@ class AdminApi:
         return self.cursors
 
     async def authenticate(self, request: web.Request) -> Principal | Denial:
-        values = request.headers.getall("Authorization", ())
-        if not values:
+        token = bearer_token(request.headers.getall("Authorization", ()), MAX_ADMIN_TOKEN_LENGTH, VISIBLE_ASCII)
+        if token is NoBearer.MISSING:
             return Denial("missing_token")
-        if len(values) > 1:
-            return Denial("invalid_request", "The request carries more than one Authorization header")
-        scheme, _, token = values[0].strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token or len(token) > 1024:
+        if token is NoBearer.REPEATED:
+            return Denial("invalid_request", REPEATED_DETAIL)
+        if not isinstance(token, str):
             return Denial("invalid_token")
         outcome = await self.verifier.verify(token, client_address(request, self.trusted_proxies))
         if isinstance(outcome, Throttled):
@@ -371,16 +372,6 @@ class AdminApi:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
-def _trusted(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address.strip())
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in network for network in networks)
-
-
 def client_address(
     request: web.Request, trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 ) -> str | None:
@@ -388,11 +379,11 @@ def client_address(
     proxy, the right-most address of X-Forwarded-For that is not one (what a client can forge is
     to the left of what the trusted proxies appended)."""
     peer = request.remote
-    if not trusted_proxies or peer is None or not _trusted(peer, trusted_proxies):
+    if not trusted_proxies or peer is None or not trusted_peer(peer, trusted_proxies):
         return peer
     hops = [h.strip() for v in request.headers.getall("X-Forwarded-For", ()) for h in v.split(",")]
     for hop in reversed(hops):
-        if not _trusted(hop, trusted_proxies):
+        if not trusted_peer(hop, trusted_proxies):
             return hop or peer
     return peer
 

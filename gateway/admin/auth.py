@@ -46,6 +46,8 @@ TOKEN_PREFIX: Final = "gwadm_"  # noqa: S105 (the shape, not a secret)
 # URL-safe characters (the generated one is 43).
 TOKEN_ID: Final = re.compile(r"[a-z0-9]{4,32}")
 TOKEN_SHAPE: Final = re.compile(r"gwadm_([a-z0-9]{4,32})_([A-Za-z0-9_-]{16,512})")
+# The longest bearer token the admin API reads (a shaped one is at most 551; legacy ones, any shape).
+MAX_ADMIN_TOKEN_LENGTH: Final = 1024
 MAX_FAILURES: Final = 10
 WINDOW_SECONDS: Final = 60.0
 MAX_QUEUED_PER_TARGET: Final = 16  # verifications waiting or running for one id; more: 429, retry shortly

@@ -16,7 +16,7 @@ import orjson
 
 from gateway.config import SCOPE_RULE
 from gateway.keytable.credentials import B64TOKEN, MAX_TOKEN_LENGTH
-from gateway.keytable.record import PREFIX_RULE, SHA256_HEX
+from gateway.keytable.record import KEY_ID, PREFIX_RULE, SHA256_HEX
 
 MAX_TEXT: Final = 200  # names, owners and reasons (spec 7)
 MAX_META_BYTES: Final = 4 * 1024  # meta, encoded as compact JSON (spec 7)
@@ -234,17 +234,14 @@ def list_query(query: Mapping[str, str]) -> ListQuery:
     return ListQuery(owner, enabled, query.get("cursor") or None, _limit(query, 20, 100))
 
 
-_KEY_ID: Final = re.compile(r"key_[0-9a-f]{20}")
-
-
 def audit_query(query: Mapping[str, str]) -> AuditQuery:
     _only(query, {"key_id", "cursor", "limit"})
     key_id = query.get("key_id") or None
-    if key_id is not None and not _KEY_ID.fullmatch(key_id):
+    if key_id is not None and not KEY_ID.fullmatch(key_id):
         raise BadInput("key_id: must be a key id (key_...)")
     # The cursor is checked (signature, bounds) by the handler's CursorCodec.
     return AuditQuery(key_id, query.get("cursor") or None, _limit(query, 50, 500))
 
 
 def valid_key_id(value: str) -> bool:
-    return _KEY_ID.fullmatch(value) is not None
+    return KEY_ID.fullmatch(value) is not None

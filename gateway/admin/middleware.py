@@ -16,7 +16,7 @@ from gateway import errors
 
 log = logging.getLogger("gateway")
 
-_BY_STATUS = {
+_BY_STATUS: dict[int, errors.ErrorCode] = {
     400: "invalid_request",
     404: "not_found",
     405: "method_not_allowed",

@@ -71,6 +71,8 @@ from yarl import URL
 
 from gateway.admin import bodies
 from gateway.cli import keyfile
+from gateway.keytable.credentials import VISIBLE_ASCII
+from gateway.keytable.record import KEY_ID
 
 EXIT_OK: Final = 0
 EXIT_REFUSED: Final = 1
@@ -85,8 +87,6 @@ DEFAULT_URL: Final = "http://127.0.0.1:8081"
 LIST_PAGE: Final = 100  # the API's largest page for /v1/keys
 AUDIT_PAGE: Final = 500  # and for /v1/audit
 AUDIT_DEFAULT: Final = 50
-KEY_ID: Final = re.compile(r"key_[0-9a-f]{20}")
-_TOKEN_CHARS: Final = re.compile(r"[\x21-\x7e]+")
 _ADMIN_AUTH_CODES: Final = frozenset({"missing_token", "invalid_token", "insufficient_permissions"})
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]+")
 CELL_WIDTH: Final = 40
@@ -145,8 +145,10 @@ def admin_token(environ: Mapping[str, str]) -> str:
     token = environ.get(TOKEN_ENV, "").strip()
     if not token:
         raise CliError(EXIT_USAGE, f"{TOKEN_ENV} is not set: export the admin token in it (it is never a flag)")
-    if not _TOKEN_CHARS.fullmatch(token):
-        raise CliError(EXIT_USAGE, f"{TOKEN_ENV}: holds characters a token cannot have (spaces, control, non-ASCII)")
+    if not VISIBLE_ASCII.fullmatch(token):  # what the admin API reads (keytable/credentials.py)
+        raise CliError(
+            EXIT_USAGE, f"{TOKEN_ENV}: holds characters an admin token cannot have (spaces or control characters)"
+        )
     return token
 
 

@@ -92,7 +92,8 @@ def _new_token_id() -> str:
 def cmd_hash_token(args: argparse.Namespace) -> int:
     """A config entry for an admin token (spec 7): with --generate a new `gwadm_<id>_<secret>`
     token and its entry; otherwise the entry for a token read from stdin (never from a flag)."""
-    from gateway.admin.auth import TOKEN_ID, TOKEN_PREFIX, hash_token, token_id
+    from gateway.admin.auth import MAX_ADMIN_TOKEN_LENGTH, TOKEN_ID, TOKEN_PREFIX, hash_token, token_id
+    from gateway.keytable.credentials import VISIBLE_ASCII
 
     if args.id is not None and not TOKEN_ID.fullmatch(args.id):
         print("gateway: --id must be 4-32 lowercase letters and digits", file=sys.stderr)
@@ -109,6 +110,14 @@ def cmd_hash_token(args: argparse.Namespace) -> int:
         token = sys.stdin.readline().rstrip("\r\n")
     if len(token) < 16:
         print("gateway: an admin token must be at least 16 characters", file=sys.stderr)
+        return EXIT_CONFIG
+    if len(token) > MAX_ADMIN_TOKEN_LENGTH or not VISIBLE_ASCII.fullmatch(token):
+        # the admin API reads a bearer token by RFC 6750 (keytable/credentials.py): it would never match
+        print(
+            f"gateway: an admin token is at most {MAX_ADMIN_TOKEN_LENGTH} characters of "
+            "visible ASCII (no spaces or control characters)",
+            file=sys.stderr,
+        )
         return EXIT_CONFIG
     selected = token_id(token)
     if selected is None:

@@ -19,7 +19,8 @@ from typing import Final
 
 import orjson
 
-_HASH: Final = re.compile(r"[0-9a-f]{64}")
+from gateway.keytable.record import SHA256_HEX
+
 _TOKEN: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_MESSAGE: Final = 64 * 1024
 
@@ -95,7 +96,7 @@ class Codec:
                     not isinstance(item, list)
                     or len(item) != 2
                     or not isinstance(item[0], str)
-                    or not _HASH.fullmatch(item[0])
+                    or not SHA256_HEX.fullmatch(item[0])
                     or not isinstance(item[1], int)
                     or isinstance(item[1], bool)
                 ):

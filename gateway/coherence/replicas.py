@@ -22,6 +22,8 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
+from gateway.keytable.store import as_text
+
 _JOIN = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -83,11 +85,10 @@ class Registry:
         now = int(raw[0])
         out: dict[str, int] = {}
         for i in range(1, len(raw), 2):
-            rid = raw[i].decode() if isinstance(raw[i], bytes) else str(raw[i])
-            out[rid] = int(raw[i + 1])
+            out[as_text(raw[i])] = int(raw[i + 1])
         return now, out
 
     async def now_us(self) -> int:
         """Redis server time in microseconds."""
         raw = await self._now()
-        return int(raw.decode() if isinstance(raw, bytes) else raw)
+        return int(as_text(raw))

@@ -45,6 +45,7 @@ from gateway.coherence.replicas import Registry
 from gateway.keytable.cache import KeyCache
 from gateway.keytable.keyfilter import KnownKeys
 from gateway.keytable.lease import Coherence, membership_trusted_until
+from gateway.keytable.store import as_bytes
 from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.subscriber")
@@ -174,7 +175,7 @@ class Subscriber:
             if message is None:
                 continue
             if message["type"] == "subscribe":
-                wanted.discard(_bytes(message["channel"]))
+                wanted.discard(as_bytes(message["channel"]))
             elif message["type"] == "message":
                 await self._handle(message)
 
@@ -208,7 +209,7 @@ class Subscriber:
                 continue
             kind = message["type"]
             if kind == "pong":
-                sent_at = pings.get(_bytes(message["data"]))
+                sent_at = pings.get(as_bytes(message["data"]))
                 if sent_at is not None:
                     # Replies come in order: every older PING is answered or never will be.
                     pings = {p: t for p, t in pings.items() if t > sent_at}
@@ -242,7 +243,3 @@ class Subscriber:
             await asyncio.wait_for(call, self.interval / 2)
         except TimeoutError:
             raise Break(f"{what} took longer than half the health-check interval") from None
-
-
-def _bytes(value: bytes | str) -> bytes:
-    return value if isinstance(value, bytes) else value.encode()

@@ -63,7 +63,7 @@ from gateway.h1.compat import (
     reading_paused,
 )
 from gateway.h1.downstream import BodyTimeout, BodyTooLarge, Downstream
-from gateway.h1.headers import client_response_head, http_date, upstream_request_head
+from gateway.h1.headers import NO_BODY_STATUS, client_response_head, http_date, upstream_request_head
 
 log = logging.getLogger("gateway.upstream")
 
@@ -74,7 +74,6 @@ MAX_IDLE_PER_ORIGIN: Final = 512
 IDLE_SECONDS: Final = 30.0  # an idle pooled connection older than this is closed, not reused
 MAX_HEAD_BYTES: Final = 64 * 1024  # a response head (status line and fields) larger than this is 502
 # Statuses whose responses never carry a body, whatever their headers say (RFC 9110 6.4.1).
-_NO_BODY: Final = frozenset({204, 304})
 # RFC 9110 9.2.2: what may be sent again after it may have reached the upstream (and only bodyless).
 _REPLAYABLE: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -312,7 +311,7 @@ class _Connection(BaseProtocol):
                 self._fail(UpstreamError("the parser read other framing than the head states"))
                 return
             self._head = None
-            if message.code in _NO_BODY:
+            if message.code in NO_BODY_STATUS:
                 payload = EMPTY_PAYLOAD
             if payload is not EMPTY_PAYLOAD:
                 self._payload = payload
@@ -664,7 +663,7 @@ class Forwarder:
         504 upstream_timeout, anything else 502 upstream_unavailable. Logged by type (a parser's
         message may quote the upstream's bytes); only this module's own phrases are logged whole."""
         timed_out = isinstance(exc, TimeoutError) or (conn is not None and conn.timed_out)
-        code = "upstream_timeout" if timed_out else "upstream_unavailable"
+        code: errors.ErrorCode = "upstream_timeout" if timed_out else "upstream_unavailable"
         why = str(exc) if type(exc) in (UpstreamError, _Closed) else type(exc).__name__
         if phase == "body":
             log.warning("upstream failed mid-response: %s", why, extra={"route": route.name, "request_id": request_id})

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import email.utils
 import functools
+import ipaddress
+from collections.abc import Iterable
 from typing import Final
 
 from gateway.config import MAX_SAFE_LENGTH
@@ -35,7 +37,26 @@ _UNTRUSTED_DROP_BYTES: Final = _DROP_BYTES | _POSING_BYTES
 _PREFIX_BYTES: Final = GATEWAY_HEADER_PREFIX.encode()
 _FORWARDED_PREFIX: Final = b"x-forwarded-"
 
+# Statuses whose responses never carry a body, whatever their framing lines say (RFC 9110 6.4.1).
+NO_BODY_STATUS: Final = frozenset({204, 304})
+
 RawHeaders = tuple[tuple[bytes, bytes], ...]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def trusted_peer(address: str | None, networks: Iterable[Network]) -> bool:
+    """Whether an address (a peer's, or one hop of X-Forwarded-For) is in `trusted_proxies`:
+    surrounding white space and an IPv6 zone are ignored, an IPv4-mapped IPv6 address counts as
+    IPv4, and anything that is not an address is not trusted."""
+    if address is None:
+        return False
+    try:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address.strip().split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
 
 
 @functools.lru_cache(maxsize=2)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ipaddress
 import logging
 import re
 import socket
@@ -67,7 +66,7 @@ from gateway.h1.compat import (
     resume_for_buffer,
 )
 from gateway.h1.downstream import BodyTimeout, BodyTooLarge
-from gateway.h1.headers import http_date
+from gateway.h1.headers import NO_BODY_STATUS, Network, http_date, trusted_peer
 
 log = logging.getLogger("gateway.http")
 
@@ -76,15 +75,13 @@ LINGER_SECONDS: Final = 10.0  # how long an unread request body may take to arri
 MAX_QUEUED: Final = 32  # pipelined requests parsed ahead of the one being handled, before reading pauses
 MAX_FIELD: Final = 8190  # one header field's value: longer is refused 400, as nginx's and aiohttp's defaults do
 MAX_REQUEST_LINE: Final = 8190  # aiohttp's (and nginx's large_client_header_buffers) default: longer is 400
-_NO_BODY: Final = frozenset({204, 304})
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _DECIMAL: Final = re.compile(rb"0|[1-9][0-9]*")
 _HEAD_END: Final = b"\r\n\r\n"
 
 Handler = Callable[["Request"], Awaitable[None]]
 # (request id, client address, code): a request the listener refused before any handler saw it
-Refused = Callable[[str, "str | None", str], None]
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Refused = Callable[[str, "str | None", errors.ErrorCode], None]
 
 
 class BodyBroken(ConnectionResetError):
@@ -94,7 +91,7 @@ class BodyBroken(ConnectionResetError):
 class Refusal(Exception):
     """A request the listener answers itself, in order, before closing; `code` is spec 5's."""
 
-    code = "invalid_request"
+    code: errors.ErrorCode = "invalid_request"
 
 
 class FramingRefused(Refusal):
@@ -136,19 +133,6 @@ def body_framing(message: RawRequestMessage) -> int | None:
     if _DECIMAL.fullmatch(length) is None or len(length) > 16 or int(length) > MAX_SAFE_LENGTH:
         raise FramingRefused("a Content-Length that is not a plain decimal within 2^53")
     return int(length)
-
-
-def trusted_peer(remote: str | None, networks: Iterable[Network]) -> bool:
-    """Whether a peer address is in `trusted_proxies` (an IPv4-mapped IPv6 address counts as IPv4)."""
-    if remote is None:
-        return False
-    try:
-        address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(remote.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in networks)
 
 
 def connection_line(keep_alive: bool, version: tuple[int, int]) -> bytes:
@@ -264,7 +248,7 @@ class Request:
             lines.append(b"Content-Length: %d\r\n" % len(body))
         lines.append(self._settle())
         lines.append(b"\r\n")
-        if body and self.method != "HEAD" and status not in _NO_BODY:
+        if body and self.method != "HEAD" and status not in NO_BODY_STATUS:
             lines.append(body)
         self.responded = self._finished = True
         self._conn.send(b"".join(lines))
@@ -303,7 +287,7 @@ class Request:
 
     @staticmethod
     def _takes_body(status: int) -> bool:
-        return status >= 200 and status not in _NO_BODY
+        return status >= 200 and status not in NO_BODY_STATUS
 
     async def _write(self, data: bytes) -> None:
         conn = self._conn
@@ -724,7 +708,7 @@ class _ServerConnection(BaseProtocol):
     def _refuse(self, exc: BaseException) -> None:
         # The parser's message may quote the bytes it refused (a header carrying a key):
         # log the type only, answer the spec 5 body without any of it.
-        code = exc.code if isinstance(exc, Refusal) else "invalid_request"
+        code: errors.ErrorCode = exc.code if isinstance(exc, Refusal) else "invalid_request"
         if not isinstance(exc, Refusal):
             log.info("request refused by the HTTP parser: %s", type(exc).__name__)
         elif not isinstance(exc, HeadTimeout):

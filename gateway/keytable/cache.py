@@ -9,14 +9,23 @@ request that asked before the eviction and never cached.
 
 from __future__ import annotations
 
+import enum
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Literal
 
 from gateway.keytable.record import KeyRecord
 
-_MISS: Final = object()
+
+class Miss(enum.Enum):
+    """Not in the cache (or expired): distinct from None, a cached "unknown key"."""
+
+    MISS = enum.auto()
+
+
+MISS: Final = Miss.MISS
+Cached = KeyRecord | None | Literal[Miss.MISS]  # what `get` and `peek_stale` answer
 NEGATIVE_MAX: Final = 10_000  # unknown keys remembered at most (each costs ~200 bytes)
 
 
@@ -45,7 +54,7 @@ class KeyCache:
     def __len__(self) -> int:
         return len(self._entries) + len(self._negative)
 
-    def get(self, key_hash: str) -> KeyRecord | object | None:
+    def get(self, key_hash: str) -> Cached:
         """The cached record, None for a cached "unknown key", or `MISS`."""
         table = self._entries
         entry = table.get(key_hash)
@@ -54,13 +63,13 @@ class KeyCache:
             entry = table.get(key_hash)
             if entry is None:
                 self.misses += 1
-                return _MISS
+                return MISS
         expires, record = entry
         if self._clock() >= expires:
             del table[key_hash]
             self.expired += 1
             self.misses += 1
-            return _MISS
+            return MISS
         table.move_to_end(key_hash)
         if record is None:
             self.negative_hits += 1
@@ -68,7 +77,7 @@ class KeyCache:
             self.hits += 1
         return record
 
-    def peek_stale(self, key_hash: str, max_age: float) -> KeyRecord | object | None:
+    def peek_stale(self, key_hash: str, max_age: float) -> Cached:
         """An entry even past its TTL, if it expired less than `max_age` ago; else `MISS`.
 
         Only for serving through a Redis outage when the operator allowed it
@@ -76,7 +85,7 @@ class KeyCache:
         """
         entry = self._entries.get(key_hash) or self._negative.get(key_hash)
         if entry is None or self._clock() - entry[0] > max_age:
-            return _MISS
+            return MISS
         return entry[1]
 
     def put(self, key_hash: str, record: KeyRecord | None, generation: int) -> bool:
@@ -107,6 +116,3 @@ class KeyCache:
         self.cleared += len(self)
         self._entries.clear()
         self._negative.clear()
-
-
-MISS: Final = _MISS

@@ -61,7 +61,7 @@ class KeyLookup:
         if self.coherence.coherent:
             cached = self.cache.get(key_hash)
             if cached is not MISS:
-                return cached  # type: ignore[return-value]
+                return cached
             if self.known.absent(key_hash):  # not in the table: no Redis read (ready only while coherent)
                 return None
         generation = self.cache.generation
@@ -108,5 +108,5 @@ class KeyLookup:
         if window > 0 and self.coherence.broken_for() <= window:
             stale = self.cache.peek_stale(key_hash, window)
             if stale is not MISS:
-                return stale  # type: ignore[return-value]
+                return stale
         raise AuthUnavailable from None

@@ -18,7 +18,8 @@ DEFAULT_PREFIX: Final = "gw_"
 PREFIX_RULE: Final = re.compile(r"[A-Za-z][A-Za-z0-9]{0,15}_")
 RANDOM_BYTES: Final = 24  # 192 bits; the spec asks for at least 128
 START_LENGTH: Final = 4  # characters of randomness shown after the prefix in `start`
-SHA256_HEX: Final = re.compile(r"[0-9a-f]{64}")
+SHA256_HEX: Final = re.compile(r"[0-9a-f]{64}")  # a key's digest, as stored and as announced
+KEY_ID: Final = re.compile(r"key_[0-9a-f]{20}")  # what new_id makes
 
 
 def digest(key: str) -> str:

@@ -31,7 +31,8 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
-from gateway.keytable.record import KeyRecord, rfc3339
+from gateway.errors import ErrorCode
+from gateway.keytable.record import SHA256_HEX, KeyRecord, rfc3339
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,9 +59,9 @@ class AuditEntry:
 class Refused(Exception):
     """A change that the record's state forbids (e.g. enabling a revoked key)."""
 
-    def __init__(self, code: str, detail: str | None = None) -> None:
+    def __init__(self, code: ErrorCode, detail: str | None = None) -> None:
         super().__init__(code)
-        self.code = code
+        self.code: ErrorCode = code
         self.detail = detail
 
 
@@ -107,22 +108,22 @@ class KeyStore:
         pattern = _glob_escape(self._k("")) + "*"
         start = len(self._k(""))
         async for name in self.redis.scan_iter(match=pattern, count=1000):
-            key_hash = _text(name)[start:]
-            if _SHA256_HEX.fullmatch(key_hash):  # not ours (another deployment's prefix nested in ours): skipped
+            key_hash = as_text(name)[start:]
+            if SHA256_HEX.fullmatch(key_hash):  # not ours (another deployment's prefix nested in ours): skipped
                 yield key_hash
 
     async def get_by_id(self, key_id: str) -> KeyRecord | None:
         key_hash = await self.redis.get(self._id(key_id))
         if key_hash is None:
             return None
-        return await self.get_by_hash(_text(key_hash))
+        return await self.get_by_hash(as_text(key_hash))
 
     async def record_by_id(self, key_id: str) -> KeyRecord | Unreadable | None:
         """The record with this id for the admin API: one that does not decode is `Unreadable`."""
         key_hash = await self.redis.get(self._id(key_id))
         if key_hash is None:
             return None
-        raw = await self.redis.get(self._k(_text(key_hash)))
+        raw = await self.redis.get(self._k(as_text(key_hash)))
         return None if raw is None else _decoded(key_id, raw)
 
     async def page(
@@ -139,11 +140,12 @@ class KeyStore:
         position = cursor
         while len(out) < limit:
             batch = max(limit, 50)
-            ids = [_text(i) for i in cast(list[bytes], await self.redis.zrange(index, position, position + batch - 1))]
+            page = cast(list[bytes], await self.redis.zrange(index, position, position + batch - 1))
+            ids = [as_text(i) for i in page]
             if not ids:
                 return out, None
             hashes = await self.redis.mget([self._id(i) for i in ids])
-            present = [(i, _text(h)) for i, h in zip(ids, hashes, strict=True) if h is not None]
+            present = [(i, as_text(h)) for i, h in zip(ids, hashes, strict=True) if h is not None]
             raws = await self.redis.mget([self._k(h) for _, h in present]) if present else []
             by_id = {i: raw for (i, _), raw in zip(present, raws, strict=True)}
             for n, key_id in enumerate(ids, start=1):
@@ -170,7 +172,7 @@ class KeyStore:
         rows = cast(
             list[tuple[bytes, dict[bytes, bytes]]], await self.redis.xrevrange(stream, max=high, min="-", count=limit)
         )
-        entries = [_audit_entry(_text(entry_id), fields) for entry_id, fields in rows]
+        entries = [_audit_entry(as_text(entry_id), fields) for entry_id, fields in rows]
         next_cursor = entries[-1]["id"] if len(entries) == limit else None
         return entries, next_cursor
 
@@ -222,7 +224,7 @@ class KeyStore:
         raw_hash = await self.redis.get(self._id(key_id))
         if raw_hash is None:
             return None
-        hk = self._k(_text(raw_hash))
+        hk = self._k(as_text(raw_hash))
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
@@ -300,16 +302,19 @@ return id
 """
 
 
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-
-
 def _glob_escape(text: str) -> str:
     """`text` matched literally by a Redis glob pattern (the prefix is the operator's to choose)."""
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
-def _text(value: bytes | str) -> str:
+def as_text(value: bytes | str) -> str:
+    """A Redis reply value as text, whether the client decodes responses or not."""
     return value.decode() if isinstance(value, bytes) else value
+
+
+def as_bytes(value: bytes | str) -> bytes:
+    """A Redis reply value as bytes, whether the client decodes responses or not."""
+    return value if isinstance(value, bytes) else value.encode()
 
 
 def _audit_entry(entry_id: str, raw_fields: dict[bytes, bytes]) -> dict[str, Any]:
@@ -317,7 +322,7 @@ def _audit_entry(entry_id: str, raw_fields: dict[bytes, bytes]) -> dict[str, Any
     f: dict[str, str] = {}
     for k, v in raw_fields.items():
         try:
-            f[_text(k)] = _text(v)
+            f[as_text(k)] = as_text(v)
         except UnicodeDecodeError:
             continue
     try:

@@ -26,7 +26,9 @@ from redis.exceptions import RedisError, ResponseError
 from redis.retry import Retry
 
 from gateway import config as config_mod
+from gateway.admin.api import Persistence
 from gateway.config import Config
+from gateway.keytable.store import as_text
 from gateway.runtime.embedded import EmbeddedRedis
 from gateway.runtime.replica import Replica, build
 
@@ -56,7 +58,7 @@ async def embedded_or_external(config: Config) -> AsyncIterator[str]:
         await embedded.stop()
 
 
-async def check_persistence(redis: Redis) -> str:
+async def check_persistence(redis: Redis) -> Persistence:
     """'aof', 'off' or 'unknown' (CONFIG refused, as managed Redis often does); logged."""
     try:
         reply = await redis.config_get("appendonly")
@@ -65,7 +67,7 @@ async def check_persistence(redis: Redis) -> str:
         return "unknown"
     except (RedisError, OSError):
         return "unknown"
-    settings = {_text(k): _text(v) for k, v in cast(dict[Any, Any], reply).items()}
+    settings = {as_text(k): as_text(v) for k, v in cast(dict[Any, Any], reply).items()}
     value = settings.get("appendonly")
     if value == "yes":
         return "aof"
@@ -74,10 +76,6 @@ async def check_persistence(redis: Redis) -> str:
         "can be lost if Redis restarts; turn on appendonly with appendfsync always or everysec"
     )
     return "off"
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
@@ -198,7 +196,7 @@ async def supervise_workers(config: Config, config_path: str, workers: int, log_
         argv = [sys.executable, "-m", "gateway", "serve", "--config", config_path, "--worker", *log_args]
 
         async def start(index: int) -> asyncio.subprocess.Process:
-            proc = await asyncio.create_subprocess_exec(*argv, env=dict(env, GATEWAY_WORKER_INDEX=str(index)))
+            proc = await asyncio.create_subprocess_exec(*argv, env=env)
             log.info("worker %d started (pid %d)", index, proc.pid)
             return proc
 
