@@ -1,23 +1,33 @@
 """The proxy benchmark (`make bench`): the gateway next to nginx and a naive aiohttp proxy.
 
-Starts, on loopback: a static upstream (nginx: `return 200` with a ~100-byte JSON, and a
-1 MiB file), nginx as a keep-alive reverse proxy to it (the peer, one worker), a plain
-aiohttp pass-through proxy (the naive baseline, benchmarks/naive_proxy.py) and the gateway
-(one process, its own redis-server, a valid key, cache warm). Each proxy under test runs on
-CPU 1; wrk, the upstream nginx, redis-server and this driver on CPU 0. wrk drives one proxy at
-a time; every scenario is run once per round, the proxies' order rotated each round, and the
-table shows the median over rounds and the ratio to nginx measured in the same round.
+Starts, on loopback: a static upstream (nginx: `return 200` with a ~100-byte JSON, and a 1 MiB
+file), nginx as a keep-alive reverse proxy to it (the peer, one worker; a second server block of
+the same nginx answers the gateway's 401 itself, with the gateway's body and headers), a plain
+aiohttp pass-through proxy (the naive baseline, benchmarks/naive_proxy.py, on the gateway's event
+loop) and the gateway (one process, its own redis-server, a valid key, cache warm, access log off).
+Each proxy under test runs on CPU 1; wrk, the upstream nginx, redis-server and this driver on
+CPU 0. wrk drives one proxy at a time with the same request bytes for every proxy (same path,
+`Host: 127.0.0.1`, the scenario's Authorization or none; nginx ignores it).
 
-A proxy's CPU per request is the growth of its own utime+stime (/proc/<pid>/stat; for nginx the
-worker, not the master) during the run, divided by the requests wrk completed.
+A round runs every scenario once for every proxy it compares, the proxies' order rotated each
+round. A proxy's CPU per request is the growth of the utime+stime (and reaped children's) of its
+whole process tree (/proc/<pid>/stat: the gateway and its workers or children; nginx's master and
+worker) during a wrk run, divided by the requests wrk completed. A ratio to nginx is taken within
+a round (the same scenario, minutes apart at most); the headline is the median over all rounds
+with the range (min-max), and again over the undisturbed rounds only. A round is disturbed when,
+during any of its runs, processes outside the benchmark used more than --max-foreign CPU cores
+(the busy time of /proc/stat minus the CPU time of this driver's process tree, which holds every
+process of the benchmark: proxies, upstream, Redis, wrk).
 
-Scenarios: proxied 200 at c64 and c1 (nginx, naive, gateway); the gateway's 401 path (no key,
-an unknown key) at c64; a flood: every second request with a fresh random unknown key vs. all
-valid (valid-traffic rps in both); a 1 MiB response through each proxy at c64.
+Scenarios (c64 unless noted): proxied 200 (nginx, naive, gateway; and at c1); 401 without a key
+and with an unknown key (nginx refusing, gateway); a flood: every second request with a fresh
+random unknown key vs. all valid (gateway; valid-traffic rps in both); a 1 MiB response.
 
-Writes benchmarks/results/bench.json and docs/bench.png.
+Writes benchmarks/results/bench.json, docs/bench.png and the results section of
+docs/performance.md (between its markers); --quick writes none of them unless asked.
 
-    .venv/bin/python benchmarks/bench.py [--rounds 3] [--duration 5] [--warmup 1] [--quick]
+    .venv/bin/python benchmarks/bench.py [--rounds 5] [--duration 4] [--warmup 1] [--quick]
+    .venv/bin/python benchmarks/bench.py --render-docs benchmarks/results/bench.json
 """
 
 from __future__ import annotations
@@ -25,11 +35,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import importlib.util
 import json
 import os
 import platform
 import re
-import resource
 import secrets
 import shutil
 import signal
@@ -43,29 +53,32 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any, Final
 
 import yaml
 
 ROOT: Final = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from gateway.admin.auth import hash_token  # noqa: E402
-
 NGINX_DIR: Final = ROOT / "benchmarks" / "nginx"
 RESULTS_JSON: Final = ROOT / "benchmarks" / "results" / "bench.json"
 CHART_PNG: Final = ROOT / "docs" / "bench.png"
+DOC_MD: Final = ROOT / "docs" / "performance.md"
+DOC_BEGIN: Final = "<!-- bench:results:begin (written by benchmarks/bench.py from bench.json; do not edit) -->"
+DOC_END: Final = "<!-- bench:results:end -->"
 
 LOAD_CPU: Final = 0  # wrk, upstream nginx, redis-server, this driver
-PROXY_CPU: Final = 1  # the proxy under test
+PROXY_CPU: Final = 1  # the proxies under test
 PROXIES: Final = ("nginx", "naive", "gateway")
 SMALL_PATH: Final = "/api/hello"
 BIG_PATH: Final = "/api/1mib.bin"
 BIG_SIZE: Final = 1 << 20
+HOST: Final = "127.0.0.1"  # the Host header every proxy gets (not host:port, which differs by proxy)
 # ~100 bytes, the upstream's answer to SMALL_PATH.
 BODY: Final = '{"id":"ord_7Hq2kP9x","status":"shipped","items":3,"total":{"amount":4250,"currency":"EUR"},"ok":true}'
 CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
+# Headers of the gateway's 401 that nginx does not copy: it writes its own.
+OWN_HEADERS: Final = frozenset({"date", "content-length", "content-type", "connection", "server", "transfer-encoding"})
 
 # wrk Lua. PLAIN keeps wrk's fast path (no request()/response() callbacks); COUNT counts
 # statuses; MIX builds each request, every EVERY-th with a fresh random unknown key.
@@ -101,7 +114,7 @@ local alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789
 local counter, every, valid = 0, 0, nil
 function init(args)
   every = tonumber(args[2])
-  valid = wrk.format(nil, nil, {["Authorization"] = "Bearer " .. args[1]})
+  valid = wrk.format(nil, nil, {["Host"] = "127.0.0.1", ["Authorization"] = "Bearer " .. args[1]})
   math.randomseed(os.time() * 1000 + (tid or 0) * 7919)
 end
 local function random_key()
@@ -115,7 +128,7 @@ end
 function request()
   counter = counter + 1
   if every > 0 and counter % every == 0 then
-    return wrk.format(nil, nil, {["Authorization"] = "Bearer " .. random_key()})
+    return wrk.format(nil, nil, {["Host"] = "127.0.0.1", ["Authorization"] = "Bearer " .. random_key()})
   end
   return valid
 end
@@ -126,44 +139,144 @@ class BenchError(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class Scenario:
+    name: str  # the key in bench.json
+    title: str
+    proxies: tuple[str, ...]
+    conns: int
+    path: str
+    auth: str  # "valid", "none", "unknown" (one fixed unknown key), "mix" (the Lua builds it)
+    script: str = "plain"
+    expect: str = "200"
+    every: int = 0  # mix: every N-th request a fresh random unknown key (0: none)
+    nginx_refuses: bool = False  # nginx's refusal server block, not its proxy
+
+
+REFUSERS: Final = ("nginx", "gateway")
+SCENARIOS: Final = (
+    Scenario("200", "200, 100 B JSON", PROXIES, 64, SMALL_PATH, "valid"),
+    Scenario("200 c1", "200, 100 B JSON, c1", PROXIES, 1, SMALL_PATH, "valid"),
+    Scenario("401 no key", "401, no key", REFUSERS, 64, SMALL_PATH, "none", "count", "401", nginx_refuses=True),
+    Scenario(
+        "401 unknown key", "401, unknown key", REFUSERS, 64, SMALL_PATH, "unknown", "count", "401", nginx_refuses=True
+    ),
+    Scenario("flood: all valid", "flood: all valid", ("gateway",), 64, SMALL_PATH, "mix", "mix", "mix"),
+    Scenario(
+        "flood: 1 in 2 unknown", "flood: 1 in 2 random unknown", ("gateway",), 64, SMALL_PATH, "mix", "mix", "mix", 2
+    ),
+    Scenario("1 MiB", "1 MiB response", PROXIES, 64, BIG_PATH, "valid"),
+)
+# The comparisons the headline reports: gateway / nginx, same scenario, same round.
+HEADLINE: Final = ("200", "200 c1", "401 no key", "401 unknown key", "1 MiB")
+
+
+# /proc -------------------------------------------------------------------------
+
+
+@dataclass
+class Snapshot:
+    """Every process's parent and CPU ticks (own + reaped children's), and each CPU's busy ticks."""
+
+    at: float
+    parent: dict[int, int]
+    ticks: dict[int, int]
+    busy: dict[str, int]  # "cpu" (all), "cpu0", "cpu1", ...: user + nice + system
+    steal: int
+
+    def tree(self, root: int) -> int:
+        """CPU ticks of a process and all its live descendants, including the children they reaped
+        (cutime/cstime): each process's time counted once, whether it is alive or was waited for."""
+        children: dict[int, list[int]] = {}
+        for pid, ppid in self.parent.items():
+            children.setdefault(ppid, []).append(pid)
+        total, todo = 0, [root]
+        while todo:
+            pid = todo.pop()
+            total += self.ticks.get(pid, 0)
+            todo.extend(children.get(pid, ()))
+        return total
+
+
+def snapshot() -> Snapshot:
+    parent: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(b")") + 2 :].split()
+            pid = int(entry.name)
+            parent[pid] = int(fields[1])
+            ticks[pid] = int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+    busy: dict[str, int] = {}
+    steal = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        if not line.startswith("cpu"):
+            break
+        name, *values = line.split()
+        user, nice, system, _idle, _iowait, _irq, _softirq, st = (int(v) for v in values[:8])
+        # Not irq/softirq: our own loopback traffic causes them. Steal is kept apart.
+        busy[name] = user + nice + system
+        if name == "cpu":
+            steal = st
+    return Snapshot(time.monotonic(), parent, ticks, busy, steal)
+
+
+def wait_for_children(pid: int, seconds: float = 10) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = [p for p, ppid in snapshot().parent.items() if ppid == pid]
+        if found:
+            return found
+        time.sleep(0.05)
+    return []
+
+
+def maps_uvloop(pid: int) -> bool:
+    """Whether a process has uvloop's extension module mapped (it runs on uvloop's loop)."""
+    try:
+        return "uvloop" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+# HTTP ---------------------------------------------------------------------------
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of a process (all its threads), in clock ticks."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[11]) + int(fields[12])
+@dataclass
+class Answer:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
 
 
-def machine_busy() -> int:
-    """Busy clock ticks of all CPUs (user, nice, system, steal; not irq/softirq, which our own traffic causes)."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, _irq, _softirq, steal = (int(f) for f in fields[:8])
-    return user + nice + system + steal
-
-
-def children_cpu() -> float:
-    """CPU seconds of this process's finished children (the wrk runs)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
-            found.append(int(entry.name))
-    return found
+def fetch(port: int, path: str, headers: Sequence[tuple[str, str]]) -> Answer:
+    """GET with exactly these headers (what wrk sends: no Accept-Encoding, our Host)."""
+    conn = HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest("GET", path, skip_host=True, skip_accept_encoding=True)
+        for name, value in headers:
+            conn.putheader(name, value)
+        conn.endheaders()
+        resp = conn.getresponse()
+        return Answer(resp.status, resp.getheaders(), resp.read())
+    finally:
+        conn.close()
 
 
 def http(method: str, url: str, headers: dict[str, str] | None = None, body: bytes | None = None) -> tuple[int, bytes]:
@@ -195,13 +308,85 @@ def tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
-def command_output(argv: Sequence[str]) -> str:
+def command_output(argv: Sequence[str], *, must_succeed: bool = False) -> str:
+    """The first line a command prints (wrk -v exits 1 after printing its version)."""
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
+    if must_succeed and out.returncode != 0:
+        return "unknown"
     text = (out.stdout + out.stderr).strip()
     return text.splitlines()[0] if text else "unknown"
+
+
+# the nginx refusal ----------------------------------------------------------------
+
+NGINX_UNSAFE: Final = re.compile(r"['\\$]")
+
+
+def nginx_refusal(answer: Answer, indent: int) -> tuple[str, str, str]:
+    """The gateway's 401 as nginx directives: (add_header lines, body, content type), with nginx's
+    own request id (`$request_id`, 32 hex digits, after the gateway's prefix) where the gateway has its id."""
+    rid = answer.header("X-Request-Id")
+    if not rid:
+        raise BenchError(f"the gateway's 401 has no X-Request-Id: {answer.headers}")
+    prefix = re.sub(r"[0-9a-fA-F]+$", "", rid)
+    nginx_id = prefix + "${request_id}"
+
+    def literal(text: str, what: str) -> str:
+        if NGINX_UNSAFE.search(text):
+            raise BenchError(f"the gateway's 401 {what} has a character the nginx template does not quote: {text!r}")
+        return text.replace(rid, nginx_id)
+
+    lines = []
+    for name, value in answer.headers:
+        if name.lower() in OWN_HEADERS:
+            continue
+        lines.append(" " * indent + f"add_header {name} '{literal(value, name)}' always;")
+    body = literal(answer.body.decode(), "body")
+    if nginx_id not in body:
+        raise BenchError(f"the gateway's 401 body does not carry its request id {rid}: {answer.body!r}")
+    ctype = answer.header("Content-Type") or "application/octet-stream"
+    return "\n".join(lines), body, ctype
+
+
+def compare_refusals(label: str, gw: Answer, ng: Answer) -> dict[str, Any]:
+    """The two refusals must be the same bytes but for the request id: fail loudly otherwise."""
+    gid, nid = gw.header("X-Request-Id") or "", ng.header("X-Request-Id") or ""
+    problems = []
+    if gw.status != ng.status:
+        problems.append(f"status {gw.status} vs {ng.status}")
+    if not gid or not nid:
+        problems.append(f"X-Request-Id missing: gateway {gid!r}, nginx {nid!r}")
+    norm_gw = gw.body.replace(gid.encode(), b"<id>") if gid else gw.body
+    norm_ng = ng.body.replace(nid.encode(), b"<id>") if nid else ng.body
+    if norm_gw != norm_ng:
+        problems.append(f"bodies differ:\n  gateway {gw.body!r}\n  nginx   {ng.body!r}")
+    allowed = gw.body.count(gid.encode()) * abs(len(nid) - len(gid)) if gid else 0
+    if abs(len(gw.body) - len(ng.body)) > allowed:
+        problems.append(f"body lengths {len(gw.body)} vs {len(ng.body)} differ by more than the request id")
+    ng_headers = {k.lower(): v for k, v in ng.headers}
+    for name, value in gw.headers:
+        if name.lower() in ("date", "content-length"):
+            continue
+        theirs = ng_headers.get(name.lower())
+        if theirs is None or theirs.replace(nid, "<id>") != value.replace(gid, "<id>"):
+            problems.append(f"header {name}: gateway {value!r}, nginx {theirs!r}")
+    if problems:
+        raise BenchError(f"{label}: nginx's refusal is not the gateway's:\n" + "\n".join(problems))
+    gw_names = {k.lower() for k, _ in gw.headers}
+    return {
+        "status": gw.status,
+        "body_bytes": {"gateway": len(gw.body), "nginx": len(ng.body)},
+        "request_id": {"gateway": gid, "nginx": nid},
+        "headers": {"gateway": gw.headers, "nginx": ng.headers},
+        "nginx_only_headers": [k for k, _ in ng.headers if k.lower() not in gw_names],
+        "body_gateway": gw.body.decode(errors="replace"),
+    }
+
+
+# the benchmark ------------------------------------------------------------------
 
 
 def median(values: Sequence[float]) -> float:
@@ -213,34 +398,34 @@ class Service:
     name: str
     proc: subprocess.Popen[bytes]
     log: Path
-    measure_pid: int = 0  # whose CPU counts: the process itself, or nginx's worker
-
-    def __post_init__(self) -> None:
-        if not self.measure_pid:
-            self.measure_pid = self.proc.pid
+    cpu: int
 
 
 @dataclass
 class Run:
     round: int
-    group: str
+    scenario: str
     proxy: str
-    label: str
     conns: int
     result: dict[str, Any]
-    cpu_us_per_req: float
+    cpu_us_per_req: float  # the proxy's whole process tree
     redis_cpu_us_per_req: float | None
+    foreign_cores: float  # CPU used by processes outside the benchmark during the run, in cores
+    foreign_proxy_cpu_cores: float | None  # the same on the proxies' CPU alone
+    steal_cores: float
     flags: list[str] = field(default_factory=list)
-    foreign_cores: float = 0.0  # CPU used by processes not the benchmark's during the run, in cores
-    attempts: int = 1
 
     @property
     def rps(self) -> float:
-        return float(self.result["requests"]) / (self.result["duration_us"] / 1e6)
+        return float(self.result["requests"]) / (float(self.result["duration_us"]) / 1e6)
 
     @property
     def valid_rps(self) -> float:
-        return float(self.result["s200"]) / (self.result["duration_us"] / 1e6)
+        return float(self.result["s200"]) / (float(self.result["duration_us"]) / 1e6)
+
+    @property
+    def bytes_per_response(self) -> float:
+        return float(self.result["bytes"]) / max(1, int(self.result["requests"]))
 
 
 class Bench:
@@ -249,15 +434,15 @@ class Bench:
         self.tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
         self.services: dict[str, Service] = {}
         self.started: list[subprocess.Popen[bytes]] = []
-        affinity = os.sched_getaffinity(0)
-        self.pinned = {LOAD_CPU, PROXY_CPU} <= affinity
-        self.urls: dict[str, str] = {}
+        self.pinned = {LOAD_CPU, PROXY_CPU} <= os.sched_getaffinity(0)
+        self.ports: dict[str, int] = {}
         self.key = ""
-        self.runs: list[Run] = []
-        self.lua: dict[str, Path] = {}
-        self.deadline = time.monotonic() + args.budget  # repeats of disturbed runs stop in time for this
-        self.planned = 0
         self.unknown_key = "gw_" + secrets.token_urlsafe(24)
+        self.runs: list[Run] = []
+        self.rounds: list[dict[str, Any]] = []
+        self.lua: dict[str, Path] = {}
+        self.loop = "asyncio"
+        self.refusals: dict[str, Any] = {}
 
     # processes -----------------------------------------------------------
 
@@ -269,9 +454,10 @@ class Bench:
     ) -> Service:
         log = self.tmp / f"{name}.log"
         with open(log, "wb") as out:
+            # taskset execs the command: the pid is the service's own.
             proc = subprocess.Popen([*self.pin(cpu), *argv], cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
         self.started.append(proc)
-        service = Service(name, proc, log)
+        service = Service(name, proc, log, cpu)
         self.services[name] = service
         return service
 
@@ -288,106 +474,37 @@ class Bench:
                 proc.wait(timeout=5)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def nginx(self, name: str, template: str, port: int, cpu: int, **values: str) -> Service:
+    def nginx(self, name: str, template: str, cpu: int, **values: str) -> Service:
         text = (NGINX_DIR / template).read_text()
-        values = {
-            "USER": "user root;" if os.geteuid() == 0 else "",
-            "PREFIX": str(self.tmp),
-            "PORT": str(port),
-            **values,
-        }
+        values = {"USER": "user root;" if os.geteuid() == 0 else "", "PREFIX": str(self.tmp), **values}
         for key, value in values.items():
             text = text.replace(f"@{key}@", value)
-        if "@" in re.sub(r"#.*", "", text):
-            raise BenchError(f"{template}: a placeholder was left unfilled")
+        left = re.findall(r"@[A-Z_]+@", re.sub(r"(?m)^\s*#.*$", "", text))
+        if left:
+            raise BenchError(f"{template}: placeholders left unfilled: {', '.join(sorted(set(left)))}")
         conf = self.tmp / f"{name}.conf"
         conf.write_text(text)
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         service = self.spawn(
             name, [nginx, "-p", str(self.tmp), "-c", str(conf), "-e", str(self.tmp / f"{name}-error.log")], cpu
         )
-        deadline = time.monotonic() + 10
-        while not (workers := children_of(service.proc.pid)):
-            if service.proc.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(
-                    f"{name}: nginx did not start:\n{tail(service.log)}\n{tail(self.tmp / f'{name}-error.log')}"
-                )
-            time.sleep(0.05)
-        service.measure_pid = workers[0]
+        if not wait_for_children(service.proc.pid):
+            raise BenchError(
+                f"{name}: nginx did not start:\n{tail(service.log)}\n{tail(self.tmp / f'{name}-error.log')}"
+            )
         return service
 
     def start(self) -> None:
         os.sched_setaffinity(0, {LOAD_CPU} if self.pinned else os.sched_getaffinity(0))
         (self.tmp / "1mib.bin").write_bytes(os.urandom(BIG_SIZE))
-        upstream_port = free_port()
-        up = self.nginx("upstream", "upstream.conf", upstream_port, LOAD_CPU, BODY=BODY)
-        upstream = f"http://127.0.0.1:{upstream_port}"
+        self.ports["upstream"] = free_port()
+        up = self.nginx("upstream", "upstream.conf", LOAD_CPU, PORT=str(self.ports["upstream"]), BODY=BODY)
+        upstream = f"http://127.0.0.1:{self.ports['upstream']}"
         wait_http(upstream + SMALL_PATH, up.proc, up.log)
 
-        port = free_port()
-        peer = self.nginx("nginx", "proxy.conf", port, PROXY_CPU, UPSTREAM_PORT=str(upstream_port))
-        self.urls["nginx"] = f"http://127.0.0.1:{port}"
-
-        port = free_port()
-        naive = self.spawn(
-            "naive",
-            [sys.executable, str(ROOT / "benchmarks" / "naive_proxy.py"), "--port", str(port), "--upstream", upstream],
-            PROXY_CPU,
-        )
-        self.urls["naive"] = f"http://127.0.0.1:{port}"
-
-        redis_port = free_port()
-        redis = shutil.which("redis-server") or "redis-server"
-        self.spawn(
-            "redis",
-            [
-                redis,
-                "--port",
-                str(redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.tmp),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            LOAD_CPU,
-        )
-        token = "gwadm_bench_" + secrets.token_urlsafe(16)
-        proxy_port, admin_port = free_port(), free_port()
-        cfg = {
-            "listen": {"host": "127.0.0.1", "port": proxy_port},
-            "admin": {
-                "listen": {"host": "127.0.0.1", "port": admin_port},
-                "tokens": [{"name": "bench", "role": "admin", "hash": hash_token(token)}],
-            },
-            "redis": {"url": f"redis://127.0.0.1:{redis_port}/0", "prefix": "bench:"},
-            "routes": [{"name": "api", "path_prefix": "/api", "upstream": upstream}],
-        }
-        cfg_path = self.tmp / "gateway.yaml"
-        cfg_path.write_text(yaml.safe_dump(cfg))
-        env = dict(os.environ, GATEWAY_LOG_LEVEL="warning", GATEWAY_LOGGING_LEVEL="warning")
-        argv = [sys.executable, "-m", "gateway", "serve", "--config", str(cfg_path)]
-        if "--log-level" in self._serve_help():  # the per-request access log would dominate
-            argv += ["--log-level", "warning"]
-        gateway = self.spawn("gateway", argv, PROXY_CPU, env=env, cwd=self.args.gateway_dir)
-        self.urls["gateway"] = f"http://127.0.0.1:{proxy_port}"
-        admin = f"http://127.0.0.1:{admin_port}"
-
-        wait_http(self.urls["nginx"] + SMALL_PATH, peer.proc, peer.log)
-        wait_http(self.urls["naive"] + SMALL_PATH, naive.proc, naive.log)
-        wait_http(admin + "/readyz", gateway.proc, gateway.log)
-        status, body = http(
-            "POST",
-            admin + "/v1/keys",
-            {"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-            json.dumps({"name": "bench"}).encode(),
-        )
-        if status not in (200, 201):
-            raise BenchError(f"creating a key: {status} {body[:300]!r}")
-        self.key = json.loads(body)["key"]
+        self.start_gateway(upstream)
+        self.start_naive(upstream)
+        self.start_nginx()
         self.check()
         for name, script in (
             ("plain", LUA_DONE),
@@ -397,6 +514,102 @@ class Bench:
             path = self.tmp / f"{name}.lua"
             path.write_text(script)
             self.lua[name] = path
+
+    def start_gateway(self, upstream: str) -> None:
+        redis_port = free_port()
+        redis = shutil.which("redis-server") or "redis-server"
+        self.spawn("redis", [redis, "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(self.tmp),
+                             "--save", "", "--appendonly", "no"], LOAD_CPU)  # fmt: skip
+        token, entry = self.admin_token()
+        self.ports["gateway"], admin_port = free_port(), free_port()
+        cfg = {
+            "listen": {"host": "127.0.0.1", "port": self.ports["gateway"]},
+            "admin": {"listen": {"host": "127.0.0.1", "port": admin_port}, "tokens": [entry]},
+            "redis": {"url": f"redis://127.0.0.1:{redis_port}/0", "prefix": "bench:"},
+            "routes": [{"name": "api", "path_prefix": "/api", "upstream": upstream}],
+        }
+        cfg_path = self.tmp / "gateway.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        env = dict(os.environ, GATEWAY_LOG_LEVEL="warning", GATEWAY_LOGGING_LEVEL="warning")
+        argv = [sys.executable, "-m", "gateway", "serve", "--config", str(cfg_path)]
+        serve_help = self._serve_help()
+        if "--log-level" in serve_help:  # the per-request access log would dominate
+            argv += ["--log-level", "warning"]
+        if self.args.gateway_workers > 1:  # the workers are the gateway's process tree: all of them count
+            argv += ["--workers", str(self.args.gateway_workers)]
+        if "--loop" in serve_help:  # uvloop where installed, the gateway's default, asked for explicitly
+            argv += ["--loop", "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"]
+        gateway = self.spawn("gateway", argv, PROXY_CPU, env=env, cwd=self.args.gateway_dir)
+        admin = f"http://127.0.0.1:{admin_port}"
+        wait_http(admin + "/readyz", gateway.proc, gateway.log)
+        self.loop = "uvloop" if maps_uvloop(gateway.proc.pid) else "asyncio"
+        status, body = http(
+            "POST",
+            admin + "/v1/keys",
+            {"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            json.dumps({"name": "bench"}).encode(),
+        )
+        if status not in (200, 201):
+            raise BenchError(f"creating a key: {status} {body[:300]!r}")
+        self.key = json.loads(body)["key"]
+
+    def admin_token(self) -> tuple[str, dict[str, Any]]:
+        """A new admin token and its config entry, from the gateway's own `hash-token --generate`."""
+        out = subprocess.run(
+            [sys.executable, "-m", "gateway", "hash-token", "--generate", "--name", "bench", "--role", "admin"],
+            cwd=self.args.gateway_dir,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        token = next(
+            (line.removeprefix("token: ") for line in out.stdout.splitlines() if line.startswith("token: ")), ""
+        )
+        entries = yaml.safe_load("\n".join(line for line in out.stdout.splitlines() if not line.startswith("token: ")))
+        if out.returncode != 0 or not token or not isinstance(entries, list) or not entries:
+            raise BenchError(f"gateway hash-token --generate failed ({out.returncode}):\n{out.stdout}{out.stderr}")
+        return token, dict(entries[0])
+
+    def start_naive(self, upstream: str) -> None:
+        self.ports["naive"] = free_port()
+        argv = [sys.executable, str(ROOT / "benchmarks" / "naive_proxy.py"), "--port", str(self.ports["naive"]),
+                "--upstream", upstream, "--loop", self.loop]  # fmt: skip
+        naive = self.spawn("naive", argv, PROXY_CPU)
+        wait_http(f"http://127.0.0.1:{self.ports['naive']}{SMALL_PATH}", naive.proc, naive.log)
+        said = re.search(r"naive: event loop (\S+)", naive.log.read_text(errors="replace"))
+        on_uvloop = maps_uvloop(naive.proc.pid)
+        if not said or on_uvloop != (self.loop == "uvloop") or ("uvloop" in said.group(1)) != on_uvloop:
+            raise BenchError(f"naive proxy: not on the gateway's event loop ({self.loop}): {tail(naive.log)}")
+
+    def start_nginx(self) -> None:
+        """nginx: the proxy, and the refusal server block with the gateway's own 401s in it."""
+        missing = fetch(self.ports["gateway"], SMALL_PATH, self.request_headers("none"))
+        unknown = fetch(self.ports["gateway"], SMALL_PATH, self.request_headers("unknown"))
+        for label, answer in (("no key", missing), ("unknown key", unknown)):
+            if answer.status != 401:
+                raise BenchError(f"gateway, {label}: expected 401, got {answer.status} {answer.body[:200]!r}")
+        missing_headers, missing_body, missing_type = nginx_refusal(missing, 16)
+        unknown_headers, unknown_body, unknown_type = nginx_refusal(unknown, 12)
+        if missing_type != unknown_type:
+            raise BenchError(f"the gateway's two 401s differ in Content-Type: {missing_type} vs {unknown_type}")
+        self.ports["nginx"], self.ports["nginx-refuse"] = free_port(), free_port()
+        peer = self.nginx(
+            "nginx",
+            "proxy.conf",
+            PROXY_CPU,
+            PORT=str(self.ports["nginx"]),
+            UPSTREAM_PORT=str(self.ports["upstream"]),
+            REFUSE_PORT=str(self.ports["nginx-refuse"]),
+            MISSING_HEADERS=missing_headers,
+            MISSING_BODY=missing_body,
+            UNKNOWN_HEADERS=unknown_headers,
+            UNKNOWN_BODY=unknown_body,
+        )
+        # default_type: the Content-Type of nginx's return (the template's is application/json)
+        if missing_type.split(";")[0].strip() != "application/json":
+            raise BenchError(f"the gateway's 401 is {missing_type}: benchmarks/nginx/proxy.conf says application/json")
+        wait_http(f"http://127.0.0.1:{self.ports['nginx']}{SMALL_PATH}", peer.proc, peer.log)
 
     def _serve_help(self) -> str:
         out = subprocess.run(
@@ -408,42 +621,46 @@ class Bench:
         )
         return out.stdout
 
+    def request_headers(self, auth: str) -> list[tuple[str, str]]:
+        """The request headers of a scenario: the same for every proxy."""
+        headers = [("Host", HOST)]
+        if auth == "valid":
+            headers.append(("Authorization", f"Bearer {self.key}"))
+        elif auth == "unknown":
+            # The same unknown key all run long: the gateway's negative cache answers it.
+            headers.append(("Authorization", f"Bearer {self.unknown_key}"))
+        return headers
+
+    def port(self, scenario: Scenario, proxy: str) -> int:
+        return self.ports["nginx-refuse" if proxy == "nginx" and scenario.nginx_refuses else proxy]
+
     def check(self) -> None:
-        """One request each way before measuring: every proxy answers what the upstream answers."""
-        auth = {"Authorization": f"Bearer {self.key}"}
+        """Before measuring: every proxy answers the upstream's bytes, and nginx refuses with the gateway's."""
+        valid = self.request_headers("valid")
         for proxy in PROXIES:
-            headers = auth if proxy == "gateway" else {}
             for _ in range(3):  # the gateway's first request looks the key up in Redis: warm the cache
-                status, body = http("GET", self.urls[proxy] + SMALL_PATH, headers)
-            if status != 200 or body.decode() != BODY:
-                raise BenchError(f"{proxy}: GET {SMALL_PATH}: {status} {body[:200]!r}")
-            status, body = http("GET", self.urls[proxy] + BIG_PATH, headers)
-            if status != 200 or len(body) != BIG_SIZE:
-                raise BenchError(f"{proxy}: GET {BIG_PATH}: {status}, {len(body)} bytes")
-        for headers in ({}, {"Authorization": "Bearer gw_" + secrets.token_urlsafe(24)}):
-            status, body = http("GET", self.urls["gateway"] + SMALL_PATH, headers)
-            if status != 401:
-                raise BenchError(f"gateway: expected 401, got {status} {body[:200]!r}")
+                answer = fetch(self.ports[proxy], SMALL_PATH, valid)
+            if answer.status != 200 or answer.body.decode() != BODY:
+                raise BenchError(f"{proxy}: GET {SMALL_PATH}: {answer.status} {answer.body[:200]!r}")
+            answer = fetch(self.ports[proxy], BIG_PATH, valid)
+            if answer.status != 200 or len(answer.body) != BIG_SIZE:
+                raise BenchError(f"{proxy}: GET {BIG_PATH}: {answer.status}, {len(answer.body)} bytes")
+        for scenario in SCENARIOS:
+            if scenario.nginx_refuses:
+                headers = self.request_headers(scenario.auth)
+                gw = fetch(self.port(scenario, "gateway"), scenario.path, headers)
+                ng = fetch(self.port(scenario, "nginx"), scenario.path, headers)
+                self.refusals[scenario.name] = compare_refusals(scenario.name, gw, ng)
 
     # measuring -------------------------------------------------------------
 
-    def wrk(
-        self, url: str, conns: int, seconds: int, script: str, headers: Sequence[str], args: Sequence[str]
-    ) -> dict[str, Any]:
-        argv = [
-            *self.pin(LOAD_CPU),
-            "wrk",
-            "-t1",
-            f"-c{conns}",
-            f"-d{seconds}s",
-            "--timeout",
-            "5s",
-            "-s",
-            str(self.lua[script]),
-        ]
-        for h in headers:
-            argv += ["-H", h]
-        argv += [url, "--", *args]
+    def wrk(self, scenario: Scenario, proxy: str, seconds: int) -> dict[str, Any]:
+        argv = [*self.pin(LOAD_CPU), "wrk", "-t1", f"-c{scenario.conns}", f"-d{seconds}s", "--timeout", "5s",
+                "-s", str(self.lua[scenario.script])]  # fmt: skip
+        if scenario.auth != "mix":
+            for name, value in self.request_headers(scenario.auth):
+                argv += ["-H", f"{name}: {value}"]
+        argv += [f"http://127.0.0.1:{self.port(scenario, proxy)}{scenario.path}", "--", self.key, str(scenario.every)]
         out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
         for line in out.stdout.splitlines():
             if line.startswith("BENCH-JSON "):
@@ -451,80 +668,81 @@ class Bench:
                 return result
         raise BenchError(f"wrk gave no result (exit {out.returncode}):\n{out.stdout}\n{out.stderr}")
 
-    def measure(
-        self,
-        rnd: int,
-        group: str,
-        proxy: str,
-        label: str,
-        conns: int,
-        path: str,
-        *,
-        script: str = "plain",
-        key: str | None = None,
-        every: int = 0,
-        expect: str = "200",
-    ) -> Run:
+    def foreign(self, s0: Snapshot, s1: Snapshot) -> tuple[float, float | None, float]:
+        """Cores used outside the benchmark between two snapshots: on all CPUs, on the proxies' CPU; steal."""
+        seconds = (s1.at - s0.at) * CLK_TCK
+        me = os.getpid()  # every process of the benchmark is a descendant of this driver
+        ours = s1.tree(me) - s0.tree(me)
+        total = max(0.0, (s1.busy["cpu"] - s0.busy["cpu"] - ours) / seconds)
+        on_proxy_cpu = None
+        cpu = f"cpu{PROXY_CPU}"
+        if self.pinned and cpu in s0.busy:
+            proxies = [s.proc.pid for s in self.services.values() if s.cpu == PROXY_CPU]
+            ours_there = sum(s1.tree(p) - s0.tree(p) for p in proxies)
+            on_proxy_cpu = max(0.0, (s1.busy[cpu] - s0.busy[cpu] - ours_there) / seconds)
+        return total, on_proxy_cpu, (s1.steal - s0.steal) / seconds
+
+    @staticmethod
+    def probe() -> float:
+        """CPU milliseconds of a fixed piece of pure Python (best of 3; thread CPU time, so time spent
+        preempted does not count): how fast the machine runs Python right now. Other guests sharing the
+        host's cores and caches slow it; /proc/stat does not see them."""
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.thread_time()
+            sum(i * i for i in range(300_000))
+            best = min(best, time.thread_time() - t0)
+        return best * 1000
+
+    def settle(self) -> dict[str, Any]:
+        """Before a round: wait (at most --settle seconds) until other processes use less than --max-foreign."""
+        started = time.monotonic()
+        while True:
+            s0 = snapshot()
+            time.sleep(1)
+            load, _, _ = self.foreign(s0, snapshot())
+            waited = time.monotonic() - started
+            if load <= self.args.max_foreign or waited >= self.args.settle:
+                return {"waited_seconds": round(waited, 1), "foreign_cores_before": round(load, 3)}
+
+    def measure(self, rnd: int, scenario: Scenario, proxy: str) -> Run:
         for name, other in self.services.items():
             if other.proc.poll() is not None:
                 raise BenchError(f"{name} exited ({other.proc.returncode}):\n{tail(other.log)}")
-        service = self.services[proxy]
-        headers = [f"Authorization: Bearer {key}"] if key and script != "mix" else []
-        args = [key or "-", str(every)]
-        url = self.urls[proxy] + path
-        ours = {
-            "proxy": service.measure_pid,
-            "upstream": self.services["upstream"].measure_pid,
-            "redis": self.services["redis"].proc.pid,
-            "self": os.getpid(),
-        }
-
-        def snapshot() -> dict[str, int]:
-            return {k: cpu_ticks(v) for k, v in ours.items()}
-
-        best: Run | None = None
-        for attempt in range(1 + self.args.retries):
-            if attempt and not self.can_repeat():
-                break
-            if self.args.warmup > 0:
-                self.wrk(url, conns, self.args.warmup, script, headers, args)
-            busy0, ticks0, wrk0, t0 = machine_busy(), snapshot(), children_cpu(), time.monotonic()
-            result = self.wrk(url, conns, self.args.duration, script, headers, args)
-            busy1, ticks1, wrk1, t1 = machine_busy(), snapshot(), children_cpu(), time.monotonic()
-            used = {k: (ticks1[k] - ticks0[k]) / CLK_TCK for k in ours}
-            # CPU time on this machine that none of the benchmark's processes used, per second of the run.
-            foreign = max(0.0, (busy1 - busy0) / CLK_TCK - sum(used.values()) - (wrk1 - wrk0)) / (t1 - t0)
-            n = max(1, int(result["requests"]))
-            run = Run(
-                rnd,
-                group,
-                proxy,
-                label,
-                conns,
-                result,
-                used["proxy"] * 1e6 / n,
-                used["redis"] * 1e6 / n if proxy == "gateway" else None,
-                self.check_result(result, path, expect, every),
-                foreign_cores=foreign,
-                attempts=attempt + 1,
-            )
-            if best is None or run.foreign_cores < best.foreign_cores:
-                best = run
-            self.report(run, expect, retry=attempt > 0)
-            if foreign <= self.args.max_foreign:
-                break
-        assert best is not None
-        self.runs.append(best)
-        return best
+        if self.args.warmup > 0:
+            self.wrk(scenario, proxy, self.args.warmup)
+        s0 = snapshot()
+        result = self.wrk(scenario, proxy, self.args.duration)
+        s1 = snapshot()
+        n = max(1, int(result["requests"]))
+        root, redis = self.services[proxy].proc.pid, self.services["redis"].proc.pid
+        foreign, on_proxy_cpu, steal = self.foreign(s0, s1)
+        run = Run(
+            rnd,
+            scenario.name,
+            proxy,
+            scenario.conns,
+            result,
+            (s1.tree(root) - s0.tree(root)) / CLK_TCK * 1e6 / n,
+            (s1.tree(redis) - s0.tree(redis)) / CLK_TCK * 1e6 / n if proxy == "gateway" else None,
+            foreign,
+            on_proxy_cpu,
+            steal,
+            self.check_result(result, scenario),
+        )
+        self.runs.append(run)
+        self.report(run, scenario)
+        return run
 
     @staticmethod
-    def check_result(result: dict[str, Any], path: str, expect: str, every: int) -> list[str]:
+    def check_result(result: dict[str, Any], scenario: Scenario) -> list[str]:
         flags = []
         socket_errors = {k: result[k] for k in ("connect", "read", "write", "timeout") if result[k]}
         if socket_errors:
             flags.append("socket errors " + ", ".join(f"{k} {v}" for k, v in socket_errors.items()))
         if result["requests"] == 0:
             flags.append("no requests completed")
+        expect, every = scenario.expect, scenario.every
         if expect == "200" and result["status"]:
             flags.append(f"{result['status']} non-2xx answers")
         elif expect == "401" and (result["s401"] != result["requests"] or result["other"] or result["s200"]):
@@ -536,150 +754,143 @@ class Bench:
                 flags.append(f"401 x{result['s401']} of {result['requests']}: not 1 in {every}")
             if not every and result["s401"]:
                 flags.append(f"{result['s401']} 401s with valid keys only")
-        if path == BIG_PATH and result["requests"] and result["bytes"] / result["requests"] < BIG_SIZE:
+        if scenario.path == BIG_PATH and result["requests"] and result["bytes"] / result["requests"] < BIG_SIZE:
             flags.append("responses shorter than 1 MiB")
         return flags
 
-    @staticmethod
-    def report(run: Run, expect: str, *, retry: bool) -> None:
+    def report(self, run: Run, scenario: Scenario) -> None:
         result = run.result
-        shown = f"valid {run.valid_rps:6.0f} rps" if expect == "mix" else f"{run.rps:12.0f} rps"
+        shown = f"valid {run.valid_rps:6.0f} rps" if scenario.expect == "mix" else f"{run.rps:12.0f} rps"
         lat = f"p50 {result['p50_us'] / 1000:6.2f} ms p99 {result['p99_us'] / 1000:6.2f} ms"
         warn = ("  !! " + "; ".join(run.flags)) if run.flags else ""
+        busy = " (disturbed)" if run.foreign_cores > self.args.max_foreign else ""
         print(
-            f"  r{run.round + 1}{'*' if retry else ' '} {run.label:<22} {run.proxy:<8} c{run.conns:<3} {shown}  {lat}  "
-            f"cpu {run.cpu_us_per_req:7.1f} us/req  other load {run.foreign_cores:4.2f} cores{warn}",
+            f"  r{run.round + 1} {scenario.title:<29} {run.proxy:<8} {shown}  {lat}  "
+            f"cpu {run.cpu_us_per_req:7.1f} us/req  other load {run.foreign_cores:4.2f} cores{busy}{warn}",
             flush=True,
         )
 
-    def plan(self, rnd: int) -> list[dict[str, Any]]:
-        """One round's runs, as arguments of `measure`; each group's order rotates with the round."""
-
-        def rotated(items: Sequence[str]) -> list[str]:
-            k = rnd % len(items)
-            return [*items[k:], *items[:k]]
-
-        key = self.key
-        runs: list[dict[str, Any]] = []
-        for conns in (64, 1):
-            for proxy in rotated(PROXIES):
-                runs.append({"group": "200", "proxy": proxy, "label": "200, 100 B JSON", "conns": conns,
-                             "path": SMALL_PATH, "key": key})  # fmt: skip
-        for which in rotated(("401 no key", "401 unknown key")):
-            # The unknown key is the same all run long: the negative cache answers it.
-            unknown = None if which == "401 no key" else self.unknown_key
-            runs.append({"group": which, "proxy": "gateway", "label": which, "conns": 64, "path": SMALL_PATH,
-                         "script": "count", "key": unknown, "expect": "401"})  # fmt: skip
-        for every in rotated(("0", "2")):
-            label = "flood: all valid" if every == "0" else "flood: 1 in 2 unknown"
-            runs.append({"group": label, "proxy": "gateway", "label": label, "conns": 64, "path": SMALL_PATH,
-                         "script": "mix", "key": key, "every": int(every), "expect": "mix"})  # fmt: skip
-        for proxy in rotated(PROXIES):
-            runs.append({"group": "1 MiB", "proxy": proxy, "label": "1 MiB response", "conns": 64,
-                         "path": BIG_PATH, "key": key})  # fmt: skip
+    def plan(self, rnd: int) -> list[tuple[Scenario, str]]:
+        """One round: every scenario once for each of its proxies, the proxies' order rotated by round."""
+        runs = []
+        for scenario in SCENARIOS:
+            k = rnd % len(scenario.proxies)
+            runs += [(scenario, p) for p in (*scenario.proxies[k:], *scenario.proxies[:k])]
         return runs
 
-    def can_repeat(self) -> bool:
-        """A repeat fits if every run still to come fits too, before the time budget ends."""
-        left = self.planned - len(self.runs)  # this run's repeat included
-        per_run = self.args.warmup + self.args.duration + 0.5
-        return time.monotonic() + left * per_run < self.deadline
+    def run_round(self, rnd: int) -> None:
+        settled = self.settle() if self.args.settle > 0 else {}
+        probe = self.probe()
+        print(f"round {rnd + 1}/{self.args.rounds} (python probe {probe:.1f} ms)", flush=True)
+        first = len(self.runs)
+        for scenario, proxy in self.plan(rnd):
+            self.measure(rnd, scenario, proxy)
+        loads = [r.foreign_cores for r in self.runs[first:]]
+        self.rounds.append(
+            {
+                "round": rnd + 1,
+                "disturbed": max(loads) > self.args.max_foreign,
+                "foreign_cores_max": round(max(loads), 3),
+                "foreign_cores_median": round(median(loads), 3),
+                "disturbed_runs": sum(1 for x in loads if x > self.args.max_foreign),
+                "runs": len(loads),
+                "steal_cores_max": round(max(r.steal_cores for r in self.runs[first:]), 3),
+                "python_probe_ms": round(probe, 2),
+                **settled,
+            }
+        )
 
 
 # summary ----------------------------------------------------------------------
 
 
-def select(runs: list[Run], group: str, proxy: str, conns: int) -> list[Run]:
-    return [r for r in runs if r.group == group and r.proxy == proxy and r.conns == conns]
+def spread(values: Sequence[float]) -> dict[str, Any] | None:
+    """Median, min, max and the values, or None when there are none."""
+    if not values:
+        return None
+    return {"median": median(values), "min": min(values), "max": max(values), "n": len(values), "values": list(values)}
 
 
-def per_round_ratio(runs: list[Run], a: list[Run], ref_group: str, metric: str) -> list[float]:
-    out = []
-    for run in a:
-        ref = select([r for r in runs if r.round == run.round], ref_group, "nginx", 64)
-        if ref:
-            mine, theirs = getattr(run, metric), getattr(ref[0], metric)
-            if theirs:
-                out.append(mine / theirs)
-    return out
-
-
-def summarize(runs: list[Run]) -> list[dict[str, Any]]:
+def summarize(runs: list[Run], disturbed: set[int]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    layout = [
-        *[("200", p, "200, 100 B JSON", "200") for p in PROXIES],
-        ("401 no key", "gateway", "401, no key", "200"),
-        ("401 unknown key", "gateway", "401, unknown key (cached)", "200"),
-        ("flood: all valid", "gateway", "flood: all valid", "200"),
-        ("flood: 1 in 2 unknown", "gateway", "flood: 1 in 2 random unknown", "200"),
-        *[("1 MiB", p, "1 MiB response", "1 MiB") for p in PROXIES],
-    ]
-    for group, proxy, title, ref in layout:
-        c64 = select(runs, group, proxy, 64)
-        if not c64:
-            continue
-        c1 = select(runs, group, proxy, 1)
-        flood = group.startswith("flood")
-        rps = [r.valid_rps if flood else r.rps for r in c64]
-        cpu = [r.cpu_us_per_req for r in c64]
-        cpu_ratio = per_round_ratio(runs, c64, ref, "cpu_us_per_req")
-        rps_ratio = per_round_ratio(runs, c64, group if not flood else ref, "rps") if not flood else []
-        rows.append(
-            {
-                "scenario": title,
-                "group": group,
-                "proxy": proxy,
-                "rps_c64": median(rps),
-                "rps_c64_rounds": rps,
-                "rps_is_valid_traffic_only": flood,
-                "p50_c1_ms": median([r.result["p50_us"] / 1000 for r in c1]) if c1 else None,
-                "p99_c1_ms": median([r.result["p99_us"] / 1000 for r in c1]) if c1 else None,
-                "p50_c64_ms": median([r.result["p50_us"] / 1000 for r in c64]),
-                "p99_c64_ms": median([r.result["p99_us"] / 1000 for r in c64]),
-                "cpu_us_per_req": median(cpu),
-                "cpu_us_per_req_rounds": cpu,
-                "cpu_spread_pct": (max(cpu) - min(cpu)) / median(cpu) * 100 if len(cpu) > 1 and median(cpu) else 0.0,
-                "cpu_ratio_to_nginx": median(cpu_ratio) if cpu_ratio else None,
-                "cpu_ratio_to_nginx_rounds": cpu_ratio,
-                "cpu_ratio_reference": f"nginx, {ref}, same round",
-                "rps_ratio_to_nginx": median(rps_ratio) if rps_ratio else None,
-                "redis_cpu_us_per_req": median([r.redis_cpu_us_per_req or 0.0 for r in c64])
-                if proxy == "gateway"
-                else None,
-                "flagged_runs": sum(1 for r in [*c64, *c1] if r.flags),
-                "other_load_cores": median([r.foreign_cores for r in c64]),
-                "repeated_runs": sum(1 for r in [*c64, *c1] if r.attempts > 1),
-            }
-        )
+    for scenario in SCENARIOS:
+        for proxy in scenario.proxies:
+            mine = sorted((r for r in runs if r.scenario == scenario.name and r.proxy == proxy), key=lambda r: r.round)
+            if not mine:
+                continue
+            nginx = {r.round: r for r in runs if r.scenario == scenario.name and r.proxy == "nginx"}
+            flood = scenario.expect == "mix"
+            ratios = [(r.round, r.cpu_us_per_req / nginx[r.round].cpu_us_per_req)
+                      for r in mine if r.round in nginx and nginx[r.round].cpu_us_per_req]  # fmt: skip
+            clean = [r for r in mine if r.round not in disturbed]
+            rows.append(
+                {
+                    "scenario": scenario.name,
+                    "title": scenario.title,
+                    "proxy": proxy,
+                    "conns": scenario.conns,
+                    "nginx_refuses": scenario.nginx_refuses and proxy == "nginx",
+                    "rps": spread([r.valid_rps if flood else r.rps for r in mine]),
+                    "rps_is_valid_traffic_only": flood,
+                    "cpu_us_per_req": spread([r.cpu_us_per_req for r in mine]),
+                    "cpu_us_per_req_undisturbed": spread([r.cpu_us_per_req for r in clean]),
+                    "cpu_ratio_to_nginx": spread([x for _, x in ratios]) if proxy != "nginx" else None,
+                    "cpu_ratio_to_nginx_undisturbed": spread([x for rnd, x in ratios if rnd not in disturbed])
+                    if proxy != "nginx"
+                    else None,
+                    "p50_ms": median([r.result["p50_us"] / 1000 for r in mine]),
+                    "p99_ms": median([r.result["p99_us"] / 1000 for r in mine]),
+                    "bytes_per_response": median([r.bytes_per_response for r in mine]),
+                    "redis_cpu_us_per_req": median([r.redis_cpu_us_per_req or 0.0 for r in mine])
+                    if proxy == "gateway"
+                    else None,
+                    "flagged_runs": sum(1 for r in mine if r.flags),
+                }
+            )
     return rows
 
 
-def fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+def fmt_spread(s: dict[str, Any] | None, spec: str, unit: str = "") -> str:
+    if not s:
+        return "-"
+    return f"{s['median']:{spec}}{unit} [{s['min']:{spec}}-{s['max']:{spec}}]"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
-        f"{'scenario':<29} {'proxy':<8} {'rps c64':>8} {'p50 c1':>7} {'p99 c1':>7} {'p50 c64':>8} "
-        f"{'p99 c64':>8} {'CPU us/req':>10} {'x nginx':>8} {'rps/nginx':>9} {'spread':>7} {'other':>5}"
+        f"{'scenario':<29} {'proxy':<8} {'req/s':>7} {'CPU us/req [min-max]':>22} {'x nginx [min-max]':>20} "
+        f"{'undisturbed':>20} {'p50 ms':>7} {'p99 ms':>7} {'B/resp':>7}"
     )
     lines = [head, "-" * len(head)]
     last = ""
     for row in rows:
-        scenario = row["scenario"] if row["scenario"] != last else ""
-        last = row["scenario"]
+        title = row["title"] if row["title"] != last else ""
+        last = row["title"]
+        proxy = row["proxy"] + ("*" if row["nginx_refuses"] else "")
         flag = " !" if row["flagged_runs"] else ""
+        clean = row["cpu_ratio_to_nginx_undisturbed"]
         lines.append(
-            f"{scenario:<29} {row['proxy']:<8} {row['rps_c64']:8.0f} {fmt(row['p50_c1_ms'], '7.2f'):>7} "
-            f"{fmt(row['p99_c1_ms'], '7.2f'):>7} {row['p50_c64_ms']:8.2f} {row['p99_c64_ms']:8.2f} "
-            f"{row['cpu_us_per_req']:10.1f} {fmt(row['cpu_ratio_to_nginx'], '7.2f') + 'x':>8} "
-            f"{fmt(row['rps_ratio_to_nginx'], '8.2f') + 'x' if row['rps_ratio_to_nginx'] else '-':>9} "
-            f"{row['cpu_spread_pct']:6.0f}% {row['other_load_cores']:5.2f}{flag}"
+            f"{title:<29} {proxy:<8} {row['rps']['median']:7.0f} {fmt_spread(row['cpu_us_per_req'], '.1f'):>22} "
+            f"{fmt_spread(row['cpu_ratio_to_nginx'], '.2f'):>20} "
+            f"{(fmt_spread(clean, '.2f') + ' (' + str(clean['n']) + ')') if clean else '-':>20} "
+            f"{row['p50_ms']:7.2f} {row['p99_ms']:7.2f} {row['bytes_per_response']:7.0f}{flag}"
         )
     return "\n".join(lines)
 
 
-def machine(gateway_dir: Path) -> dict[str, Any]:
+def headline(report: dict[str, Any]) -> list[tuple[str, dict[str, Any] | None, dict[str, Any] | None]]:
+    """(title, ratio over all rounds, ratio over undisturbed rounds) for the gateway, per headline scenario."""
+    by = {(r["scenario"], r["proxy"]): r for r in report["summary"]}
+    out = []
+    for name in HEADLINE:
+        row = by.get((name, "gateway"))
+        if row:
+            title = row["title"] + (" (both refuse)" if name.startswith("401") else "")
+            out.append((title, row["cpu_ratio_to_nginx"], row["cpu_ratio_to_nginx_undisturbed"]))
+    return out
+
+
+def machine(gateway_dir: Path, loop: str) -> dict[str, Any]:
     model = "unknown"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -688,6 +899,11 @@ def machine(gateway_dir: Path) -> dict[str, Any]:
                 break
     import aiohttp
 
+    loop_version = ""
+    if loop == "uvloop":
+        from importlib.metadata import version
+
+        loop_version = " " + version("uvloop")
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     return {
         "nproc": os.cpu_count(),
@@ -696,15 +912,18 @@ def machine(gateway_dir: Path) -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "aiohttp": aiohttp.__version__,
+        "event_loop": loop + loop_version,
         "nginx": command_output([nginx, "-v"]).removeprefix("nginx version: "),
         "wrk": command_output(["wrk", "-v"]).split(" [")[0],
         "redis": command_output(["redis-server", "--version"]),
         "gateway_dir": str(gateway_dir),
-        "gateway_commit": command_output(["git", "-C", str(gateway_dir), "describe", "--always", "--dirty"]),
+        "gateway_commit": command_output(
+            ["git", "-C", str(gateway_dir), "describe", "--always", "--dirty"], must_succeed=True
+        ),
     }
 
 
-def chart(rows: list[dict[str, Any]], title: str, path: Path) -> bool:
+def chart(report: dict[str, Any], path: Path) -> bool:
     try:
         import matplotlib
 
@@ -713,70 +932,148 @@ def chart(rows: list[dict[str, Any]], title: str, path: Path) -> bool:
     except ImportError:
         print("matplotlib is not installed: no chart (bash scripts/ensure-bench-tools.sh installs it)", file=sys.stderr)
         return False
+    rows = [r for r in report["summary"] if r["conns"] == 64]
     colors = {"nginx": "#3a923a", "naive": "#e1812c", "gateway": "#3274a1"}
-    small = [r for r in rows if r["group"] != "1 MiB"]
-    big = [r for r in rows if r["group"] == "1 MiB"]
+    small = [r for r in rows if r["scenario"] != "1 MiB"]
+    big = [r for r in rows if r["scenario"] == "1 MiB"]
 
     def label(r: dict[str, Any]) -> str:
-        if r["group"] == "200" or r["group"] == "1 MiB":
-            return {"nginx": "nginx (peer)", "naive": "naive aiohttp", "gateway": "gateway"}[r["proxy"]]
-        return "gateway, " + r["scenario"]
+        name = {"nginx": "nginx", "naive": "naive aiohttp", "gateway": "gateway"}[r["proxy"]]
+        if r["nginx_refuses"]:
+            name = "nginx refusing"
+        return name if r["scenario"] in ("200", "1 MiB") else f"{name}, {r['title']}"
 
-    def panel(ax: Any, data: list[dict[str, Any]], metric: str, rounds: str, xlabel: str, ratio: str | None) -> None:
-        names = [label(r) for r in data][::-1]
-        values = [r[metric] for r in data][::-1]
-        lows = [v - min(r[rounds]) for v, r in zip(values, data[::-1], strict=True)]
-        highs = [max(r[rounds]) - v for v, r in zip(values, data[::-1], strict=True)]
-        ax.barh(names, values, xerr=[lows, highs], capsize=3, color=[colors[r["proxy"]] for r in data[::-1]])
+    def panel(ax: Any, data: list[dict[str, Any]], metric: str, xlabel: str, ratio: bool) -> None:
+        data = data[::-1]
+        names = [label(r) for r in data]
+        values = [r[metric]["median"] for r in data]
+        lows = [v - r[metric]["min"] for v, r in zip(values, data, strict=True)]
+        highs = [r[metric]["max"] - v for v, r in zip(values, data, strict=True)]
+        ax.barh(names, values, xerr=[lows, highs], capsize=3, color=[colors[r["proxy"]] for r in data])
         top = max(v + h for v, h in zip(values, highs, strict=True)) or 1.0
-        for i, r in enumerate(data[::-1]):
+        for i, r in enumerate(data):
             text = f"{values[i]:,.0f}" if values[i] >= 100 else f"{values[i]:.1f}"
-            if ratio and r.get(ratio) and r["proxy"] != "nginx":
-                text += f"  ({r[ratio]:.1f}x nginx)"
+            if ratio and r.get("cpu_ratio_to_nginx"):
+                s = r["cpu_ratio_to_nginx"]
+                text += f"  ({s['median']:.2f}x nginx, {s['min']:.2f}-{s['max']:.2f})"
             ax.text(values[i] + highs[i] + top * 0.01, i, text, va="center", fontsize=8)
-        ax.set_xlim(0, top * 1.45)
+        ax.set_xlim(0, top * 1.6)
         ax.set_xlabel(xlabel)
         ax.grid(axis="x", alpha=0.3)
 
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5), gridspec_kw={"height_ratios": [len(small), max(2, len(big))]})
-    panel(
-        axes[0][0],
-        small,
-        "cpu_us_per_req",
-        "cpu_us_per_req_rounds",
-        "proxy CPU us per request, c64 (lower is better)",
-        "cpu_ratio_to_nginx",
-    )
-    axes[0][0].set_title("~100-byte JSON: CPU per request")
-    panel(axes[0][1], small, "rps_c64", "rps_c64_rounds", "requests/s at c64 (flood rows: valid requests only)", None)
-    axes[0][1].set_title("~100-byte JSON: throughput")
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9), gridspec_kw={"height_ratios": [len(small), max(2, len(big))]})
+    panel(axes[0][0], small, "cpu_us_per_req", "CPU us per request, whole process tree, c64 (lower is better)", True)
+    axes[0][0].set_title("~100-byte JSON and 401s: CPU per request")
+    panel(axes[0][1], small, "rps", "requests/s at c64 (flood rows: valid requests only)", False)
+    axes[0][1].set_title("~100-byte JSON and 401s: throughput")
     axes[0][1].set_yticklabels([])
     if big:
-        panel(
-            axes[1][0],
-            big,
-            "cpu_us_per_req",
-            "cpu_us_per_req_rounds",
-            "proxy CPU us per request, c64",
-            "cpu_ratio_to_nginx",
-        )
+        panel(axes[1][0], big, "cpu_us_per_req", "CPU us per request, whole process tree, c64", True)
         axes[1][0].set_title("1 MiB response: CPU per request")
-        panel(axes[1][1], big, "rps_c64", "rps_c64_rounds", "requests/s at c64", None)
+        panel(axes[1][1], big, "rps", "requests/s at c64", False)
         axes[1][1].set_title("1 MiB response: throughput")
         axes[1][1].set_yticklabels([])
-    fig.suptitle(title, fontsize=10)
+    info, s = report["machine"], report["settings"]
+    fig.suptitle(
+        f"gateway vs nginx vs naive aiohttp proxy - {report['date']} - {info['cpu_model']}, {info['nproc']} CPUs, "
+        f"kernel {info['kernel']}, gateway {info['gateway_commit']}",
+        fontsize=10,
+    )
+    d = report["disturbed"]
     fig.text(
         0.5,
         0.005,
-        "proxy pinned to CPU 1; wrk, upstream nginx and redis on CPU 0; median of rounds, "
-        "bars show min-max; nginx rps is bounded by CPU 0 (wrk + upstream)",
+        f"median of {s['rounds']} interleaved rounds, bars min-max, ratios per round ({d['rounds']} of "
+        f"{s['rounds']} rounds disturbed by other load); proxies pinned to CPU 1, wrk, upstream and redis on CPU 0; "
+        "401 rows: nginx refuses the same request itself",
         ha="center",
         fontsize=8,
     )
     fig.tight_layout(rect=(0, 0.02, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The results section of docs/performance.md, from bench.json alone."""
+    info, s, d = report["machine"], report["settings"], report["disturbed"]
+    lines = [
+        f"Measured {report['date']} on {info['cpu_model']}, {info['nproc']} CPUs, kernel {info['kernel']}; "
+        f"Python {info['python']}, aiohttp {info['aiohttp']}, event loop {info['event_loop']} (gateway and naive "
+        f"proxy), {info['nginx']}, {info['wrk']}; gateway at `{info['gateway_commit']}`. `make bench`: "
+        f"{s['rounds']} rounds of {s['duration_seconds']} s wrk runs (+{s['warmup_seconds']} s warm-up each), "
+        f"wall time {report['wall_seconds'] / 60:.0f} min.",
+        "",
+        f"**Disturbed rounds: {d['rounds']} of {s['rounds']}** (other processes used more than "
+        f"{d['threshold_cores']:g} cores during at least one run of the round; the most per round: "
+        + ", ".join(f"{x:.2f}" for x in d["foreign_cores_max_per_round"])
+        + "). Python probe per round (CPU ms of a fixed piece of Python; lower is faster): "
+        + ", ".join(f"{r['python_probe_ms']:.1f}" for r in report["rounds"])
+        + "."
+        + (
+            " Every round was disturbed: these figures come from a loaded machine; run `make bench` again "
+            "on a quiet one before drawing conclusions."
+            if d["rounds"] == s["rounds"]
+            else ""
+        ),
+        "",
+        "Gateway CPU per request / nginx's, whole process trees, per-round ratio: median [min-max] (rounds)",
+        "",
+        "| comparison | all rounds | undisturbed rounds |",
+        "|---|---|---|",
+    ]
+    for title, every, clean in headline(report):
+        lines.append(
+            f"| {title} | **{fmt_spread(every, '.2f', 'x')}** ({every['n'] if every else 0}) | "
+            f"{fmt_spread(clean, '.2f', 'x')} ({clean['n'] if clean else 0}) |"
+        )
+    flood = report["key_figures"].get("flood_valid_rps_ratio")
+    if flood:
+        lines += [
+            "",
+            f"Unknown-key flood: valid requests/s with one request in two carrying a fresh random unknown key, "
+            f"over valid requests/s with all valid (same round): {fmt_spread(flood, '.2f')}.",
+        ]
+    lines += [
+        "",
+        "All rows, median [min-max] over all rounds (c64 unless noted; `nginx*`: nginx refusing itself):",
+        "",
+        "| scenario | proxy | req/s | CPU µs/req | × nginx | × nginx, undisturbed | p50 / p99 ms | bytes read/resp |",  # noqa: RUF001
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    last = ""
+    for row in report["summary"]:
+        title = row["title"] if row["title"] != last else ""
+        last = row["title"]
+        proxy = row["proxy"] + ("\\*" if row["nginx_refuses"] else "")
+        rps = f"{row['rps']['median']:,.0f}" + (" valid" if row["rps_is_valid_traffic_only"] else "")
+        lines.append(
+            f"| {title} | {proxy} | {rps} | {fmt_spread(row['cpu_us_per_req'], '.1f')} | "
+            f"{fmt_spread(row['cpu_ratio_to_nginx'], '.2f')} | "
+            f"{fmt_spread(row['cpu_ratio_to_nginx_undisturbed'], '.2f')} | "
+            f"{row['p50_ms']:.2f} / {row['p99_ms']:.2f} | {row['bytes_per_response']:,.0f} |"
+        )
+    redis = [r["redis_cpu_us_per_req"] for r in report["summary"] if r.get("redis_cpu_us_per_req") is not None]
+    lines += [
+        "",
+        f"Redis (not in the gateway's figures): at most {max(redis, default=0):.1f} µs per request in any gateway row.",
+    ]
+    return "\n".join(lines)
+
+
+def write_docs(report: dict[str, Any], path: Path) -> bool:
+    try:
+        text = path.read_text()
+    except OSError:
+        print(f"bench: {path} is missing: its results section was not written", file=sys.stderr)
+        return False
+    begin, end = text.find(DOC_BEGIN), text.find(DOC_END)
+    if begin < 0 or end < begin:
+        print(f"bench: {path} has no results markers ({DOC_BEGIN} ... {DOC_END}): not written", file=sys.stderr)
+        return False
+    path.write_text(text[: begin + len(DOC_BEGIN)] + "\n\n" + markdown(report) + "\n\n" + text[end:])
     return True
 
 
@@ -803,24 +1100,41 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous_int)
 
 
+def relative(path: Path) -> str:
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+
+
+def outputs(report: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    written = []
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        written.append(relative(args.json))
+    if args.png and chart(report, args.png):
+        written.append(relative(args.png))
+    if args.docs and write_docs(report, args.docs):
+        written.append(relative(args.docs))
+    return written
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--duration", type=int, default=5, help="whole seconds of each measured wrk run")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=int, default=4, help="whole seconds of each measured wrk run")
     parser.add_argument("--warmup", type=int, default=1, help="whole seconds of wrk before each measured run (0: none)")
-    parser.add_argument("--quick", action="store_true", help="a smoke check: 1 round of 2 s runs")
+    parser.add_argument("--quick", action="store_true", help="a smoke check: 1 round of 2 s runs, writes no files")
     parser.add_argument(
         "--max-foreign",
         type=float,
         default=0.15,
-        help="a run during which other processes used more CPU than this (in cores) is repeated",
+        help="a round is disturbed when, in any of its runs, processes outside the benchmark used more CPU "
+        "than this, in cores (default 0.15)",
     )
-    parser.add_argument("--retries", type=int, default=2, help="repeats of a run disturbed by other processes")
     parser.add_argument(
-        "--budget",
+        "--settle",
         type=float,
-        default=360,
-        help="seconds the whole measurement may take: disturbed runs are repeated only while every run fits",
+        default=10,
+        help="seconds to wait at most before each round for other load to fall below --max-foreign (0: do not wait)",
     )
     parser.add_argument(
         "--gateway-dir",
@@ -828,11 +1142,23 @@ def main() -> None:
         default=ROOT,
         help="the directory whose gateway/ package is measured (default: this checkout); e.g. an older checkout",
     )
-    parser.add_argument("--json", type=Path, default=RESULTS_JSON)
-    parser.add_argument("--png", type=Path, default=CHART_PNG)
+    parser.add_argument("--gateway-workers", type=int, default=1, help="the gateway's --workers (default 1)")
+    parser.add_argument("--json", type=Path, help=f"default {relative(RESULTS_JSON)} (none with --quick)")
+    parser.add_argument("--png", type=Path, help=f"default {relative(CHART_PNG)} (none with --quick)")
+    parser.add_argument("--docs", type=Path, help=f"default {relative(DOC_MD)} (none with --quick)")
+    parser.add_argument(
+        "--render-docs", type=Path, metavar="JSON", help="measure nothing: rewrite --docs (and --png) from this JSON"
+    )
     args = parser.parse_args()
+    if args.render_docs:
+        saved: dict[str, Any] = json.loads(args.render_docs.read_text())
+        args.json, args.png, args.docs = None, args.png or CHART_PNG, args.docs or DOC_MD
+        print("wrote " + " and ".join(outputs(saved, args)))
+        return
     if args.quick:
         args.rounds, args.duration = 1, 2
+    else:
+        args.json, args.png, args.docs = args.json or RESULTS_JSON, args.png or CHART_PNG, args.docs or DOC_MD
     if args.rounds < 1 or args.duration < 1 or args.warmup < 0:
         parser.error("--rounds and --duration must be at least 1, --warmup at least 0 (wrk takes whole seconds)")
     require_tools()
@@ -840,21 +1166,31 @@ def main() -> None:
     bench = Bench(args)
     if not bench.pinned:
         print("bench: CPUs 0 and 1 are not both usable: running unpinned, numbers are not comparable", file=sys.stderr)
-    info = machine(args.gateway_dir)
+    per_round = len(bench.plan(0))
     print(
-        f"bench: {info['cpu_model']}, {info['nproc']} CPUs, kernel {info['kernel']}; nginx {info['nginx']}, "
-        f"{info['wrk']}, Python {info['python']}, aiohttp {info['aiohttp']}, gateway {info['gateway_commit']}"
+        f"bench: {args.rounds} round(s) of {per_round} wrk runs of {args.duration} s (+{args.warmup} s warm-up each), "
+        f"about {args.rounds * per_round * (args.duration + args.warmup + 0.5) / 60:.0f} min",
+        flush=True,
     )
-    print(f"bench: {args.rounds} round(s) of {args.duration:g} s runs (+{args.warmup:g} s warm-up each)", flush=True)
     try:
         with sigterm_as_interrupt():
             bench.start()
-            plans = [bench.plan(rnd) for rnd in range(args.rounds)]
-            bench.planned = sum(len(p) for p in plans)
-            for rnd, plan in enumerate(plans):
-                print(f"round {rnd + 1}/{args.rounds}", flush=True)
-                for run in plan:
-                    bench.measure(rnd, **run)
+            info = machine(args.gateway_dir, bench.loop)
+            print(
+                f"bench: {info['cpu_model']}, {info['nproc']} CPUs, kernel {info['kernel']}; nginx {info['nginx']}, "
+                f"{info['wrk']}, Python {info['python']}, aiohttp {info['aiohttp']}, {info['event_loop']}, "
+                f"gateway {info['gateway_commit']}",
+                flush=True,
+            )
+            for name, check in bench.refusals.items():
+                print(
+                    f"bench: {name}: nginx refuses with the gateway's body (bytes {check['body_bytes']['gateway']} "
+                    f"vs {check['body_bytes']['nginx']}: the request id) and headers; nginx adds "
+                    f"{', '.join(check['nginx_only_headers']) or 'nothing'}",
+                    flush=True,
+                )
+            for rnd in range(args.rounds):
+                bench.run_round(rnd)
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
         sys.exit(130)
@@ -863,47 +1199,18 @@ def main() -> None:
     finally:
         bench.stop()
 
-    rows = summarize(bench.runs)
-    print()
-    print(table(rows))
-    by = {(r["group"], r["proxy"]): r for r in rows}
-    gw, ng = by.get(("200", "gateway")), by.get(("200", "nginx"))
-    key_ratio = gw["cpu_ratio_to_nginx"] if gw else None
+    disturbed = {r["round"] - 1 for r in bench.rounds if r["disturbed"]}
+    rows = summarize(bench.runs, disturbed)
     flood_ratios = [
         m.valid_rps / a.valid_rps
         for m in bench.runs
-        if m.group == "flood: 1 in 2 unknown"
+        if m.scenario == "flood: 1 in 2 unknown"
         for a in bench.runs
-        if a.group == "flood: all valid" and a.round == m.round and a.valid_rps
+        if a.scenario == "flood: all valid" and a.round == m.round and a.valid_rps
     ]
-    flood_ratio = median(flood_ratios) if flood_ratios else None
-    print()
-    if gw and ng and key_ratio is not None:
-        rounds = ", ".join(f"{x:.2f}" for x in gw["cpu_ratio_to_nginx_rounds"])
-        print(
-            f"key figure: gateway CPU/request / nginx CPU/request (200, c64) = {key_ratio:.2f}x  "
-            f"({gw['cpu_us_per_req']:.1f} / {ng['cpu_us_per_req']:.1f} us; per round {rounds}; "
-            f"floor <= 4x, aim <= 2x)"
-        )
-    if flood_ratio is not None:
-        print(
-            f"flood: valid-traffic rps with 1 in 2 random unknown keys / all valid = {flood_ratio:.2f} "
-            f"(per round {', '.join(f'{x:.2f}' for x in flood_ratios)}; target >= 0.8)"
-        )
-    flagged = [r for r in bench.runs if r.flags]
-    for r in flagged:
-        print(f"flagged: round {r.round + 1} {r.label} {r.proxy} c{r.conns}: {'; '.join(r.flags)}")
-    print(
-        "columns: latency in ms (wrk); CPU us/req = the proxy process's own utime+stime per completed request "
-        "at c64; x nginx = per-round ratio to nginx in the same round (401/flood rows: to nginx's 200), "
-        "median over rounds; spread = (max-min)/median of CPU us/req over rounds; other = CPU cores used by "
-        "processes outside the benchmark during the c64 runs (median); a run with more than --max-foreign is repeated"
-    )
-
     wall = time.monotonic() - started
-    date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    report = {
-        "date": date,
+    report: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "wall_seconds": round(wall, 1),
         "machine": info,
         "settings": {
@@ -911,45 +1218,83 @@ def main() -> None:
             "duration_seconds": args.duration,
             "warmup_seconds": args.warmup,
             "pinning": {"proxy_cpu": PROXY_CPU, "load_cpu": LOAD_CPU} if bench.pinned else None,
-            "wrk": "-t1, c1 and c64, one proxy at a time, proxies' order rotated each round",
+            "wrk": "-t1, one proxy at a time, every scenario once per round, proxies' order rotated each round",
+            "request_headers": "Host: 127.0.0.1, and Authorization: Bearer <key> where the scenario has one, "
+            "the same for every proxy",
+            "cpu": "utime+stime+cutime+cstime of the proxy's whole process tree (/proc), per completed request",
+            "gateway_workers": args.gateway_workers,
             "small_body_bytes": len(BODY),
             "big_body_bytes": BIG_SIZE,
         },
-        "key_figures": {
-            "gateway_cpu_per_request_over_nginx": key_ratio,
-            "gateway_cpu_per_request_over_nginx_rounds": gw["cpu_ratio_to_nginx_rounds"] if gw else [],
-            "flood_valid_rps_ratio": flood_ratio,
-            "flood_valid_rps_ratio_rounds": flood_ratios,
+        "disturbed": {
+            "threshold_cores": args.max_foreign,
+            "rounds": len(disturbed),
+            "which": sorted(r + 1 for r in disturbed),
+            "foreign_cores_max_per_round": [r["foreign_cores_max"] for r in bench.rounds],
+            "method": "busy time of /proc/stat (user+nice+system) minus the CPU time of the driver's process tree "
+            "(every benchmark process), per second, during each measured run; a round is disturbed when any of "
+            "its runs is above the threshold",
         },
+        "key_figures": {
+            "gateway_cpu_ratio_to_nginx": {
+                row["scenario"]: {
+                    "all_rounds": row["cpu_ratio_to_nginx"],
+                    "undisturbed_rounds": row["cpu_ratio_to_nginx_undisturbed"],
+                }
+                for row in rows
+                if row["proxy"] == "gateway" and row["scenario"] in HEADLINE
+            },
+            "flood_valid_rps_ratio": spread(flood_ratios),
+        },
+        "refusal_check": bench.refusals,
+        "rounds": bench.rounds,
         "summary": rows,
         "runs": [
             {
                 "round": r.round + 1,
-                "group": r.group,
+                "scenario": r.scenario,
                 "proxy": r.proxy,
                 "conns": r.conns,
                 "rps": r.rps,
                 "valid_rps": r.valid_rps,
                 "cpu_us_per_req": r.cpu_us_per_req,
                 "redis_cpu_us_per_req": r.redis_cpu_us_per_req,
+                "foreign_cores": r.foreign_cores,
+                "foreign_cores_on_proxy_cpu": r.foreign_proxy_cpu_cores,
+                "steal_cores": r.steal_cores,
                 "flags": r.flags,
                 "wrk": r.result,
             }
             for r in bench.runs
         ],
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    title = (
-        f"gateway vs nginx vs naive aiohttp proxy - {date} - {info['cpu_model']}, {info['nproc']} CPUs, "
-        f"kernel {info['kernel']}, gateway {info['gateway_commit']}"
-    )
-    drawn = chart(rows, title, args.png)
+    print()
+    print(table(rows))
+    print()
+    print(f"gateway CPU per request / nginx's in the same round, median [min-max] over {args.rounds} round(s):")
+    for title, every, clean in headline(report):
+        print(
+            f"  {title:<38} {fmt_spread(every, '.2f', 'x'):<24} undisturbed: {fmt_spread(clean, '.2f', 'x')}"
+            f" ({clean['n'] if clean else 0} rounds)"
+        )
+    if flood_ratios:
+        print(
+            f"flood: valid rps with 1 in 2 random unknown keys / all valid = {fmt_spread(spread(flood_ratios), '.2f')}"
+        )
     print(
-        f"\nwrote {args.json.relative_to(ROOT) if args.json.is_relative_to(ROOT) else args.json}"
-        + (f" and {args.png.relative_to(ROOT) if args.png.is_relative_to(ROOT) else args.png}" if drawn else "")
-        + f"; wall time {wall:.0f} s"
+        f"disturbed rounds: {len(disturbed)} of {args.rounds} (other processes above {args.max_foreign:g} cores in "
+        f"a run; most per round: {', '.join(format(r['foreign_cores_max'], '.2f') for r in bench.rounds)})"
     )
+    flagged = [r for r in bench.runs if r.flags]
+    for r in flagged:
+        print(f"flagged: round {r.round + 1} {r.scenario} {r.proxy}: {'; '.join(r.flags)}")
+    print(
+        "columns: CPU us/req = utime+stime of the proxy's whole process tree per completed request; x nginx = "
+        "ratio to nginx in the same scenario and round, median [min-max] over rounds (nginx*: nginx refusing the "
+        "request itself, with the gateway's body); undisturbed = the same over rounds without other load (count)"
+    )
+    written = outputs(report, args)
+    print(("\nwrote " + " and ".join(written) + "; " if written else "\n") + f"wall time {wall:.0f} s")
     sys.exit(1 if flagged else 0)
 
 

@@ -4,13 +4,17 @@ What anyone would write first with aiohttp, with the obvious settings right: one
 `ClientSession` with a keep-alive connector, no cookie jar (`DummyCookieJar`),
 `auto_decompress=False`, both bodies streamed in 64 KiB chunks, no access log.
 No key check, no routing: every request goes to the upstream with the same path.
+It runs on the event loop the gateway runs on (`--loop`; bench.py passes the gateway's), so
+the two aiohttp processes differ in what they do, not in the loop under them.
 
-    .venv/bin/python benchmarks/naive_proxy.py --port 8090 --upstream http://127.0.0.1:9000
+    .venv/bin/python benchmarks/naive_proxy.py --port 8090 --upstream http://127.0.0.1:9000 [--loop uvloop]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import sys
 from collections.abc import AsyncIterator
 from typing import Final
 
@@ -81,12 +85,21 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="http://host:port, no trailing slash")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio", help="the event loop to run on")
     args = parser.parse_args()
+    if args.loop == "uvloop":
+        import uvloop
+
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    # bench.py reads this line from the log to check the loop it asked for.
+    print(f"naive: event loop {type(loop).__module__}.{type(loop).__qualname__}", file=sys.stderr, flush=True)
     app = web.Application()
     app[UPSTREAM] = args.upstream.rstrip("/")
     app.cleanup_ctx.append(session_ctx)
     app.router.add_route("*", "/{tail:.*}", handle)
-    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, loop=loop)
 
 
 if __name__ == "__main__":
