@@ -33,7 +33,8 @@ lint: install
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-# The suite on the newest allowed dependencies (.venv), then on the lowest ones (test-lowest).
+# The suite on the newest allowed dependencies (.venv), then on the lowest ones (test-lowest); both in
+# parallel, one pytest-xdist worker per CPU (addopts in pyproject.toml; `pytest -n 0` runs it serially).
 test: install redis deploy-tools lint
 	$(VENV)/bin/pytest
 	$(MAKE) --no-print-directory test-lowest
@@ -61,7 +62,8 @@ bench-propagation: install redis
 	$(PY) benchmarks/propagation.py --disables 200
 
 # The gateway against nginx, a naive aiohttp proxy and itself, with wrk (installs nginx, wrk and
-# matplotlib when missing); prints a table, writes benchmarks/results/bench.json and docs/bench.png.
+# matplotlib when missing); prints a table, writes benchmarks/results/bench.json, docs/bench.png and the results
+# section of docs/performance.md (median over interleaved rounds, with the range; disturbed rounds flagged).
 bench: install redis
 	bash scripts/ensure-bench-tools.sh
 	$(PY) benchmarks/bench.py

@@ -1,15 +1,19 @@
 """Fixtures: real redis-server processes, a real upstream HTTP server, a real gateway on loopback.
 
-- `redis_server`: one redis-server per test session on a free port (tests isolate by prefix).
+- `redis_server`: one redis-server per test session on a free port (tests isolate by prefix). Under
+  pytest-xdist each worker is a session of its own, so each worker has its own redis-server.
 - `upstream`: an aiohttp echo server (tests/upstream_app.py) on a free port.
 - `gw`: a gateway replica (proxy + admin listeners) built from a Config around them.
+- `admin_tokens`: the admin tokens every gateway under test is configured with, hashed with cheap
+  argon2id parameters (verification reads the parameters from the hash, so checking them is cheap
+  and still real argon2id). tests/test_admin_hardening.py keeps hashes with the production parameters.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import re
 import secrets
 import shutil
 import socket
@@ -24,12 +28,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from argon2 import PasswordHasher
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from yarl import URL
 
 from gateway import config as config_mod
-from gateway.admin.auth import TokenVerifier, hash_token
 from gateway.h1 import server as http1
 from gateway.runtime.replica import Replica, build
 from gateway.runtime.serve import listen_client
@@ -44,6 +48,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class PortTaken(RuntimeError):
+    """The server could not bind its port."""
+
+
+def _redis_pid(port: int) -> int | None:
+    """The process id of the redis-server answering on `port` (INFO server), None when it is not ready."""
+    with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+        s.sendall(b"INFO server\r\n")
+        data = b""
+        while b"\r\n" not in data or len(data) < int(data[1 : data.index(b"\r\n")] or 0) + data.index(b"\r\n") + 2:
+            chunk = s.recv(65536)
+            if not chunk:
+                return None
+            data += chunk
+            if not data.startswith(b"$"):
+                return None  # an error such as -LOADING
+    match = re.search(rb"process_id:(\d+)", data)
+    return int(match[1]) if match else None
+
+
 @dataclass
 class RedisProcess:
     port: int
@@ -56,6 +80,8 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        """Starts redis-server and waits until it answers. Raises PortTaken when it could not bind:
+        the port may be taken between free_port() and the bind (by another xdist worker, say)."""
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not installed: `make test` installs it (apt-get install redis-server)")
@@ -82,13 +108,16 @@ class RedisProcess:
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise PortTaken(f"redis-server exited ({self.proc.returncode}): port {self.port} taken?")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
+                # Our own process answers, not another one that holds the port.
+                if _redis_pid(self.port) == self.proc.pid:
+                    return
             except OSError:
-                time.sleep(0.02)
+                pass
+            time.sleep(0.02)
+        self.kill()
         raise RuntimeError("redis-server did not start")
 
     def kill(self) -> None:
@@ -104,8 +133,17 @@ class RedisProcess:
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
-    server = RedisProcess(free_port(), tmp_path_factory.mktemp("redis"))
-    server.start()
+    """This session's (this xdist worker's) redis-server."""
+    data_dir = tmp_path_factory.mktemp("redis")
+    for attempt in range(5):
+        server = RedisProcess(free_port(), data_dir)
+        try:
+            server.start()
+        except PortTaken:
+            if attempt == 4:
+                raise
+            continue
+        break
     yield server
     server.stop()
 
@@ -115,6 +153,17 @@ async def redis(redis_server: RedisProcess) -> AsyncIterator[Redis]:
     client = Redis.from_url(redis_server.url, socket_timeout=2, socket_connect_timeout=1)
     yield client
     await client.aclose()
+
+
+# argon2id with the least work it allows: the hash is a real argon2id hash (the config accepts it,
+# the verifier checks it with argon2), only cheap to check. gateway hash-token keeps the production
+# parameters (argon2-cffi's defaults, RFC 9106 low-memory); tests/test_admin_hardening.py uses those.
+CHEAP_HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+
+
+def cheap_hash(token: str) -> str:
+    """An argon2id hash of `token` that takes microseconds to verify."""
+    return CHEAP_HASHER.hash(token)
 
 
 @dataclass(frozen=True)
@@ -132,29 +181,10 @@ def admin_tokens() -> AdminTokens:
     migration case: both kinds in one config."""
     tokens = {role: f"gwadm_{role}_" + secrets.token_urlsafe(24) for role in ("viewer", "developer", "admin")}
     entries = [
-        {"name": f"ops-{role}", "role": role, "hash": hash_token(tok), **({"id": role} if role != "admin" else {})}
+        {"name": f"ops-{role}", "role": role, "hash": cheap_hash(tok), **({"id": role} if role != "admin" else {})}
         for role, tok in tokens.items()
     ]
     return AdminTokens(tokens["viewer"], tokens["developer"], tokens["admin"], entries)
-
-
-_ARGON2_MEMO: dict[tuple[Any, str], Any] = {}
-
-
-@pytest.fixture(autouse=True)
-def argon2_once_per_session(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every in-process gateway builds a new TokenVerifier that would run argon2id (~0.15 s a
-    hash) again for each token. Verification stays real: each (configured hashes, token) pair is
-    checked by the real argon2 code once per test session, then remembered here."""
-    real = TokenVerifier._verify_slowly
-
-    def remembered(self: TokenVerifier, token: str, candidates: tuple[config_mod.AdminToken, ...]) -> Any:
-        memo_key = (tuple((t.name, t.role, t.hash) for t in candidates), token)
-        if memo_key not in _ARGON2_MEMO:
-            _ARGON2_MEMO[memo_key] = real(self, token, candidates)
-        return _ARGON2_MEMO[memo_key]
-
-    monkeypatch.setattr(TokenVerifier, "_verify_slowly", remembered)
 
 
 @pytest.fixture
@@ -330,8 +360,13 @@ async def gw(gateway_factory: Callable[..., Any]) -> Gateway:
     return gateway
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    os.environ.setdefault("GATEWAY_TEST", "1")
+__all__ = ["Gateway", "PortTaken", "ProxyTestServer", "RedisProcess", "cheap_hash", "free_port", "make_config", "web"]
 
 
-__all__ = ["Gateway", "ProxyTestServer", "RedisProcess", "free_port", "make_config", "web"]
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `slow` go first (in their order). Under pytest-xdist (`-n auto --dist loadfile`,
+    pyproject.toml: each test file runs on one worker, so a module-scoped fixture such as the checkov
+    report or the shared cluster of tests/test_replicas.py is built once) the files with the longest
+    tests then start at once, each on a worker of its own, instead of ending the run with one worker
+    busy and the other idle."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

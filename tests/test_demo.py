@@ -1,10 +1,19 @@
-"""`make run`'s demo, run the way an operator would, checked step by step."""
+"""`make run`'s demo, run the way an operator would, checked step by step.
+
+The demo listens on fixed ports (8080, 8081, 9000), as `make run` does: the test holds a lock file
+while it runs, so two runs of it at once (on two xdist workers, or in two test runs on one machine)
+take turns instead of one of them skipping.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -22,8 +31,20 @@ def _demo_module() -> ModuleType:
     return module
 
 
+@pytest.fixture
+def demo_ports() -> Iterator[None]:
+    """The demo's ports, held by this test run until the test ends (waits for another run's demo)."""
+    with open(Path(tempfile.gettempdir()) / "gateway-demo-ports.lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.mark.slow
-def test_the_demo_shows_200_401_disable_and_403_on_the_shipped_config(tmp_path: Path) -> None:
+def test_the_demo_shows_200_401_disable_and_403_on_the_shipped_config(tmp_path: Path, demo_ports: None) -> None:
     demo = _demo_module()
     busy = [p for p in (demo.PROXY, demo.ADMIN, demo.UPSTREAM) if not demo.port_free(p)]
     if busy:

@@ -6,8 +6,10 @@ it, when it is not ready; tests/test_known.py shows the filter itself.
 The upstreams here are raw asyncio servers that write the test's bytes as given (odd chunkings,
 trailers, interim responses, garbage, silent closes, stalls) and count the connections they accept,
 so connection reuse is observed from the upstream's side. Redis is the session's real redis-server;
-Redis reads are counted with `INFO commandstats` (the key lookup is one GET), and `CLIENT PAUSE` holds
-a read in flight when a test needs one to be.
+Redis reads are counted with `INFO commandstats` (the key lookup is one GET). A test that needs a read
+in flight holds it with HeldReads (the real GET, held before it is sent or after its reply, until the
+test releases it); one test of single flight holds it in Redis itself with `CLIENT PAUSE` (2 s, this
+xdist worker's own redis-server). tests/test_lookup.py shows the lookup's decisions alone.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from gateway import config as config_mod
@@ -1096,6 +1099,47 @@ async def warm_redis_pool(gw: Gateway, connections: int = 4) -> None:
     await asyncio.gather(*(gw.replica.store.redis.ping() for _ in range(connections)))
 
 
+class HeldReads:
+    """Stands in for the replica's key store in its KeyLookup (gw.replica.lookup.store): each read is
+    the real GET on the session's Redis, held before it is sent (`before=True`) or after its reply came
+    (`before=False`, the reply in flight) until the test releases it. Only the first `hold` reads are
+    held; later ones run straight through. A CLIENT PAUSE would hold them too, for a fixed 2 s."""
+
+    def __init__(self, gw: Gateway, *, before: bool, hold: int, fail: BaseException | None = None) -> None:
+        self.store = gw.replica.lookup.store
+        self.before = before
+        self.hold = hold
+        self.fail = fail
+        self.held = 0
+        self.released = asyncio.Event()
+        self._arrived = asyncio.Event()
+
+    async def get_by_hash(self, key_hash: str) -> KeyRecord | None:
+        if self.held >= self.hold:
+            return await self.store.get_by_hash(key_hash)
+        answer = None if self.before else await self.store.get_by_hash(key_hash)
+        self.held += 1
+        self._arrived.set()
+        await self.released.wait()
+        if self.fail is not None:
+            raise self.fail
+        return await self.store.get_by_hash(key_hash) if self.before else answer
+
+    async def until_held(self, count: int) -> None:
+        async with asyncio.timeout(WAIT):
+            while self.held < count:
+                self._arrived.clear()
+                await self._arrived.wait()
+
+
+def hold_reads(
+    gw: Gateway, monkeypatch: pytest.MonkeyPatch, *, before: bool, hold: int, fail: BaseException | None = None
+) -> HeldReads:
+    held = HeldReads(gw, before=before, hold=hold, fail=fail)
+    monkeypatch.setattr(gw.replica.lookup, "store", held)
+    return held
+
+
 async def lookup_upstream(raw_upstream: Callable[..., Awaitable[RawUpstream]]) -> RawUpstream:
     async def handler(seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         writer.write(response(body=b"forwarded"))
@@ -1132,30 +1176,35 @@ async def test_concurrent_requests_with_one_unknown_key_share_one_redis_read(
 
 
 async def test_concurrent_requests_with_distinct_unknown_keys_each_read_redis(
-    front: Front, raw_upstream: Callable[..., Awaitable[RawUpstream]], redis: Redis
+    front: Front, raw_upstream: Callable[..., Awaitable[RawUpstream]], redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     upstream = await lookup_upstream(raw_upstream)
     gw = await front(upstream.url, **{"cache.key_filter": False})
-    await warm_redis_pool(gw)
     n = 50
     keys = ["gw_unknown_" + secrets.token_urlsafe(24) for _ in range(n)]
     before = await get_calls(redis)
-    ends = await pause_redis(redis)
+    held = hold_reads(gw, monkeypatch, before=True, hold=n)  # each read held until all n are in flight
     async with asyncio.TaskGroup() as tg:
         tasks = [tg.create_task(fetch(gw.session, "GET", gw.proxy_url + "/api/x", key=k)) for k in keys]
-        await until(lambda: gw.replica.proxy.inflight == n, what="all requests waiting on the lookup")
-        assert time.monotonic() < ends, "the requests did not all arrive while Redis was paused"
+        await held.until_held(n)  # n reads at once: none of them waited for, or joined, another
+        assert gw.replica.proxy.inflight == n
+        held.released.set()
     assert {(t.result().status, t.result().code) for t in tasks} == {(401, "key_not_found")}
     assert await get_calls(redis) - before == n
 
 
 async def test_a_read_begun_before_an_eviction_is_not_joined_by_a_request_after_it(
-    front: Front, raw_upstream: Callable[..., Awaitable[RawUpstream]], redis: Redis, redis_server: RedisProcess
+    front: Front,
+    raw_upstream: Callable[..., Awaitable[RawUpstream]],
+    redis: Redis,
+    redis_server: RedisProcess,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Spec 8's generation rule on the request path. A's read is held in Redis by a pause; the key is
-    then disabled in Redis (the write queues behind A's read) and evicted from the cache as an
+    """Spec 8's generation rule on the request path. A's read has its reply (the key enabled) and is
+    held there, in flight; the key is then disabled in Redis and evicted from the cache as an
     invalidation would; B, arriving after the eviction, must issue its own read (which runs after
-    the write) rather than share A's, and so gets the fresh answer."""
+    the write) rather than share A's, and so gets the fresh answer. tests/test_lookup.py shows the
+    rule on the lookup alone."""
     upstream = await lookup_upstream(raw_upstream)
     gw = await front(upstream.url)
     created = await gw.create_key(name="generation", owner="acme")
@@ -1166,20 +1215,24 @@ async def test_a_read_begun_before_an_eviction_is_not_joined_by_a_request_after_
     disabled = record.bump(enabled=False, disabled_at=time.time(), disabled_reason="test").to_json()
     writer = Redis.from_url(redis_server.url)
     await writer.ping()
-    await warm_redis_pool(gw)
+    gw.replica.cache.evict(key_hash)  # not cached (the admin API's create may have cached it): A reads Redis
     before = await get_calls(redis)
+    held = hold_reads(gw, monkeypatch, before=False, hold=1)  # A's read: its reply in hand, held
     try:
-        ends = await pause_redis(redis)
         async with asyncio.TaskGroup() as tg:
             first = tg.create_task(fetch(gw.session, "GET", gw.proxy_url + "/api/a", key=key))
-            await until(lambda: gw.replica.proxy.inflight == 1, what="A's lookup in flight")
-            await asyncio.sleep(0.3)  # A's GET reaches Redis and is held there
-            write = tg.create_task(writer.set(record_name, disabled))  # held behind A's GET
-            await asyncio.sleep(0.3)
+            await held.until_held(1)  # A's GET has its reply (enabled) and is in flight
+            write = tg.create_task(writer.set(record_name, disabled))
+            await write
             gw.replica.cache.evict(key_hash)  # the invalidation lands while A's read is in flight
-            second = tg.create_task(fetch(gw.session, "GET", gw.proxy_url + "/api/b", key=key))
-            await until(lambda: gw.replica.proxy.inflight == 2, what="B's lookup in flight")
-            assert time.monotonic() < ends, "the steps did not all happen while Redis was paused"
+            try:
+                # B's own read is not held; had B joined A's read it would wait for A (a timeout here)
+                second = tg.create_task(fetch(gw.session, "GET", gw.proxy_url + "/api/b", key=key))
+                await asyncio.wait({second}, timeout=WAIT)
+                assert second.done(), "B waited for A's read begun before the eviction"
+                assert not first.done()  # A's read is still held
+            finally:
+                held.released.set()
         assert write.result()
     finally:
         await writer.aclose()
@@ -1195,25 +1248,26 @@ async def test_a_read_begun_before_an_eviction_is_not_joined_by_a_request_after_
 
 
 async def test_requests_sharing_a_failed_read_each_answer_503(
-    front: Front, raw_upstream: Callable[..., Awaitable[RawUpstream]], redis: Redis
+    front: Front, raw_upstream: Callable[..., Awaitable[RawUpstream]], redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The shared read times out (Redis paused past the client's socket timeout): every request that
-    waited on it answers 503 auth_unavailable itself (keytable/lookup.py: "each waiter answers for itself")."""
+    """The shared read times out (the client's socket timeout, as redis-py raises it): every request
+    that waited on it answers 503 auth_unavailable itself (keytable/lookup.py: "each waiter answers
+    for itself")."""
     upstream = await lookup_upstream(raw_upstream)
-    gw = await front(upstream.url, socket_timeout=1.5, retries=False, **{"cache.key_filter": False})
-    await warm_redis_pool(gw)
+    gw = await front(upstream.url, **{"cache.key_filter": False})
     unknown = "gw_unknown_" + secrets.token_urlsafe(24)
     n = 10
     before = await get_calls(redis)
-    await pause_redis(redis)
+    held = hold_reads(gw, monkeypatch, before=True, hold=1, fail=RedisTimeoutError("Timeout reading from socket"))
     started = time.monotonic()
     async with asyncio.TaskGroup() as tg:
         tasks = [tg.create_task(fetch(gw.session, "GET", gw.proxy_url + "/api/x", key=unknown)) for _ in range(n)]
         await until(lambda: gw.replica.proxy.inflight == n, what="all requests waiting on the lookup")
+        assert held.held == 1  # one read, the leader's; the other n - 1 requests joined it
         assert time.monotonic() - started < 1.4, "the requests did not all join before the read timed out"
+        held.released.set()  # the read times out
     answers = [(t.result().status, t.result().code) for t in tasks]
     assert answers == [(503, "auth_unavailable")] * n
-    await until(lambda: time.monotonic() > started + PAUSE_MS / 1000, what="the pause to end")
     assert await get_calls(redis) - before <= 1  # the leader's (Redis drops it if the client left first)
     assert upstream.connections == 0
 

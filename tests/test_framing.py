@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -510,6 +511,14 @@ async def test_expect_continue_with_a_good_key_gets_100_then_the_upstream_reads_
 # --- 5. uploads cut short by the gateway: never read whole by the upstream -----------------------------------
 
 
+async def upstream_has_read(recorder: RecordingUpstream, test_id: str, body_bytes: int) -> None:
+    """Until the upstream has read `body_bytes` of the body of the request tagged `test_id`."""
+    deadline = time.monotonic() + 10
+    while not any(r.test_id == test_id and len(r.body) >= body_bytes for r in recorder.requests):
+        assert time.monotonic() < deadline, f"the upstream did not read {body_bytes} bytes of {test_id}'s body"
+        await asyncio.sleep(0.005)
+
+
 @pytest.mark.parametrize(
     "tail",
     [b"ffffffffffffffffff\r\nhello\r\n0\r\n\r\n", b"5\nhello\n0\n\n", b"+5\r\nhello\r\n0\r\n\r\n"],
@@ -524,7 +533,7 @@ async def test_a_chunked_body_that_breaks_after_it_was_forwarded_is_never_read_w
     head = raw_request("POST", "/public/stream", [f"{TEST_ID}: cut", "Transfer-Encoding: chunked"], b"3\r\nabc\r\n")
     async with client(fgw) as c:
         await c.send(head)
-        await asyncio.sleep(0.2)  # the head and the first chunk are at the upstream by now
+        await upstream_has_read(recorder, "cut", 3)  # the head and the first chunk are at the upstream
         with contextlib.suppress(ConnectionError):
             await c.send(tail + AFTER)
         answer = await attempt(c.answer())
@@ -549,7 +558,7 @@ async def test_a_chunked_upload_that_grows_past_the_route_limit_is_413_and_never
     part = b"%x\r\n%s\r\n" % (400, b"p" * 400)  # 4 of them: 1600 bytes on a route that takes 1000
     async with client(fgw) as c:
         await c.send(raw_request("POST", "/small/grow", [f"{TEST_ID}: grow", "Transfer-Encoding: chunked"], part * 2))
-        await asyncio.sleep(0.1)  # 800 bytes: under the limit, on their way
+        await upstream_has_read(recorder, "grow", 800)  # 800 bytes: under the limit, forwarded
         await c.send(part * 2 + b"0\r\n\r\n")  # the last write: the 413 may close the connection after it
         answer = await attempt(c.answer())
         await recorder.settle()
