@@ -327,6 +327,22 @@ async def start_replica(cfg: config_mod.Config, stack: contextlib.AsyncExitStack
     return replica
 
 
+async def serve_replica(
+    replica: Replica, stack: contextlib.AsyncExitStack, tokens: AdminTokens, **session_kw: Any
+) -> Gateway:
+    """The replica's proxy and admin listeners on free loopback ports and a client session
+    (`session_kw` for aiohttp.ClientSession), all closed when `stack` closes."""
+    proxy = ProxyTestServer(replica.proxy_server)
+    admin = TestServer(replica.admin_app, host="127.0.0.1")
+    await proxy.start_server()
+    stack.push_async_callback(proxy.close)
+    await admin.start_server()
+    stack.push_async_callback(admin.close)
+    session = aiohttp.ClientSession(auto_decompress=False, **session_kw)
+    stack.push_async_callback(session.close)
+    return Gateway(replica, proxy, admin, session, tokens)
+
+
 @pytest.fixture
 async def gateway_factory(
     redis_server: RedisProcess, upstream: TestServer, admin_tokens: AdminTokens
@@ -341,15 +357,7 @@ async def gateway_factory(
                 overrides=overrides,
             )
             replica = await start_replica(cfg, stack)
-            proxy = ProxyTestServer(replica.proxy_server)
-            admin = TestServer(replica.admin_app, host="127.0.0.1")
-            await proxy.start_server()
-            stack.push_async_callback(proxy.close)
-            await admin.start_server()
-            stack.push_async_callback(admin.close)
-            session = aiohttp.ClientSession(auto_decompress=False)
-            stack.push_async_callback(session.close)
-            return Gateway(replica, proxy, admin, session, admin_tokens)
+            return await serve_replica(replica, stack, admin_tokens)
 
         yield start
 

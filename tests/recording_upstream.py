@@ -40,11 +40,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
-from tests.conftest import AdminTokens, Gateway, ProxyTestServer, make_config, start_replica
+from tests.conftest import AdminTokens, Gateway, make_config, serve_replica, start_replica
+from tests.loopback import LoopbackServer
 
 WAIT = 8.0  # the most one step may take before a test calls it a hang
 TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -143,41 +142,27 @@ class _Reads:
             raise
 
 
-class RecordingUpstream:
+class RecordingUpstream(LoopbackServer):
     """The raw upstream; `url` to route to it, `requests` for what it read, `reset()` between cases."""
 
+    close_timeout = 2.0
+    close_errors = (Exception,)
+    stream_limit = 1024 * 1024
+
     def __init__(self, mode: str = "normal") -> None:
+        super().__init__()
         assert mode in ("normal", "early"), mode
         self.mode = mode
         self.scripts: dict[str, bytes] = {}  # path -> the exact bytes of a (bad) response for it
         self.connections: list[UpstreamConnection] = []
         self.errors: list[str] = []
         self.last_read = time.monotonic()
-        self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
         self._next_id = 1
-        self.port = 0
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, limit=1024 * 1024)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+    def _closing(self) -> None:
         for writer in list(self._writers):
             writer.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=2)
-        if self._server is not None:
-            await self._server.wait_closed()
 
     def reset(self) -> None:
         """Forget what was recorded (connections stay open: their later requests are recorded again)."""
@@ -219,10 +204,7 @@ class RecordingUpstream:
 
     # serving ----------------------------------------------------------------------------------------
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
         conn = UpstreamConnection(self._next_id)
         self._next_id += 1
@@ -239,10 +221,6 @@ class RecordingUpstream:
             conn.closed = True
             conn.busy = False
             self._writers.discard(writer)
-            self._tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
 
     async def _one(self, reads: _Reads, conn: UpstreamConnection, writer: asyncio.StreamWriter) -> bool:
         """Reads and answers one request; False when the connection is done."""
@@ -622,12 +600,4 @@ async def start_gateway(
         overrides={"routes": routes_to(recorder.url)},
     )
     replica = await start_replica(cfg, stack)
-    proxy = ProxyTestServer(replica.proxy_server)
-    admin = TestServer(replica.admin_app, host="127.0.0.1")
-    await proxy.start_server()
-    stack.push_async_callback(proxy.close)
-    await admin.start_server()
-    stack.push_async_callback(admin.close)
-    session = aiohttp.ClientSession(auto_decompress=False)
-    stack.push_async_callback(session.close)
-    return Gateway(replica, proxy, admin, session, tokens)
+    return await serve_replica(replica, stack, tokens)

@@ -31,7 +31,6 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
@@ -43,7 +42,8 @@ from gateway.keytable.cache import NEGATIVE_MAX
 from gateway.keytable.record import KeyRecord, digest
 from gateway.runtime.replica import Replica, build
 from gateway.runtime.serve import listen_client
-from tests.conftest import AdminTokens, Gateway, ProxyTestServer, RedisProcess, free_port, make_config
+from tests.conftest import AdminTokens, Gateway, RedisProcess, free_port, make_config, serve_replica
+from tests.loopback import LoopbackServer
 
 MIB = 1024 * 1024
 SHORT = 0.5  # timeout_seconds of the /short route
@@ -82,7 +82,7 @@ async def _read_chunked_body(reader: asyncio.StreamReader) -> bytes:
 
 
 @dataclass
-class RawUpstream:
+class RawUpstream(LoopbackServer):
     """An HTTP/1.1 server written by hand: it parses each request, records it, and lets `handler`
     answer with whatever bytes it likes. `handler` returns True to keep the connection for the next
     request; False closes it. `read_bodies=False` leaves the request body to the handler."""
@@ -92,24 +92,9 @@ class RawUpstream:
     connections: int = 0
     seen: list[Seen] = field(default_factory=list)
     closed_by_gateway: list[int] = field(default_factory=list)  # connections the gateway ended
-    _server: asyncio.Server | None = None
-    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-
-    async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
+    def __post_init__(self) -> None:
+        super().__init__()
 
     @property
     def open_connections(self) -> int:
@@ -118,10 +103,7 @@ class RawUpstream:
     def on(self, conn: int) -> list[Seen]:
         return [s for s in self.seen if s.conn == conn]
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         conn = self.connections
         index = 0
@@ -154,11 +136,6 @@ class RawUpstream:
             return
         except asyncio.CancelledError:
             return  # close() ends a handler still waiting; start_server's callback must not see it cancelled
-        finally:
-            self._tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
 
 
 def response(status: int = 200, body: bytes = b"", *, reason: str = "OK", headers: list[str] | None = None) -> bytes:
@@ -246,15 +223,7 @@ async def front(redis_server: RedisProcess, admin_tokens: AdminTokens) -> AsyncI
                 redis_url=redis_server.url, upstream_url=upstream_url, tokens=admin_tokens.entries, overrides=overrides
             )
             replica = await start_replica_for(cfg, stack, socket_timeout=socket_timeout, retries=retries)
-            proxy = ProxyTestServer(replica.proxy_server)
-            admin = TestServer(replica.admin_app, host="127.0.0.1")
-            await proxy.start_server()
-            stack.push_async_callback(proxy.close)
-            await admin.start_server()
-            stack.push_async_callback(admin.close)
-            session = aiohttp.ClientSession(auto_decompress=False, connector=aiohttp.TCPConnector(limit=200))
-            stack.push_async_callback(session.close)
-            return Gateway(replica, proxy, admin, session, admin_tokens)
+            return await serve_replica(replica, stack, admin_tokens, connector=aiohttp.TCPConnector(limit=200))
 
         yield start
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import secrets
 import statistics
@@ -20,7 +19,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +39,13 @@ from tests.conftest import AdminTokens, Gateway, RedisProcess
 from tests.test_replicas import (
     START_TIMEOUT,
     Cluster,
+    EchoHandler,
     Hammer,
     Node,
     gateway_config,
     hammering,
     redis_process,
+    serving,
     start_gateway,
     stop_gateway,
     wait_ready,
@@ -267,36 +267,12 @@ class Arrivals:
 def recording_upstream() -> Iterator[tuple[str, Arrivals]]:
     arrivals = Arrivals()
 
-    class Recording(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def _answer(self) -> None:
+    class Recording(EchoHandler):
+        def arrived(self) -> None:
             arrivals.record(self.headers.get("X-Gateway-Key-Id"))
-            length = int(self.headers.get("Content-Length") or 0)
-            if length:
-                self.rfile.read(length)
-            body = json.dumps({"upstream": "echo", "path": self.path}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
 
-        do_GET = do_POST = _answer
-
-        def log_message(self, format: str, *args: Any) -> None:  # quiet
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Recording)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", arrivals
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with serving(Recording, stop_timeout=10) as url:
+        yield url, arrivals
 
 
 # one replica in process: the lease lapses, and an answered PING restores it -----------------------

@@ -48,10 +48,14 @@ AOF = ["--appendonly", "yes", "--appendfsync", "always"]
 # the upstream ------------------------------------------------------------------------
 
 
-class _Echo(BaseHTTPRequestHandler):
+class EchoHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
+    def arrived(self) -> None:
+        """Called as each request's head is read (before its body); a subclass records it here."""
+
     def _answer(self) -> None:
+        self.arrived()
         length = int(self.headers.get("Content-Length") or 0)
         if length:
             self.rfile.read(length)
@@ -68,9 +72,10 @@ class _Echo(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(scope="module")
-def echo_upstream() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+@contextlib.contextmanager
+def serving(handler: type[BaseHTTPRequestHandler], stop_timeout: float = STOP_TIMEOUT) -> Iterator[str]:
+    """`handler` on a loopback port in a thread; yields its URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -79,7 +84,13 @@ def echo_upstream() -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
-        thread.join(timeout=STOP_TIMEOUT)
+        thread.join(timeout=stop_timeout)
+
+
+@pytest.fixture(scope="module")
+def echo_upstream() -> Iterator[str]:
+    with serving(EchoHandler) as url:
+        yield url
 
 
 # HTTP ------------------------------------------------------------------------------------

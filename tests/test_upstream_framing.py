@@ -24,6 +24,7 @@ import pytest
 
 from gateway import config as config_mod
 from tests.conftest import AdminTokens, ProxyTestServer, RedisProcess, make_config, start_replica
+from tests.loopback import LoopbackServer
 
 SHORT = 0.5  # timeout_seconds of the /short route
 SMALL = 1000  # max_body_bytes of the /small route
@@ -62,31 +63,14 @@ class Conn:
 Script = Callable[[Got], Awaitable[tuple[bytes, str]]]
 
 
-class Upstream:
+class Upstream(LoopbackServer):
     def __init__(self, script: Script, *, read_bodies: bool = True) -> None:
+        super().__init__()
         self.script = script
         self.read_bodies = read_bodies
         self.conns: list[Conn] = []
         self.got: list[Got] = []
         self.release = asyncio.Event()
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-
-    async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
 
     def on(self, conn: int) -> list[str]:
         return [g.path for g in self.got if g.conn == conn]
@@ -94,10 +78,7 @@ class Upstream:
     def with_id(self, request_id: str) -> list[Got]:
         return [g for g in self.got if g.request_id == request_id]
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Conn(len(self.conns) + 1)
         self.conns.append(conn)
 
@@ -156,11 +137,6 @@ class Upstream:
             conn.closed_by_gateway = True
         except asyncio.CancelledError:
             return
-        finally:
-            self._tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
 
 
 def ok(body: bytes = b"fine", *extra: bytes) -> bytes:
