@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -583,3 +584,111 @@ def test_hash_token_reads_the_id_of_a_new_shape_token_and_notes_a_legacy_one() -
     assert "id" not in entry
     assert "legacy" in completed.stderr and "--generate" in completed.stderr
     assert legacy not in completed.stdout + completed.stderr
+
+
+# the typed schema ----------------------------------------------------------------------------
+
+
+def _types_in(hint: object) -> list[object]:
+    """`hint` and every type argument inside it."""
+    return [hint, *(t for arg in typing.get_args(hint) for t in _types_in(arg))]
+
+
+def test_no_config_object_has_a_field_typed_any() -> None:
+    objects = [
+        config_mod.Config, config_mod.Listen, config_mod.AdminConfig, config_mod.AdminToken, config_mod.RedisConfig,
+        config_mod.CacheConfig, config_mod.KeysConfig, config_mod.Route, config_mod.LoggingConfig,
+        config_mod.LimitsConfig, config_mod.LifecycleConfig,
+    ]  # fmt: skip
+    for cls in objects:
+        for name, hint in typing.get_type_hints(cls).items():
+            assert typing.Any not in _types_in(hint), f"{cls.__name__}.{name}: {hint}"
+
+
+def test_the_vocabulary_tuples_match_their_literals() -> None:
+    assert config_mod.ROLES == typing.get_args(config_mod.Role)
+    assert config_mod.ROUTE_AUTHS == typing.get_args(config_mod.RouteAuth)
+    assert config_mod.LOG_LEVELS == typing.get_args(config_mod.LogLevel)
+    assert config_mod.LOG_FORMATS == typing.get_args(config_mod.LogFormat)
+    assert config_mod.DISABLED_STATUSES == typing.get_args(config_mod.DisabledStatus)
+    hints = typing.get_type_hints(config_mod.Route)
+    assert hints["auth"] == config_mod.RouteAuth
+    assert typing.get_type_hints(config_mod.AdminToken)["role"] == config_mod.Role
+
+
+def test_every_environment_override_names_a_key_the_schema_knows() -> None:
+    for var in config_mod.ENV_OVERRIDES:
+        try:
+            config_mod.load(SHIPPED, {var: "[not, valid, here]"})
+        except ConfigError as exc:
+            assert not [p for p in exc.problems if "unknown key" in p.rule], var
+
+
+def test_problems_come_in_the_order_the_schema_declares_whatever_the_file_order(tmp_path: Path) -> None:
+    raw = valid_raw()
+    raw["routes"][0] = {"max_body_bytes": -1, "auth": "sometimes", "path_prefix": "x", "name": "a b", "upstream": "u"}
+    problems, _ = problems_of(write(tmp_path, raw))
+    assert [p.path for p in problems] == [
+        "routes[0].name", "routes[0].path_prefix", "routes[0].upstream", "routes[0].auth", "routes[0].max_body_bytes",
+    ]  # fmt: skip
+    assert problems[3].rule == "must be one of: required, none"
+
+
+@pytest.mark.parametrize("key_path", ["cache.ttl_seconds", "limits.keepalive_seconds", "lifecycle.drain_seconds"])
+def test_a_number_that_is_not_a_number_is_a_problem(tmp_path: Path, key_path: str) -> None:
+    section, key = key_path.split(".")
+    raw = valid_raw()
+    raw[section] = {key: float("nan")}
+    problems, _ = problems_of(write(tmp_path, raw))
+    assert [(p.path, repr(p.value)) for p in problems] == [(key_path, "nan")]
+    assert problems[0].rule.startswith("must be between ")
+
+
+def test_a_problem_inside_a_value_from_the_environment_names_the_variable() -> None:
+    tokens = yaml.safe_dump([{"name": "ci", "role": "boss", "hash": f"$2b$12${SECRET}"}])
+    problems, text = problems_of(SHIPPED, {"GATEWAY_ADMIN_TOKENS": tokens, "GATEWAY_TRUSTED_PROXIES": "10.0.0.0/8, x"})
+    assert [p.path for p in problems] == [
+        "admin.tokens[0].role (from GATEWAY_ADMIN_TOKENS)",
+        "admin.tokens[0].hash (from GATEWAY_ADMIN_TOKENS)",
+        "trusted_proxies[1] (from GATEWAY_TRUSTED_PROXIES)",
+    ]
+    assert SECRET not in text
+
+
+def test_an_admin_token_entry_that_is_not_a_mapping_is_a_problem(tmp_path: Path) -> None:
+    raw = valid_raw()
+    raw["admin"]["tokens"].append(None)
+    problems, _ = problems_of(write(tmp_path, raw))
+    assert [(p.path, p.value, p.rule) for p in problems] == [("admin.tokens[1]", "NoneType", "must be a mapping")]
+
+
+def test_tokens_without_names_are_not_reported_as_duplicates(tmp_path: Path) -> None:
+    raw = valid_raw()
+    raw["admin"]["tokens"] = [{"role": "admin", "hash": TOKEN_HASH}, {"role": "viewer", "hash": TOKEN_HASH}]
+    problems, _ = problems_of(write(tmp_path, raw))
+    assert [(p.path, p.rule) for p in problems] == [
+        ("admin.tokens[0].name", "is required"),
+        ("admin.tokens[1].name", "is required"),
+    ]
+
+
+def test_the_port_check_across_listeners_uses_only_valid_ports(tmp_path: Path) -> None:
+    raw = valid_raw()
+    raw["admin"]["listen"] = {"host": "not a host", "port": 8080}  # a broken host: the clash is still found
+    problems, _ = problems_of(write(tmp_path, raw))
+    assert [p.path for p in problems] == ["admin.listen.host", "admin.listen.port"]
+    assert "must differ from listen.port" in problems[1].rule
+    raw["admin"]["listen"] = {"port": "8081x"}  # a broken port is not compared as its default
+    raw["listen"]["port"] = 8081
+    problems, _ = problems_of(write(tmp_path, raw))
+    assert [(p.path, p.value, p.rule) for p in problems] == [("admin.listen.port", "8081x", "must be an integer")]
+
+
+def test_literal_fields_load_as_their_values(tmp_path: Path) -> None:
+    raw = valid_raw()
+    raw["logging"] = {"level": "debug", "format": "text"}
+    raw["keys"] = {"disabled_status": 401}
+    raw["routes"][0]["auth"] = "none"
+    cfg = config_mod.load(write(tmp_path, raw), {})
+    assert (cfg.logging.level, cfg.logging.format, cfg.keys.disabled_status) == ("debug", "text", 401)
+    assert not cfg.routes[0].requires_key
