@@ -11,10 +11,12 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 import orjson
-from aiohttp import web
+
+if TYPE_CHECKING:  # render() imports it: the CLI uses the codes without loading aiohttp's server
+    from aiohttp import web
 
 ERROR_TYPE_BASE: Final = "https://gateway.dev/errors/"
 WWW_AUTHENTICATE: Final = 'Bearer realm="gateway"'
@@ -193,5 +195,7 @@ def wire(denial: Denial, request_id: str) -> tuple[int, str, bytes, bytes]:
 
 def render(denial: Denial, request_id: str, *, realm: str = WWW_AUTHENTICATE) -> web.Response:
     """The admin API's answer (an aiohttp response) for `denial`."""
+    from aiohttp import web
+
     status, headers, payload = rendered(denial, request_id, realm=realm)
     return web.Response(status=status, body=payload, headers=headers)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import secrets
 import shutil
@@ -369,6 +370,13 @@ async def gw(gateway_factory: Callable[..., Any]) -> Gateway:
 
 
 __all__ = ["Gateway", "PortTaken", "ProxyTestServer", "RedisProcess", "cheap_hash", "free_port", "make_config", "web"]
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: two workers per CPU. About half of the suite's test time is waiting (the timeouts,
+    leases and drains it tests, gateway processes starting), so a second worker per CPU runs one
+    test's work in another's wait; on the 2-CPU machine this takes the run from ~135 s to ~110 s."""
+    return 2 * max(1, os.cpu_count() or 1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -36,7 +36,7 @@ import json
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,7 @@ from tests.conftest import AdminTokens, Gateway, make_config, serve_replica, sta
 from tests.loopback import LoopbackServer
 
 WAIT = 8.0  # the most one step may take before a test calls it a hang
+DONE_QUIET = 0.03  # once the gateway has nothing in flight: loop turns enough to read what it wrote
 TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) (\S+) HTTP/(1\.[01])\r\n")
 DECIMAL = re.compile(r"0|[1-9][0-9]*")
@@ -186,15 +187,25 @@ class RecordingUpstream(LoopbackServer):
         (conn,) = [c for c in self.connections if c.id == conn_id]
         return conn
 
-    async def settle(self, quiet: float = 0.15, most: float = 3.0) -> None:
+    async def settle(self, quiet: float = 0.15, most: float = 3.0, *, done: Callable[[], bool] | None = None) -> None:
         """Until nothing was read for `quiet` seconds and no open connection is inside a request
-        (or `most` seconds passed: a request cut short stays on record as incomplete)."""
+        (or `most` seconds passed: a request cut short stays on record as incomplete).
+
+        `done` says the gateway (in this process, on this event loop) has nothing in flight, so
+        every byte it will send here is written: then only the reads of those bytes are waited
+        for, a few turns of the loop (DONE_QUIET), not a guess at how long the gateway may take."""
         deadline = time.monotonic() + most
+        if done is not None:
+            while time.monotonic() < deadline:
+                if done():
+                    quiet = min(quiet, DONE_QUIET)
+                    break
+                await asyncio.sleep(0.005)
         while time.monotonic() < deadline:
             busy = any(c.busy and not c.closed for c in self.connections)
             if not busy and time.monotonic() - self.last_read >= quiet:
                 return
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.005)
 
     async def wait_eof(self, conn_id: int, seconds: float = WAIT) -> None:
         deadline = time.monotonic() + seconds
@@ -384,6 +395,14 @@ GATEWAY_SET = frozenset(
     {"host", "content-length", "transfer-encoding", "x-request-id", "x-forwarded-for", "x-forwarded-proto",
      "x-forwarded-host", "x-gateway-key-id", "x-gateway-key-owner"}
 )  # fmt: skip
+
+
+def gateway_idle(gw: Gateway) -> Callable[[], bool]:
+    """Whether the in-process gateway has nothing in flight: every client connection's handler has
+    returned (a handler returns only once its upstream exchange, the rest of an early-answered
+    upload included, is over) and nothing parsed waits to be handled."""
+    server = gw.proxy.server
+    return lambda: all(conn.idle for conn in server.connections)
 
 
 def upstream_saw_exactly(

@@ -35,6 +35,7 @@ from tests.recording_upstream import (
     RecordingUpstream,
     Sent,
     chunked,
+    gateway_idle,
     raw_request,
     start_gateway,
     upstream_saw_exactly,
@@ -163,7 +164,7 @@ async def test_an_accepted_request_reaches_the_upstream_exactly_as_sent(
             for wire, _ in cases:
                 await c.send(wire)
                 answers.append(await attempt(c.answer()))
-        await recorder.settle()
+        await recorder.settle(done=gateway_idle(fgw))
     upstream_saw_exactly(recorder, [sent for _, sent in cases], secrets=[key])
     for answer, (_, sent) in zip(answers, cases, strict=True):
         reply = assert_upstream_answer(answer, sent.test_id)
@@ -190,7 +191,7 @@ async def test_a_trailer_never_becomes_a_header_of_the_next_request(
     async with client(fgw) as c:
         await c.send(first + second)
         answers = [await attempt(c.answer()) for _ in range(2)]
-        await recorder.settle()
+        await recorder.settle(done=gateway_idle(fgw))
     forwarded = [a.headers[TEST_ID] for a in answers if isinstance(a, Answer) and a.from_upstream]
     upstream_saw_exactly(recorder, [expected[i] for i in forwarded], secrets=[MARKER])
     assert forwarded == ["t1", "t2"] or (isinstance(answers[0], Answer) and answers[0].status == 400), answers
@@ -334,7 +335,7 @@ async def refused_then_a_victim(gw: Gateway, key: str, recorder: RecordingUpstre
         await victim.send(raw_request("GET", "/api/victim", [f"{TEST_ID}: victim", f"Authorization: Bearer {key}"]))
         victims = await attempt(victim.answer())
         closed: bytes | str | None = await attempt(attacker.closed_by_gateway()) if bad.status == 400 else None
-        await recorder.settle()
+        await recorder.settle(done=gateway_idle(gw))
     upstream_saw_exactly(recorder, [Sent("victim", "GET", "/api/victim")], secrets=[key, MARKER])
     assert_refused(refused, bad.status, bad.code)
     assert isinstance(refused, Answer)
@@ -390,7 +391,7 @@ async def test_a_victim_on_a_warm_pooled_connection_is_not_read_as_an_attackers_
         )
         victims = await attempt(victim.answer())
         refused = await attempt(attacker.answer())
-        await recorder.settle()
+        await recorder.settle(done=gateway_idle(fgw))
     upstream_saw_exactly(
         recorder, [Sent("warm", "GET", "/public/warm"), Sent("victim", "POST", "/api/victim", b"hi")], secrets=[key]
     )
@@ -440,7 +441,7 @@ async def test_a_pipeline_is_answered_in_order_up_to_the_refused_request_and_not
         answers = [await attempt(c.answer()) for _ in before]
         refused = await attempt(c.answer())
         closed = await attempt(c.closed_by_gateway())
-        await recorder.settle()
+        await recorder.settle(done=gateway_idle(fgw))
     # (request a's body is SMUGGLED: the marker reaches the upstream inside it, and only there.)
     upstream_saw_exactly(recorder, [sent for _, sent in before if sent is not None], secrets=[key])
     for answer, (_, sent) in zip(answers, before, strict=True):
@@ -474,7 +475,7 @@ async def test_expect_continue_with_a_bad_key_gets_401_without_100_and_nothing_i
         with contextlib.suppress(ConnectionError):
             await c.send(SMUGGLED)
         closed = await attempt(c.closed_by_gateway())
-        await recorder.settle()
+        await recorder.settle(done=gateway_idle(fgw))
     upstream_saw_exactly(recorder, [], secrets=[MARKER])
     assert recorder.raw == b""
     reply = assert_refused(answer, 401, "missing_key" if credential == "none" else
@@ -501,7 +502,7 @@ async def test_expect_continue_with_a_good_key_gets_100_then_the_upstream_reads_
         # and the connection goes on
         await c.send(raw_request("GET", "/public/next", [f"{TEST_ID}: next"]))
         following = await attempt(c.answer())
-        await recorder.settle()
+        await recorder.settle(done=gateway_idle(fgw))
     upstream_saw_exactly(recorder, [Sent("expect", "POST", "/api/upload", body), Sent("next", "GET", "/public/next")],
                          secrets=[key])  # fmt: skip
     assert_upstream_answer(final, "expect")
@@ -537,11 +538,11 @@ async def test_a_chunked_body_that_breaks_after_it_was_forwarded_is_never_read_w
         with contextlib.suppress(ConnectionError):
             await c.send(tail + AFTER)
         answer = await attempt(c.answer())
-        await recorder.settle()
+        await recorder.settle(done=gateway_idle(fgw))
         async with client(fgw) as nxt:
             await nxt.send(raw_request("GET", "/public/next", [f"{TEST_ID}: next"]))
             following = await attempt(nxt.answer())
-        await recorder.settle()
+        await recorder.settle(done=gateway_idle(fgw))
     upstream_saw_exactly(recorder, [Sent("next", "GET", "/public/next")], allow_cut=["cut"])
     cut = [r for r in recorder.requests if r.test_id == "cut"]
     for r in cut:
@@ -561,7 +562,7 @@ async def test_a_chunked_upload_that_grows_past_the_route_limit_is_413_and_never
         await upstream_has_read(recorder, "grow", 800)  # 800 bytes: under the limit, forwarded
         await c.send(part * 2 + b"0\r\n\r\n")  # the last write: the 413 may close the connection after it
         answer = await attempt(c.answer())
-        await recorder.settle()
+        await recorder.settle(done=gateway_idle(fgw))
     upstream_saw_exactly(recorder, [], allow_cut=["grow"])
     assert_refused(answer, 413, "body_too_large")
 
@@ -640,7 +641,7 @@ async def test_a_response_whose_framing_is_not_exact_is_502_and_its_connection_i
     async with client(fgw) as c:
         await c.send(raw_request("GET", "/public/next", [f"{TEST_ID}: next"]))
         following = await attempt(c.answer())
-        await recorder.settle()
+        await recorder.settle(done=gateway_idle(fgw))
     assert not recorder.errors, recorder.errors
     assert_upstream_answer(warm, "warm")
     assert b"EVIL" not in leaked and b"X-Evil" not in leaked, leaked
@@ -664,7 +665,7 @@ async def test_a_good_response_keeps_its_connection_for_the_next_request(
         good = await attempt(c.answer())
         await c.send(raw_request("GET", "/public/next", [f"{TEST_ID}: next"]))
         following = await attempt(c.answer())
-        await recorder.settle()
+        await recorder.settle(done=gateway_idle(fgw))
     first = assert_upstream_answer(warm, "warm")
     assert isinstance(good, Answer) and (good.status, good.body) == (200, b"fine"), good
     reply = assert_upstream_answer(following, "next")

@@ -367,6 +367,7 @@ class Hammer:
     node: Node
     key: str
     stop: threading.Event
+    pause: float = 0.0  # between one answer and the next request (0: back to back)
     sent: list[Sent] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     thread: threading.Thread | None = None
@@ -397,6 +398,8 @@ class Hammer:
                     time.sleep(0.01)
                     continue
                 self.sent.append(Sent(at, response.status, error_code(raw)))
+                if self.pause:
+                    self.stop.wait(self.pause)
         except BaseException as exc:  # never let a thread die silently
             self.errors.append(f"{self.node.name}: unexpected {exc!r}")
         finally:
@@ -404,9 +407,9 @@ class Hammer:
 
 
 @contextlib.contextmanager
-def hammering(targets: list[tuple[Node, str]]) -> Iterator[list[Hammer]]:
+def hammering(targets: list[tuple[Node, str]], pause: float = 0.0) -> Iterator[list[Hammer]]:
     stop = threading.Event()
-    hammers = [Hammer(node, key, stop) for node, key in targets]
+    hammers = [Hammer(node, key, stop, pause) for node, key in targets]
     for hammer in hammers:
         hammer.start()
     try:

@@ -63,9 +63,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Any, Final, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
-import aiohttp
 import orjson
 from yarl import URL
 
@@ -73,6 +72,9 @@ from gateway.admin import bodies
 from gateway.cli import keyfile
 from gateway.keytable.credentials import VISIBLE_ASCII
 from gateway.keytable.record import KEY_ID
+
+if TYPE_CHECKING:  # aiohttp is imported where a command calls the API: `gateway --help` stays quick
+    import aiohttp
 
 EXIT_OK: Final = 0
 EXIT_REFUSED: Final = 1
@@ -330,6 +332,8 @@ class Admin:
         url = self.url(path)
         if query:
             url = url.with_query(query)
+        import aiohttp  # loaded by connect() already
+
         try:
             async with self.session.request(method, url, data=data, headers=headers, allow_redirects=False) as r:
                 raw = await r.read()
@@ -372,6 +376,8 @@ class Admin:
 async def connect(args: argparse.Namespace, *, pool: int = 4) -> AsyncIterator[Admin]:
     base = admin_url(args.admin_url)
     token = admin_token(os.environ)
+    import aiohttp
+
     timeout = aiohttp.ClientTimeout(total=args.timeout)
     connector = aiohttp.TCPConnector(limit=pool)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector, headers={"User-Agent": "gateway-cli"}) as s:

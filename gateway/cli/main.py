@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 from gateway import config as config_mod
 from gateway.cli import keys as keys_commands
 from gateway.logs import configure as configure_logging
-from gateway.runtime.embedded import MissingRedis
 
 EXIT_CONFIG = 2
 T = TypeVar("T")
@@ -48,6 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     # The flags win over the file and its GATEWAY_LOGGING_* overrides.
     configure_logging(args.log_level or cfg.logging.level, args.log_format or cfg.logging.format)
+    from gateway.runtime.embedded import MissingRedis
     from gateway.runtime.serve import serve, supervise_workers
 
     log_args = [*(["--log-level", args.log_level] if args.log_level else []),

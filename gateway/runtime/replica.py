@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from aiohttp import web
 from redis.asyncio import Redis
 
-from gateway.admin import AdminApi, build_admin_app
+from gateway.admin.api import AdminApi
+from gateway.admin.app import build_admin_app
 from gateway.admin.auth import TokenVerifier
 from gateway.coherence.channel import Codec
 from gateway.coherence.propagation import Propagator
