@@ -8,7 +8,8 @@ Each checkout's `python -m gateway serve` runs pinned to CPU 1 with an embedded 
 for `proxied`, a minimal upstream) on CPU 0. `refusal` is `GET /api/hello` without a key (401
 missing_key); `proxied` is the same request on a public route, forwarded to the upstream. Each
 round measures A and B once (the order alternates), the CPU per request being the growth of the
-process's utime+stime over one wrk run divided by the requests it completed. Printed: each side's
+process's utime+stime over one wrk run divided by the requests it completed; each gateway is
+started for its measurement and stopped after it, so only one runs at a time. Printed: each side's
 median with its range, and the median of the per-round B/A ratios with its range. Where `make bench`
 compares the gateway with nginx, this compares the gateway with itself across a change.
 """
@@ -109,18 +110,20 @@ def main() -> None:
     args = parser.parse_args()
     up_port = free_port()
     up = subprocess.Popen(["taskset", "-c", "0", sys.executable, __file__, "--upstream", str(up_port)])
-    sides = {
-        "A": start(args.a, up_port, args.scenario == "proxied"),
-        "B": start(args.b, up_port, args.scenario == "proxied"),
-    }
+    checkouts = {"A": args.a, "B": args.b}
     results: dict[str, list[float]] = {"A": [], "B": []}
     try:
         for n in range(args.rounds):
             for side in ("A", "B") if n % 2 == 0 else ("B", "A"):
-                results[side].append(measure(*sides[side], args.seconds))
+                # One gateway at a time: a second one idling on the same CPU (its Redis, its timers)
+                # biased an A/A comparison by up to 15%.
+                proc, port = start(checkouts[side], up_port, args.scenario == "proxied")
+                try:
+                    results[side].append(measure(proc, port, args.seconds))
+                finally:
+                    proc.terminate()
+                    proc.wait()
     finally:
-        for proc, _ in sides.values():
-            proc.terminate()
         up.terminate()
     for side, path in (("A", args.a), ("B", args.b)):
         v = results[side]
