@@ -94,7 +94,7 @@ def _proxy(module: ModuleType) -> Any:
     record = KeyRecord(id="key_bench", hash=digest(TOKEN), owner="bench")
     cache.put(digest(TOKEN), record, cache.generation)
     lookup = KeyLookup(store=cast(Any, None), cache=cache, coherence=coherence, serve_stale_seconds=0)
-    return module.Proxy(RouteTable(cfg.routes), lookup, _Upstream(), cfg.keys, Metrics())
+    return module.Proxy(RouteTable(cfg.routes), lookup, cfg.keys, Metrics(), forwarder=_Upstream())
 
 
 def _cases(proxy: Any) -> dict[str, Callable[[], Coroutine[Any, Any, None]]]:

@@ -43,6 +43,7 @@ import yaml
 # The vocabulary: each Literal below and the tuple of its values, least privileged role first.
 Role: TypeAlias = Literal["viewer", "developer", "admin"]
 RouteAuth: TypeAlias = Literal["required", "none"]
+RouteMode: TypeAlias = Literal["proxy", "verify"]
 LogLevel: TypeAlias = Literal["debug", "info", "warning", "error"]
 LogFormat: TypeAlias = Literal["json", "text"]
 DisabledStatus: TypeAlias = Literal[401, 403]
@@ -50,6 +51,7 @@ DisabledStatus: TypeAlias = Literal[401, 403]
 _ROLES: Final[tuple[Role, ...]] = ("viewer", "developer", "admin")
 ROLES: Final[tuple[str, ...]] = _ROLES  # admin/auth.py ranks roles (str) by their position here
 ROUTE_AUTHS: Final[tuple[RouteAuth, ...]] = ("required", "none")
+ROUTE_MODES: Final[tuple[RouteMode, ...]] = ("proxy", "verify")
 LOG_LEVELS: Final[tuple[LogLevel, ...]] = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final[tuple[LogFormat, ...]] = ("json", "text")
 DISABLED_STATUSES: Final[tuple[DisabledStatus, ...]] = (401, 403)
@@ -120,7 +122,7 @@ DEFAULT_MAX_BODY_BYTES: Final = 10 * 1024 * 1024
 class Route:
     name: str
     path_prefix: str
-    upstream: str
+    upstream: str  # "" for a verify route: the proxy in front of the gateway forwards
     strip_prefix: bool
     methods: frozenset[str] | None  # None: all
     auth: RouteAuth
@@ -128,6 +130,9 @@ class Route:
     timeout_seconds: float
     forward_authorization: bool
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # a request body larger than this is 413 body_too_large
+    # proxy: the gateway forwards what passes; verify: the verify listener answers another proxy's
+    # question about a request (nginx auth_request, Caddy forward_auth, ...) and forwards nothing.
+    mode: RouteMode = "proxy"
 
     @property
     def requires_key(self) -> bool:
@@ -161,6 +166,17 @@ class LifecycleConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class VerifyConfig:
+    """The verify listener (its own port): answers nginx auth_request, Caddy forward_auth, Traefik
+    ForwardAuth and Envoy ext_authz about the `mode: verify` routes."""
+
+    listen: Listen
+    # Envoy's ext_authz `path_prefix`: removed from the start of a request line's path before it is
+    # matched ("" when the proxy sends the original path as it is).
+    path_prefix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: Listen
     admin: AdminConfig
@@ -174,6 +190,10 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     # Peers (CIDR) whose Forwarded / X-Forwarded-* / X-Real-IP headers are believed (spec 6).
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    verify: VerifyConfig | None = None  # None: no verify listener
+
+    def routes_for(self, mode: RouteMode) -> tuple[Route, ...]:
+        return tuple(route for route in self.routes if route.mode == mode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +263,8 @@ ENV_OVERRIDES: Final[dict[str, tuple[str, ...]]] = {
     "GATEWAY_LIMITS_BODY_TIMEOUT_SECONDS": ("limits", "body_timeout_seconds"),
     "GATEWAY_LIMITS_KEEPALIVE_SECONDS": ("limits", "keepalive_seconds"),
     "GATEWAY_TRUSTED_PROXIES": ("trusted_proxies",),
+    "GATEWAY_VERIFY_LISTEN_HOST": ("verify", "listen", "host"),
+    "GATEWAY_VERIFY_LISTEN_PORT": ("verify", "listen", "port"),
 }
 # Values that are secrets: never echoed in a problem report.
 _SECRET_PATHS: Final = {("redis", "channel_secret"), ("redis", "url")}
@@ -578,6 +600,10 @@ def _check_path_prefix(v: str) -> str | None:
     return None
 
 
+def _check_verify_prefix(v: str) -> str | None:
+    return None if v == "" else _check_path_prefix(v)
+
+
 def _check_upstream(v: str) -> str | None:
     parts = urlsplit(v)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -599,7 +625,7 @@ _LIMITS: Final = LimitsConfig()
 
 class _Root(_Schema):
     nested = ("listen", "admin", "redis", "cache", "keys", "routes", "logging", "lifecycle", "limits",
-              "trusted_proxies")  # fmt: skip
+              "trusted_proxies", "verify")  # fmt: skip
 
 
 class _Listen(_Schema):
@@ -610,6 +636,16 @@ class _Listen(_Schema):
 class _AdminListen(_Listen):
     host = _Field(_string, "127.0.0.1", _check_host)
     port = _Field(_integer, 8081, _check_port)
+
+
+class _VerifyListen(_Listen):
+    host = _Field(_string, "127.0.0.1", _check_host)
+    port = _Field(_integer, 8082, _check_port)
+
+
+class _Verify(_Schema):
+    nested = ("listen",)
+    path_prefix = _Field(_string, "", _check_verify_prefix)
 
 
 class _Admin(_Schema):
@@ -667,7 +703,8 @@ class _Limits(_Schema):
 class _Route(_Schema):
     name = _required(_string, _check_name)
     path_prefix = _required(_string, _check_path_prefix)
-    upstream = _required(_string, _check_upstream)
+    mode: _Field[RouteMode, RouteMode] = _Field(_choice(_string, ROUTE_MODES), "proxy")
+    upstream = _Field(_string, None, _check_upstream)  # required in mode proxy, absent in mode verify
     strip_prefix = _Field(_flag, False)
     methods = _Field(_methods, None)
     auth: _Field[RouteAuth, RouteAuth] = _Field(_choice(_string, ROUTE_AUTHS), "required")
@@ -682,6 +719,7 @@ class _Validator:
 
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems
+        self.admin_port: int | None = None  # for the check across listeners
 
     def bad(self, path: str, value: object, rule: str) -> None:
         self.problems.append(Problem(path, value, rule))
@@ -717,10 +755,28 @@ class _Validator:
         lifecycle = self.lifecycle(raw.get("lifecycle"))
         limits = self.limits(raw.get("limits"))
         trusted = self.trusted_proxies(raw.get("trusted_proxies"))
+        verify = self.verify(raw.get("verify"), {"listen.port": port, "admin.listen.port": self.admin_port})
+        for i, route in enumerate(routes):
+            if route.mode == "verify" and verify is None and "verify" not in raw:
+                self.bad(
+                    f"routes[{i}].mode", "verify", "a verify route needs the verify listener: add a verify: section"
+                )
         if self.problems:
             return None
         assert listen and admin and redis and cache and keys and logs and lifecycle and limits
-        return Config(listen, admin, redis, cache, keys, routes, source, logs, lifecycle, limits, trusted)
+        return Config(listen, admin, redis, cache, keys, routes, source, logs, lifecycle, limits, trusted, verify)
+
+    def verify(self, raw: object, other_ports: dict[str, int | None]) -> VerifyConfig | None:
+        if raw is None:
+            return None
+        s = self.open(raw, "verify", _Verify)
+        listen, port = self.listen(s.table.get("listen"), "verify.listen", _VerifyListen)
+        for where, other in other_ports.items():
+            if port is not None and port == other != 0:
+                self.bad("verify.listen.port", port, f"must differ from {where}: each listener has a port of its own")
+        if listen is None or not s.ok:
+            return None
+        return VerifyConfig(listen, s.get(_Verify.path_prefix))
 
     def listen(self, raw: object, path: str, schema: type[_Listen]) -> tuple[Listen | None, int | None]:
         """The listener, and its port when that is valid (for the check across listeners)."""
@@ -730,6 +786,7 @@ class _Validator:
     def admin(self, raw: object, proxy_port: int | None) -> AdminConfig | None:
         s = self.open(raw, "admin", _Admin)
         listen, port = self.listen(s.table.get("listen"), "admin.listen", _AdminListen)
+        self.admin_port = port
         tokens = self.tokens(s.table.get("tokens") or [])
         if port is not None and port == proxy_port != 0:
             self.bad(
@@ -842,22 +899,22 @@ class _Validator:
             self.bad("routes", raw if not _is_list(raw) else [], "must be a non-empty list of routes")
             return ()
         routes: list[Route] = []
-        names: set[str] = set()
-        prefixes: set[str] = set()
+        names: set[str] = set()  # one namespace for both modes: metrics and logs name routes
+        prefixes: set[tuple[str, str]] = set()  # a proxy route and a verify route may share a prefix
         for i, item in enumerate(raw):
             route = self.route(item, f"routes[{i}]")
             if route is None:
                 continue
             if route.name in names:
                 self.bad(f"routes[{i}].name", route.name, "duplicate route name")
-            if route.path_prefix in prefixes:
+            if (route.mode, route.path_prefix) in prefixes:
                 self.bad(
                     f"routes[{i}].path_prefix",
                     route.path_prefix,
-                    "duplicate path_prefix: another route already claims it",
+                    f"duplicate path_prefix: another {route.mode} route already claims it",
                 )
             names.add(route.name)
-            prefixes.add(route.path_prefix)
+            prefixes.add((route.mode, route.path_prefix))
             routes.append(route)
         return tuple(routes)
 
@@ -870,12 +927,23 @@ class _Validator:
         if auth == "none" and scopes:
             self.bad(f"{path}.scopes", raw.get("scopes"), "a public route (auth: none) cannot require scopes")
             return None
+        mode = s.peek(_Route.mode)
+        if mode == "verify":
+            # What only forwarding uses has no meaning here: refused rather than silently ignored.
+            for key in ("upstream", "strip_prefix", "timeout_seconds", "forward_authorization", "max_body_bytes"):
+                if key in raw:
+                    self.bad(f"{path}.{key}", _NOT_SHOWN if key == "upstream" else raw[key],
+                             "a verify route forwards nothing: the proxy in front of the gateway does")  # fmt: skip
+                    return None
+        elif mode == "proxy" and "upstream" not in raw:
+            self.bad(f"{path}.upstream", _ABSENT, "is required")
+            return None
         if not s.ok:  # a broken route takes no part in the duplicate checks
             return None
         return Route(
             name=s.get(_Route.name),
             path_prefix=s.get(_Route.path_prefix),
-            upstream=s.get(_Route.upstream).rstrip("/"),
+            upstream=(s.get(_Route.upstream) or "").rstrip("/"),
             strip_prefix=s.get(_Route.strip_prefix),
             methods=s.get(_Route.methods),
             auth=s.get(_Route.auth),
@@ -883,4 +951,5 @@ class _Validator:
             timeout_seconds=s.get(_Route.timeout_seconds),
             forward_authorization=s.get(_Route.forward_authorization),
             max_body_bytes=s.get(_Route.max_body_bytes),
+            mode=s.get(_Route.mode),
         )

@@ -4,6 +4,9 @@
 
 Every step before `forward` either passes or returns a Denial, which one
 renderer turns into the JSON error. No path that returns a Denial forwards.
+`Gate` holds the steps up to the decision, which gateway/verify/ shares: its
+verifier runs the same path on another proxy's question and answers instead
+of forwarding.
 A request is one `Exchange`, made when it arrives and filled in as it goes down
 the path; it ends in `_record`: one metric increment and one access-log record.
 It runs on gateway/h1/server.py's listener and forwards through gateway/h1/client.py, which
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from gateway import errors
-from gateway.config import METHODS, KeysConfig
+from gateway.config import METHODS, KeysConfig, Route
 from gateway.errors import Denial, ErrorCode
 from gateway.h1.client import Forwarder
 from gateway.h1.headers import http_date
@@ -30,7 +33,7 @@ from gateway.keytable.lease import IN_FLIGHT_MARGIN
 from gateway.keytable.lookup import AuthUnavailable, KeyLookup
 from gateway.keytable.record import KeyRecord, decide, digest
 from gateway.metrics import Metrics
-from gateway.routing import RouteTable, UnsafePath, encode, split_target, upstream_path
+from gateway.routing import RouteTable, Target, UnsafePath, encode, split_target, upstream_path
 
 access = logging.getLogger("gateway.access")
 log = logging.getLogger("gateway")
@@ -41,7 +44,7 @@ _UNLISTED = frozenset({"CONNECT", "TRACE"})  # refused unless a route's `methods
 
 
 # An access-log record's `code`: a spec 5 code, or how a request that was not refused ended.
-Outcome = ErrorCode | Literal["forwarded", "client_closed", "cancelled"]
+Outcome = ErrorCode | Literal["forwarded", "verified", "client_closed", "cancelled"]
 
 
 @dataclass(slots=True)
@@ -52,6 +55,7 @@ class Exchange:
     request: Request | None  # None: the listener refused it and nothing of it is known (`refused`)
     request_id: str  # the client's X-Request-Id when well-formed, else a new one: decided once
     started: float  # perf_counter() when it arrived
+    method: str | None = None  # the method decided on: the request's, or the one a verify question names
     path: str | None = None  # the normalised path, without its query, once the target parsed
     route: str = "-"  # the matching route's name
     record: KeyRecord | None = None  # the key's record, once looked up
@@ -60,10 +64,13 @@ class Exchange:
 
 
 @dataclass
-class Proxy:
+class Gate:
+    """A listener's handler up to the key decision: the boundary every request passes (`handle`),
+    the steps before the decision (`_admit`, `_decide`), and the one way a refusal is answered and
+    recorded (`_deny`). `Proxy` forwards what passes; gateway/verify's `Verifier` answers 200."""
+
     routes: RouteTable  # replaced whole by a SIGHUP reload; a request uses the table it started with
     lookup: KeyLookup
-    forwarder: Forwarder
     keys: KeysConfig
     metrics: Metrics
     inflight: int = field(default=0, init=False)
@@ -86,25 +93,107 @@ class Proxy:
             self.inflight -= 1
 
     async def _handle(self, request: Request, exchange: Exchange) -> None:
+        raise NotImplementedError
+
+    def _admit(self, exchange: Exchange, method: str, raw_target: str) -> tuple[Route, Target, str | None] | None:
+        """target -> route -> method -> credential: the route, the parsed target and the key's digest
+        (None on a public route); None when the request was refused (and answered)."""
+        request = exchange.request
+        assert request is not None
+        exchange.method = method
         try:
-            target = split_target(request.raw_path)
+            target = split_target(raw_target)
         except UnsafePath as exc:
             self._deny(exchange, Denial("invalid_request", str(exc)))
-            return
+            return None
         exchange.path = target.path
 
         route = self.routes.match(target.path)
         if route is None:
             self._deny(exchange, Denial("route_not_found"))
-            return
+            return None
         exchange.route = route.name
         allowed = route.methods
-        if request.method not in allowed if allowed is not None else request.method in _UNLISTED:
+        if method not in allowed if allowed is not None else method in _UNLISTED:
             # CONNECT and TRACE only where a route lists them (spec 6): a tunnel or an echo of the
             # request (its Authorization included) is never what "all methods" means.
             allow = ", ".join(sorted(allowed if allowed is not None else METHODS - _UNLISTED))
             self._deny(exchange, Denial("method_not_allowed", headers={"Allow": allow}))
+            return None
+        if not route.requires_key:
+            return route, target, None
+        credential = bearer_from(request.headers.getall("Authorization", ()))
+        if isinstance(credential, Denial):
+            self._deny(exchange, credential)
+            return None
+        return route, target, digest(credential.token)
+
+    async def _decide(self, exchange: Exchange, route: Route, key_hash: str) -> KeyRecord | None:
+        """key lookup -> decision: the key's record when it may pass on `route` now; None when the
+        request was refused (and answered)."""
+        try:
+            record = exchange.record = await self.lookup.find(key_hash)
+        except AuthUnavailable:
+            self._deny(exchange, Denial("auth_unavailable"))
+            return None
+        refusal = decide(record, route, time.time(), self.keys.disabled_status)
+        if refusal is not None:
+            self._deny(exchange, refusal)
+            return None
+        return record
+
+    def refused(self, request_id: str, remote: str | None, code: ErrorCode = "invalid_request") -> None:
+        """A request the listener refused before any handler saw it (400 invalid_request, 408
+        request_timeout, 431 headers_too_large): counted and logged like any other, with nothing
+        of what was refused."""
+        self._record(Exchange(None, request_id, time.perf_counter(), remote=remote), code, errors.KINDS[code].status)
+
+    def _deny(self, exchange: Exchange, denial: Denial) -> None:
+        request = exchange.request
+        assert request is not None  # a request the listener refused is answered there (`refused`)
+        status, reason, head, body = errors.wire(denial, exchange.request_id)
+        request.reply(status, reason, head + b"Date: " + http_date(time.time()) + b"\r\n", body)
+        self._record(exchange, denial.code, status)
+
+    def _record(self, exchange: Exchange, code: Outcome, status: int) -> None:
+        # Metric labels are route names and codes only: never the path, a header or the key.
+        self.metrics.request(exchange.route, code)
+        if not access.isEnabledFor(logging.INFO):
             return
+        # The log line names the key by its id, never the key; the path is the normalised
+        # one without its query (queries carry tokens more often than paths do).
+        request, record, upstream = exchange.request, exchange.record, exchange.upstream
+        access.info(
+            "request",
+            extra={
+                "request_id": exchange.request_id,
+                "method": exchange.method or (request.method if request is not None else None),
+                "path": exchange.path,
+                "route": exchange.route,
+                "code": code,
+                "status": status,
+                "key_id": record.id if record is not None else None,
+                "upstream_ms": round(upstream * 1000, 3) if upstream is not None else None,
+                "duration_ms": round((time.perf_counter() - exchange.started) * 1000, 3),
+                "remote": request.remote if request is not None else exchange.remote,
+                "user_agent": ((request.headers.get("User-Agent") or "")[:_USER_AGENT_MAX] or None)
+                if request is not None
+                else None,
+            },
+        )
+
+
+@dataclass
+class Proxy(Gate):
+    """The proxy listener's handler: what passes is forwarded to its route's upstream."""
+
+    forwarder: Forwarder = field(kw_only=True)
+
+    async def _handle(self, request: Request, exchange: Exchange) -> None:
+        admitted = self._admit(exchange, request.method, request.raw_path)
+        if admitted is None:
+            return
+        route, target, key_hash = admitted
         if request.body_exists:
             if request.body_length is not None and request.body_length > route.max_body_bytes:
                 request.close_after()  # its body is not read: the connection cannot carry another request
@@ -114,13 +203,6 @@ class Proxy:
 
         record: KeyRecord | None = None
         admit: Callable[[], bool] | None = None
-        key_hash: str | None = None
-        if route.requires_key:
-            credential = bearer_from(request.headers.getall("Authorization", ()))
-            if isinstance(credential, Denial):
-                self._deny(exchange, credential)
-                return
-            key_hash = digest(credential.token)
 
         # What the upstream is asked for: the route's rewrite of the normalised path, with the query.
         path = encode(upstream_path(route, target.path))
@@ -130,14 +212,8 @@ class Proxy:
         try:
             for _attempt in range(_DECISIONS):
                 if key_hash is not None:
-                    try:
-                        record = exchange.record = await self.lookup.find(key_hash)
-                    except AuthUnavailable:
-                        self._deny(exchange, Denial("auth_unavailable"))
-                        return
-                    refusal = decide(record, route, time.time(), self.keys.disabled_status)
-                    if refusal is not None:
-                        self._deny(exchange, refusal)
+                    record = await self._decide(exchange, route, key_hash)
+                    if record is None:
                         return
                     admit = self._fresh_decision()
                     sent = time.perf_counter()
@@ -183,43 +259,3 @@ class Proxy:
         generation = cache.generation
         until = time.monotonic() + IN_FLIGHT_MARGIN / 2
         return lambda: cache.generation == generation and time.monotonic() < until
-
-    def refused(self, request_id: str, remote: str | None, code: ErrorCode = "invalid_request") -> None:
-        """A request the listener refused before any handler saw it (400 invalid_request, 408
-        request_timeout, 431 headers_too_large): counted and logged like any other, with nothing
-        of what was refused."""
-        self._record(Exchange(None, request_id, time.perf_counter(), remote=remote), code, errors.KINDS[code].status)
-
-    def _deny(self, exchange: Exchange, denial: Denial) -> None:
-        request = exchange.request
-        assert request is not None  # a request the listener refused is answered there (`refused`)
-        status, reason, head, body = errors.wire(denial, exchange.request_id)
-        request.reply(status, reason, head + b"Date: " + http_date(time.time()) + b"\r\n", body)
-        self._record(exchange, denial.code, status)
-
-    def _record(self, exchange: Exchange, code: Outcome, status: int) -> None:
-        # Metric labels are route names and codes only: never the path, a header or the key.
-        self.metrics.request(exchange.route, code)
-        if not access.isEnabledFor(logging.INFO):
-            return
-        # The log line names the key by its id, never the key; the path is the normalised
-        # one without its query (queries carry tokens more often than paths do).
-        request, record, upstream = exchange.request, exchange.record, exchange.upstream
-        access.info(
-            "request",
-            extra={
-                "request_id": exchange.request_id,
-                "method": request.method if request is not None else None,
-                "path": exchange.path,
-                "route": exchange.route,
-                "code": code,
-                "status": status,
-                "key_id": record.id if record is not None else None,
-                "upstream_ms": round(upstream * 1000, 3) if upstream is not None else None,
-                "duration_ms": round((time.perf_counter() - exchange.started) * 1000, 3),
-                "remote": request.remote if request is not None else exchange.remote,
-                "user_agent": ((request.headers.get("User-Agent") or "")[:_USER_AGENT_MAX] or None)
-                if request is not None
-                else None,
-            },
-        )

@@ -262,10 +262,16 @@ class Gateway:
     admin: TestServer
     session: aiohttp.ClientSession
     tokens: AdminTokens
+    verify: ProxyTestServer | None = None  # the verify listener, when the config has a `verify` section
 
     @property
     def proxy_url(self) -> str:
         return f"http://127.0.0.1:{self.proxy.port}"
+
+    @property
+    def verify_url(self) -> str:
+        assert self.verify is not None, "this gateway's config has no verify section"
+        return f"http://127.0.0.1:{self.verify.port}"
 
     @property
     def admin_url(self) -> str:
@@ -331,7 +337,7 @@ async def start_replica(cfg: config_mod.Config, stack: contextlib.AsyncExitStack
 async def serve_replica(
     replica: Replica, stack: contextlib.AsyncExitStack, tokens: AdminTokens, **session_kw: Any
 ) -> Gateway:
-    """The replica's proxy and admin listeners on free loopback ports and a client session
+    """The replica's proxy, admin (and verify) listeners on free loopback ports and a client session
     (`session_kw` for aiohttp.ClientSession), all closed when `stack` closes."""
     proxy = ProxyTestServer(replica.proxy_server)
     admin = TestServer(replica.admin_app, host="127.0.0.1")
@@ -339,9 +345,14 @@ async def serve_replica(
     stack.push_async_callback(proxy.close)
     await admin.start_server()
     stack.push_async_callback(admin.close)
+    verify = None
+    if replica.verify_server is not None:
+        verify = ProxyTestServer(replica.verify_server)
+        await verify.start_server()
+        stack.push_async_callback(verify.close)
     session = aiohttp.ClientSession(auto_decompress=False, **session_kw)
     stack.push_async_callback(session.close)
-    return Gateway(replica, proxy, admin, session, tokens)
+    return Gateway(replica, proxy, admin, session, tokens, verify)
 
 
 @pytest.fixture

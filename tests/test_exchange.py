@@ -105,7 +105,7 @@ def _proxy(answer: int | Denial | Exception) -> tuple[Proxy, _Upstream, Metrics]
     upstream = _Upstream(answer)
     metrics = Metrics()
     forwarder: Any = upstream
-    return Proxy(RouteTable(cfg.routes), lookup, forwarder, cfg.keys, metrics), upstream, metrics
+    return Proxy(RouteTable(cfg.routes), lookup, cfg.keys, metrics, forwarder=forwarder), upstream, metrics
 
 
 def _request(path: str, *headers: tuple[str, str]) -> tuple[Request, _Conn]:

@@ -35,6 +35,7 @@ from gateway.keytable.store import KeyStore
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.routing import RouteTable
+from gateway.verify.verifier import Verifier
 
 
 @dataclass
@@ -53,10 +54,14 @@ class Replica:
     proxy: Proxy
     proxy_server: Server  # the lean HTTP/1.1 listener (h1/server.py): no router or middleware on the request path
     admin_app: web.Application
+    verifier: Verifier | None = None  # with verify_server: the verify listener (config `verify`), when configured
+    verify_server: Server | None = None
 
     def reload_routes(self, new: Config) -> list[str]:
         """Swap in `new`'s routes (SIGHUP); returns the sections that changed but need a restart."""
-        self.proxy.routes = RouteTable(new.routes)
+        self.proxy.routes = RouteTable(new.routes_for("proxy"))
+        if self.verifier is not None:
+            self.verifier.routes = RouteTable(new.routes_for("verify"))
         self.config = dataclasses.replace(self.config, routes=new.routes)
         return [name for name in _RESTART_SECTIONS if getattr(self.config, name) != getattr(new, name)]
 
@@ -75,7 +80,8 @@ class Replica:
 
 
 # What a reload does not apply: listeners, Redis, cache, keys, admin, logging and lifecycle need a restart.
-_RESTART_SECTIONS = ("listen", "admin", "redis", "cache", "keys", "logging", "lifecycle", "limits", "trusted_proxies")
+_RESTART_SECTIONS = ("listen", "admin", "redis", "cache", "keys", "logging", "lifecycle", "limits", "trusted_proxies",
+                     "verify")  # fmt: skip
 
 
 async def _cancel(task: asyncio.Task[None], seconds: float = 5.0) -> None:
@@ -128,8 +134,7 @@ def build(config: Config, redis: Redis, listen_redis: Redis, *, replica_id: str 
     )
 
     forwarder = Forwarder()
-    proxy = Proxy(RouteTable(config.routes), lookup, forwarder, config.keys, metrics)
-    metrics.inflight.set_function(lambda: proxy.inflight)
+    proxy = Proxy(RouteTable(config.routes_for("proxy")), lookup, config.keys, metrics, forwarder=forwarder)
     proxy_server = Server(proxy.handle, proxy.refused, limits=config.limits, trusted_proxies=config.trusted_proxies)
 
     api = AdminApi(
@@ -142,7 +147,16 @@ def build(config: Config, redis: Redis, listen_redis: Redis, *, replica_id: str 
         trusted_proxies=config.trusted_proxies,
     )
     admin_app = build_admin_app(api)
+    verifier = verify_server = None
+    if config.verify is not None:
+        verifier = Verifier(RouteTable(config.routes_for("verify")), lookup, config.keys, metrics,
+                            path_prefix=config.verify.path_prefix)  # fmt: skip
+        verify_server = Server(
+            verifier.handle, verifier.refused, limits=config.limits, trusted_proxies=config.trusted_proxies
+        )
+    gates = [gate for gate in (proxy, verifier) if gate is not None]
+    metrics.inflight.set_function(lambda: sum(gate.inflight for gate in gates))
     return Replica(
         replica_id, config, store, cache, coherence, lookup, propagator, subscriber, registry, metrics, api,
-        proxy, proxy_server, admin_app,
+        proxy, proxy_server, admin_app, verifier, verify_server,
     )  # fmt: skip

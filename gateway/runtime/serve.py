@@ -133,6 +133,7 @@ async def _serve_replica(
     # The proxy's shutdown: stop accepting, close idle keep-alive connections, let
     # in-flight requests finish for up to `drain` seconds, then close the upstream pool.
     proxy = replica.proxy_server
+    listeners = [proxy] + ([replica.verify_server] if replica.verify_server is not None else [])
     admin = web.AppRunner(replica.admin_app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await admin.setup()
     loop = asyncio.get_running_loop()
@@ -144,22 +145,26 @@ async def _serve_replica(
             await web.TCPSite(admin, config.admin.listen.host, config.admin.listen.port, reuse_port=reuse_port).start()
             try:
                 await proxy.start(config.listen.host, config.listen.port, reuse_port=reuse_port)
+                if replica.verify_server is not None and config.verify is not None:
+                    listen = config.verify.listen
+                    await replica.verify_server.start(listen.host, listen.port, reuse_port=reuse_port)
                 _log_start(config, replica)
                 await stop.wait()
             finally:
                 # Still subscribed while draining: a disable during the drain applies to
                 # requests that arrive on connections that are still open.
                 replica.api.draining = True
-                log.info("gateway stopping: draining %d in-flight request(s) for up to %gs",
-                         replica.proxy.inflight, drain)  # fmt: skip
+                inflight = sum(gate.inflight for gate in (replica.proxy, replica.verifier) if gate is not None)
+                log.info("gateway stopping: draining %d in-flight request(s) for up to %gs", inflight, drain)
                 drained = True
-                await proxy.shutdown(drain)
+                await asyncio.gather(*(server.shutdown(drain) for server in listeners))
                 log.info("proxy drained; closing the subscription, Redis and the admin listener")
     finally:
         if config_path is not None:
             loop.add_signal_handler(signal.SIGHUP, log.info, "SIGHUP while stopping: ignored")
         if not drained:
-            await proxy.shutdown(0)
+            for server in listeners:
+                await server.shutdown(0)
         await admin.cleanup()
 
 
@@ -171,10 +176,12 @@ def _log_start(config: Config, replica: Replica) -> None:
         len(config.routes), mode, replica.replica_id, type(asyncio.get_running_loop()).__module__.split(".")[0],
         extra={"redis_mode": mode, "replica": replica.replica_id, "pid": os.getpid()},
     )  # fmt: skip
+    if config.verify is not None:
+        log.info("verify listener: %s:%d", config.verify.listen.host, config.verify.listen.port)
     for route in config.routes:
         log.info(
-            "route %s: %s -> %s (auth %s)", route.name, route.path_prefix, route.upstream, route.auth,
-            extra={"route": route.name},
+            "route %s: %s -> %s (auth %s)", route.name, route.path_prefix,
+            route.upstream if route.mode == "proxy" else "verify", route.auth, extra={"route": route.name},
         )  # fmt: skip
 
 

@@ -1,0 +1,71 @@
+"""Which request a verify question is about (pure).
+
+Each proxy names the request it is about to forward in its own way:
+
+- Traefik `ForwardAuth` and Caddy `forward_auth` send `X-Forwarded-Method` and `X-Forwarded-Uri`,
+  overwriting whatever the client sent under those names.
+- nginx `auth_request` sends what its configuration sets: docs/verify-proxies.md sets both
+  `X-Forwarded-Method`/`X-Forwarded-Uri` and `X-Original-Method`/`X-Original-URI` (the common
+  nginx recipe) to `$request_method` and `$request_uri`, the client's raw request target, which
+  `proxy_pass` without a URI also forwards unchanged.
+- Envoy's HTTP `ext_authz` sends the original method and path as its own request line, behind
+  `path_prefix` when one is configured (`verify.path_prefix`).
+
+The headers are believed only from a peer in `trusted_proxies`: from anyone else they are ignored
+and the question is its own request line, so a client that reaches the verify listener directly
+cannot ask about one request while sending another. Each proxy overwrites only the pair it sets
+and passes a client's other pair through (Caddy forwards a client's `X-Original-URI`; nginx, with
+a configuration that sets only `X-Original-*`, a client's `X-Forwarded-Uri`); so when both pairs
+come they must name the same request, or the question is refused. A pair with a target and no
+method (or the reverse), or a header sent twice, is refused too: the method decides as much as the
+path does (a route's `methods`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from multidict import CIMultiDictProxy
+
+from gateway.errors import Denial
+
+# (target header, method header): Traefik's, Caddy's and nginx's; then the nginx recipe's.
+_NAMED: Final = (("X-Forwarded-Uri", "X-Forwarded-Method"), ("X-Original-URI", "X-Original-Method"))
+_MAX_METHOD: Final = 32
+
+
+@dataclass(frozen=True, slots=True)
+class Original:
+    method: str
+    target: str  # a request target as a client sent it: to be normalised like any other
+
+
+def original(
+    method: str, raw_target: str, headers: CIMultiDictProxy[str], *, trusted: bool, path_prefix: str = ""
+) -> Original | Denial:
+    """The request a verify question is about, or why it cannot be told (400 invalid_request)."""
+    if trusted:
+        asked: Original | None = None
+        for target_name, method_name in _NAMED:
+            targets, methods = headers.getall(target_name, ()), headers.getall(method_name, ())
+            if not targets and not methods:
+                continue
+            if len(targets) != 1 or len(methods) != 1:
+                return Denial("invalid_request", f"{target_name} and {method_name} must each come once")
+            named = methods[0].strip()
+            if not named or len(named) > _MAX_METHOD or not named.isascii() or not named.isalpha():
+                return Denial("invalid_request", f"{method_name} is not an HTTP method")
+            this = Original(named, targets[0].strip())
+            if asked is not None and this != asked:
+                return Denial("invalid_request", "X-Forwarded-* and X-Original-* name different requests")
+            asked = this
+        if asked is not None:
+            return asked
+    if path_prefix:
+        if raw_target != path_prefix and not raw_target.startswith((path_prefix + "/", path_prefix + "?")):
+            return Denial("route_not_found")
+        raw_target = raw_target[len(path_prefix) :]
+        if not raw_target.startswith("/"):
+            raw_target = "/" + raw_target
+    return Original(method, raw_target)

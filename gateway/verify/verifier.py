@@ -1,0 +1,81 @@
+"""The verify listener's handler: the proxy's request path up to the decision, then an answer.
+
+    question -> original request -> target -> route -> method -> credential -> key lookup
+             -> decision -> 200 with the key's identity, or the refusal
+
+A refusal is the proxy's own answer (spec 5: status, JSON body, `WWW-Authenticate` on a 401); the
+asking proxy passes it on to its client. Nothing is forwarded from here, and a question's body is
+never read (the connection closes after the answer when one was sent).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from gateway import errors
+from gateway.errors import Denial
+from gateway.h1.headers import http_date
+from gateway.h1.server import Request
+from gateway.keytable.record import KeyRecord
+from gateway.proxy import Exchange, Gate
+from gateway.verify.original import original
+
+
+def identity_head(record: KeyRecord | None, request_id: str) -> bytes:
+    """The header lines of a 200: who the key is, and the request id. The three key headers are
+    always sent, empty for a public route (nginx's `auth_request_set` then sets nothing upstream,
+    and Caddy 2.6's `copy_headers` would otherwise send its placeholder's text). Every value is of
+    a safe alphabet already (ids, owners and scopes are validated on the way in, request ids are
+    ours or checked), so none can break a header line."""
+    key_id = owner = scopes = b""
+    if record is not None:
+        key_id = record.id.encode()
+        owner = (record.owner or "").encode()
+        scopes = " ".join(record.scopes).encode()
+    return b"X-Gateway-Key-Id: %b\r\nX-Gateway-Key-Owner: %b\r\nX-Gateway-Key-Scopes: %b\r\nX-Request-Id: %b\r\n" % (
+        key_id,
+        owner,
+        scopes,
+        request_id.encode(),
+    )
+
+
+@dataclass
+class Verifier(Gate):
+    """Answers another proxy's question about a request on the `mode: verify` routes."""
+
+    path_prefix: str = ""  # verify.path_prefix: Envoy's ext_authz path_prefix, taken off a request line
+
+    def _deny(self, exchange: Exchange, denial: Denial) -> None:
+        """The proxy's refusal, and its body again in `X-Gateway-Error-Body`: nginx's auth_request
+        cannot pass a subrequest's body on, so its configuration answers with this header's value
+        (docs/verify-proxies.md). The body is ASCII JSON on one line, a few hundred bytes."""
+        request = exchange.request
+        assert request is not None
+        status, reason, head, body = errors.wire(denial, exchange.request_id)
+        head += b"X-Gateway-Error-Body: " + body + b"\r\nDate: " + http_date(time.time()) + b"\r\n"
+        request.reply(status, reason, head, body)
+        self._record(exchange, denial.code, status)
+
+    async def _handle(self, request: Request, exchange: Exchange) -> None:
+        if request.body_exists:
+            request.close_after()  # its body is not read: the connection cannot carry another question
+        asked = original(
+            request.method, request.raw_path, request.headers, trusted=request.trusted, path_prefix=self.path_prefix
+        )
+        if isinstance(asked, Denial):
+            self._deny(exchange, asked)
+            return
+        admitted = self._admit(exchange, asked.method, asked.target)
+        if admitted is None:
+            return
+        route, _target, key_hash = admitted
+        record: KeyRecord | None = None
+        if key_hash is not None:
+            record = await self._decide(exchange, route, key_hash)
+            if record is None:
+                return
+        head = identity_head(record, exchange.request_id) + b"Date: " + http_date(time.time()) + b"\r\n"
+        request.reply(200, "OK", head, b"")
+        self._record(exchange, "verified", 200)
