@@ -450,3 +450,46 @@ def test_an_external_redis_without_persistence_is_warned_about_at_startup_and_in
         assert warned == (expected == "off")
     finally:
         server.stop()
+
+
+def test_gateway_serve_runs_the_verify_listener_reloads_its_routes_and_drains_it_on_sigterm(
+    tmp_path: Path, admin_tokens: AdminTokens
+) -> None:
+    """The process, not a test assembly: `verify:` starts the third listener, SIGHUP swaps its
+    routes, a disable reaches it, SIGTERM stops it with the others and the process exits 0."""
+    verify_port = free_port()
+    with upstream_process() as upstream_url:
+        config, client = write_config(tmp_path, upstream_url, admin_tokens, {"data_dir": str(tmp_path / "data")})
+        raw = yaml.safe_load(config.read_text())
+        raw["verify"] = {"listen": {"host": "127.0.0.1", "port": verify_port}}
+        raw["trusted_proxies"] = ["127.0.0.1/32"]
+        raw["routes"].append({"name": "v-orders", "path_prefix": "/orders", "mode": "verify"})
+        config.write_text(yaml.safe_dump(raw))
+        verify_url = f"http://127.0.0.1:{verify_port}/verify"
+        log = tmp_path / "gateway.log"
+
+        def ask(uri: str, key: str) -> tuple[int, dict[str, str]]:
+            headers = {"X-Forwarded-Method": "GET", "X-Forwarded-Uri": uri, "Authorization": f"Bearer {key}"}
+            status, got, _ = request("GET", verify_url, headers=headers)
+            return status, got
+
+        with gateway_process(config, log, base_env()) as gw:
+            wait_ready(gw, client.admin_url, log)
+            status, created = client.admin("POST", "/v1/keys", body={"name": "verify", "owner": "acme"})
+            assert status == 201, created
+            status, headers = ask("/orders/1", created["key"])
+            assert (status, headers["X-Gateway-Key-Id"], headers["X-Gateway-Key-Owner"]) == (200, created["id"], "acme")
+            assert ask("/invoices/1", created["key"])[0] == 404  # no such verify route yet
+
+            raw["routes"].append({"name": "v-invoices", "path_prefix": "/invoices", "mode": "verify"})
+            config.write_text(yaml.safe_dump(raw))
+            gw.send_signal(signal.SIGHUP)
+            wait_for(lambda: ask("/invoices/1", created["key"])[0] == 200, 5, "the reloaded verify route")
+
+            status, _ = client.admin("POST", f"/v1/keys/{created['id']}/disable", body={"reason": "test"})
+            assert status == 200
+            assert ask("/orders/1", created["key"])[0] == 403
+            assert terminate(gw) == 0, log.read_text()
+        with pytest.raises(OSError):
+            request("GET", verify_url, timeout=1)
+        assert f"verify listener: 127.0.0.1:{verify_port}" in log.read_text()
