@@ -173,7 +173,7 @@ async def test_the_path_is_normalised_as_the_proxy_does_before_the_route_is_chos
 
 
 async def test_from_an_untrusted_peer_the_headers_are_ignored_and_the_request_line_is_the_question(
-    gateway_factory: Callable[..., Any], upstream: Any
+    gateway_factory: Callable[..., Any], upstream: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     gw = await verify_gateway(gateway_factory, str(upstream.make_url("")).rstrip("/"), trusted_proxies=[])
     created = await gw.create_key(name="public-only")
@@ -186,6 +186,9 @@ async def test_from_an_untrusted_peer_the_headers_are_ignored_and_the_request_li
     # And a question through /verify with the headers is about /verify: no such route.
     status, headers, body = await ask(gw, "GET", "/api/x", key=created["key"])
     assert (status, error_of(status, headers, body)) == (404, "route_not_found")
+    # The operator hears of it, once a minute at most, without the request's values.
+    warnings = [r for r in caplog.records if r.name == "gateway.verify"]
+    assert len(warnings) == 1 and "add the asking proxy's address to trusted_proxies" in warnings[0].getMessage()
 
 
 async def test_two_header_pairs_that_name_different_requests_are_refused(vgw: Gateway) -> None:

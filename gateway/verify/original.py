@@ -33,6 +33,7 @@ from gateway.errors import Denial
 # (target header, method header): Traefik's, Caddy's and nginx's; then the nginx recipe's.
 _NAMED: Final = (("X-Forwarded-Uri", "X-Forwarded-Method"), ("X-Original-URI", "X-Original-Method"))
 _MAX_METHOD: Final = 32
+NAMING_HEADERS: Final = tuple(name for pair in _NAMED for name in pair)
 
 
 @dataclass(frozen=True, slots=True)

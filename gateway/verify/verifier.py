@@ -10,8 +10,9 @@ never read (the connection closes after the answer when one was sent).
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway import errors
 from gateway.errors import Denial
@@ -19,7 +20,10 @@ from gateway.h1.headers import http_date
 from gateway.h1.server import Request
 from gateway.keytable.record import KeyRecord
 from gateway.proxy import Exchange, Gate
-from gateway.verify.original import original
+from gateway.verify.original import NAMING_HEADERS, original
+
+log = logging.getLogger("gateway.verify")
+_WARN_EVERY = 60.0  # seconds between two warnings about a misplaced trust
 
 
 def identity_head(record: KeyRecord | None, request_id: str) -> bytes:
@@ -46,6 +50,7 @@ class Verifier(Gate):
     """Answers another proxy's question about a request on the `mode: verify` routes."""
 
     path_prefix: str = ""  # verify.path_prefix: Envoy's ext_authz path_prefix, taken off a request line
+    _warned: float = field(default=float("-inf"), init=False)
 
     def _deny(self, exchange: Exchange, denial: Denial) -> None:
         """The proxy's refusal, and its body again in `X-Gateway-Error-Body`: nginx's auth_request
@@ -61,6 +66,8 @@ class Verifier(Gate):
     async def _handle(self, request: Request, exchange: Exchange) -> None:
         if request.body_exists:
             request.close_after()  # its body is not read: the connection cannot carry another question
+        if not request.trusted and any(name in request.headers for name in NAMING_HEADERS):
+            self._untrusted_naming()
         asked = original(
             request.method, request.raw_path, request.headers, trusted=request.trusted, path_prefix=self.path_prefix
         )
@@ -79,3 +86,15 @@ class Verifier(Gate):
         head = identity_head(record, exchange.request_id) + b"Date: " + http_date(time.time()) + b"\r\n"
         request.reply(200, "OK", head, b"")
         self._record(exchange, "verified", 200)
+
+    def _untrusted_naming(self) -> None:
+        """A question that names another request from a peer outside trusted_proxies: ignored (its
+        request line is the question, most likely 404), and said once a minute, since it is most
+        often a proxy the operator forgot to list rather than an attack."""
+        now = time.monotonic()
+        if now - self._warned >= _WARN_EVERY:
+            self._warned = now
+            log.warning(
+                "verify: X-Forwarded-Uri / X-Original-URI from a peer outside trusted_proxies ignored; "
+                "add the asking proxy's address to trusted_proxies"
+            )
