@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Final
+from urllib.parse import unquote
 
 from multidict import CIMultiDictProxy
 
@@ -70,3 +71,20 @@ def original(
         if not raw_target.startswith("/"):
             raw_target = "/" + raw_target
     return Original(method, raw_target)
+
+
+def already_normal(target: str) -> bool:
+    """Whether `target`'s path has no `.`, `..` or empty segment once decoded (a trailing `/`
+    aside). The proxy listener forwards the path it normalised, so what it checks is what goes
+    upstream; in verify mode the asking proxy forwards the client's target as sent, and an upstream
+    may read `/admin/../api` or `/admin//../api` otherwise than the gateway would (aiohttp's router
+    does not resolve dot segments at all), so such a target is refused rather than decided on."""
+    path = target.partition("?")[0].partition("#")[0]
+    try:
+        decoded = unquote(path, errors="strict")
+    except UnicodeDecodeError:
+        return True  # not UTF-8: normalising refuses it with its own reason
+    segments = decoded.split("/")[1:]
+    if segments and segments[-1] == "":
+        segments.pop()  # a trailing slash
+    return not any(segment in ("", ".", "..") for segment in segments)

@@ -20,10 +20,11 @@ from gateway.h1.headers import http_date
 from gateway.h1.server import Request
 from gateway.keytable.record import KeyRecord
 from gateway.proxy import Exchange, Gate
-from gateway.verify.original import NAMING_HEADERS, original
+from gateway.verify.original import NAMING_HEADERS, already_normal, original
 
 log = logging.getLogger("gateway.verify")
 _WARN_EVERY = 60.0  # seconds between two warnings about a misplaced trust
+_NOT_NORMAL = "The path must arrive normalised (no '.', '..' or empty segments): the proxy forwards it as sent"
 
 
 def identity_head(record: KeyRecord | None, request_id: str) -> bytes:
@@ -73,6 +74,10 @@ class Verifier(Gate):
         )
         if isinstance(asked, Denial):
             self._deny(exchange, asked)
+            return
+        if not already_normal(asked.target):
+            exchange.method = asked.method
+            self._deny(exchange, Denial("invalid_request", _NOT_NORMAL))
             return
         admitted = self._admit(exchange, asked.method, asked.target)
         if admitted is None:
