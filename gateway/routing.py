@@ -53,7 +53,7 @@ def normalise(raw_path: str) -> str:
     """Decode percent-escapes once and resolve '.', '..' and duplicate slashes.
 
     Raises UnsafePath for an encoded '/' or '\\', NUL, a bad escape, non-UTF-8
-    bytes, a '..' above the root, or a path that is not origin-form.
+    bytes, a '..' above the root, a '..;' or '.;' segment, or a path that is not origin-form.
     """
     if not raw_path.startswith("/"):
         raise UnsafePath("the path must start with '/'")
@@ -70,6 +70,10 @@ def normalise(raw_path: str) -> str:
     out: list[str] = []
     segments = decoded.split("/")[1:]
     for segment in segments:
+        if ";" in segment and segment.partition(";")[0] in (".", ".."):
+            # `..;x`: Tomcat, Jetty and Spring drop the parameter and then resolve the dot, an
+            # upstream would climb where this path does not.
+            raise UnsafePath("the path has a '.' or '..' segment with parameters")
         if segment in ("", "."):
             continue
         if segment == "..":

@@ -156,6 +156,11 @@ UNSAFE = [
     "/a%C3",
     "/a%C3%28",
     "/%80",
+    # a dot segment with path parameters: Tomcat, Jetty and Spring drop `;x` and then resolve the dot
+    "/public/..;/admin",
+    "/public/..;x=1/admin",
+    "/public/%2e%2e;/admin",
+    "/public/.;/x",
     # not origin-form
     "",
     "a/b",

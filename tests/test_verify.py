@@ -88,7 +88,7 @@ def error_of(status: int, headers: Mapping[str, str], body: bytes) -> str:
 # --- passing -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("style", ["forwarded", "original", "line"])
+@pytest.mark.parametrize("style", ["forwarded", "original"])
 async def test_a_valid_key_is_200_with_its_identity_and_nothing_is_forwarded(vgw: Gateway, style: str) -> None:
     created = await vgw.create_key(name="verify", owner="acme-corp", scopes=["admin", "billing:read"])
     status, headers, body = await ask(vgw, "POST", "/admin/users?page=2", key=created["key"], style=style)
@@ -178,23 +178,24 @@ async def test_a_path_that_is_not_already_normalised_is_refused_whatever_route_i
 # --- whose headers are believed ---------------------------------------------------------------------
 
 
-async def test_from_an_untrusted_peer_the_headers_are_ignored_and_the_request_line_is_the_question(
+async def test_a_question_from_an_untrusted_peer_or_naming_no_request_is_refused_and_the_operator_told(
     gateway_factory: Callable[..., Any], upstream: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Never a question about the verify request's own line (a catch-all route would pass it
+    whatever the proxy is about to forward): 400, and a warning once a minute that names the fix."""
     gw = await verify_gateway(gateway_factory, str(upstream.make_url("")).rstrip("/"), trusted_proxies=[])
     created = await gw.create_key(name="public-only")
-    # It claims to ask about a public path while its own request line is /admin/x.
-    status, headers, body = await ask(
-        gw, "GET", "/admin/x", key=created["key"], style="line", headers={"X-Forwarded-Uri": "/public/x",
-                                                                           "X-Forwarded-Method": "GET"}
-    )  # fmt: skip
-    assert (status, error_of(status, headers, body)) == (403, "insufficient_permissions")
-    # And a question through /verify with the headers is about /verify: no such route.
-    status, headers, body = await ask(gw, "GET", "/api/x", key=created["key"])
-    assert (status, error_of(status, headers, body)) == (404, "route_not_found")
-    # The operator hears of it, once a minute at most, without the request's values.
+    for style in ("forwarded", "line"):
+        status, headers, body = await ask(gw, "GET", "/public/x", key=created["key"], style=style)
+        assert (status, error_of(status, headers, body)) == (400, "invalid_request"), style
+        assert "trusted_proxies" in orjson.loads(body)["error"]["detail"]
     warnings = [r for r in caplog.records if r.name == "gateway.verify"]
     assert len(warnings) == 1 and "add the asking proxy's address to trusted_proxies" in warnings[0].getMessage()
+    # From a trusted peer, a question that names no request is refused too.
+    vgw = await verify_gateway(gateway_factory, str(upstream.make_url("")).rstrip("/"))
+    status, headers, body = await ask(vgw, "GET", "/public/x", style="line")
+    assert (status, error_of(status, headers, body)) == (400, "invalid_request")
+    assert "must name its request" in orjson.loads(body)["error"]["detail"]
 
 
 async def test_two_header_pairs_that_name_different_requests_are_refused(vgw: Gateway) -> None:
@@ -252,10 +253,14 @@ def h(**fields: str) -> Any:
     return CIMultiDictProxy(CIMultiDict((k.replace("_", "-"), v) for k, v in fields.items()))
 
 
-def test_original_reads_the_pairs_only_from_a_trusted_peer() -> None:
+def test_original_reads_the_pairs_only_from_a_trusted_peer_and_the_line_only_behind_a_path_prefix() -> None:
     both = h(X_Forwarded_Method="POST", X_Forwarded_Uri="/a?b=1")
     assert original("GET", "/verify", both, trusted=True) == Original("POST", "/a?b=1")
-    assert original("GET", "/verify", both, trusted=False) == Original("GET", "/verify")
+    untrusted = original("GET", "/verify", both, trusted=False)
+    assert isinstance(untrusted, Denial) and untrusted.code == "invalid_request"
+    # Envoy: the line is the question, behind the prefix ("/": the line as it is); headers are not read.
+    assert original("PUT", "/x/a", both, trusted=True, path_prefix="/x") == Original("PUT", "/a")
+    assert original("PUT", "/a?q", both, trusted=False, path_prefix="/") == Original("PUT", "/a?q")
     assert original("GET", "/verify", h(X_Original_Method="PUT", X_Original_URI="/c"), trusted=True) == Original(
         "PUT", "/c"
     )
@@ -268,6 +273,8 @@ def test_original_reads_the_pairs_only_from_a_trusted_peer() -> None:
         {"X_Forwarded_Method": "GET"},
         {"X_Forwarded_Method": "G E T", "X_Forwarded_Uri": "/a"},
         {"X_Forwarded_Method": "", "X_Forwarded_Uri": "/a"},
+        {"X_Forwarded_Method": "get", "X_Forwarded_Uri": "/a"},  # methods are upper-case
+        {},  # names no request
         {"X_Forwarded_Method": "GET", "X_Forwarded_Uri": "/a", "X_Original_Method": "GET", "X_Original_URI": "/b"},
         {"X_Forwarded_Method": "GET", "X_Forwarded_Uri": "/a", "X_Original_Method": "POST", "X_Original_URI": "/a"},
     ],

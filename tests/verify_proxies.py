@@ -94,6 +94,9 @@ server {
         proxy_set_header Host                 $http_host;
         proxy_http_version 1.1;
         proxy_set_header Connection "";
+        # The request goes upstream as it arrives, not once its whole body is buffered: a key
+        # disabled while a slow upload comes in must not be forwarded after the disable answered.
+        proxy_request_buffering off;
         # No URI part: the upstream gets the request target exactly as the client sent it,
         # the same bytes the verifier saw in X-Forwarded-Uri.
         proxy_pass http://api;
@@ -179,6 +182,8 @@ CADDY_ROUTE = """\
 		# Drop every identity header the client sent before anything reads the request.
 		request_header -X-Gateway-*
 		request_header -X_Gateway_*
+		request_header -X-Gateway_*
+		request_header -X_Gateway-*
 		forward_auth __VERIFY__ {
 			uri __VERIFY_PATH__
 			copy_headers X-Gateway-Key-Id X-Gateway-Key-Owner X-Gateway-Key-Scopes X-Request-Id

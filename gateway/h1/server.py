@@ -715,6 +715,8 @@ class _ServerConnection(BaseProtocol):
             log.info("request refused: %s", type(exc).__name__)
         request_id = errors.new_request_id()
         status, reason, head, body = errors.wire(errors.Denial(code), request_id)
+        if self._server.body_header is not None:
+            head += self._server.body_header + b": " + body + b"\r\n"
         self.send(b"HTTP/1.1 %d %s\r\n%bDate: %b\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b"
                   % (status, reason.encode(), head, http_date(time.time()), len(body), body))  # fmt: skip
         self._server.on_refused(request_id, self.remote, code)
@@ -730,8 +732,12 @@ class Server:
         *,
         limits: LimitsConfig | None = None,
         trusted_proxies: Iterable[Network] = (),
+        body_header: bytes | None = None,
     ) -> None:
         self.handler = handler
+        # A header that repeats the body of the listener's own refusals (the verify listener's
+        # X-Gateway-Error-Body: nginx's auth_request passes on headers, never a body).
+        self.body_header = body_header
         self.on_refused = on_refused
         self.limits = limits or LimitsConfig()
         self.trusted_proxies: tuple[Network, ...] = tuple(trusted_proxies)

@@ -35,7 +35,7 @@ from gateway.keytable.store import KeyStore
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.routing import RouteTable
-from gateway.verify.verifier import Verifier
+from gateway.verify.verifier import ERROR_BODY_HEADER, Verifier
 
 
 @dataclass
@@ -151,9 +151,8 @@ def build(config: Config, redis: Redis, listen_redis: Redis, *, replica_id: str 
     if config.verify is not None:
         verifier = Verifier(RouteTable(config.routes_for("verify")), lookup, config.keys, metrics,
                             path_prefix=config.verify.path_prefix)  # fmt: skip
-        verify_server = Server(
-            verifier.handle, verifier.refused, limits=config.limits, trusted_proxies=config.trusted_proxies
-        )
+        verify_server = Server(verifier.handle, verifier.refused, limits=config.limits,
+                               trusted_proxies=config.trusted_proxies, body_header=ERROR_BODY_HEADER)  # fmt: skip
     gates = [gate for gate in (proxy, verifier) if gate is not None]
     metrics.inflight.set_function(lambda: sum(gate.inflight for gate in gates))
     return Replica(

@@ -20,11 +20,11 @@ from gateway.h1.headers import http_date
 from gateway.h1.server import Request
 from gateway.keytable.record import KeyRecord
 from gateway.proxy import Exchange, Gate
-from gateway.verify.original import NAMING_HEADERS, already_normal, original
+from gateway.verify.original import as_sent_problem, original
 
 log = logging.getLogger("gateway.verify")
 _WARN_EVERY = 60.0  # seconds between two warnings about a misplaced trust
-_NOT_NORMAL = "The path must arrive normalised (no '.', '..' or empty segments): the proxy forwards it as sent"
+ERROR_BODY_HEADER = b"X-Gateway-Error-Body"  # a refusal's body again, for nginx (the listener's refusals too)
 
 
 def identity_head(record: KeyRecord | None, request_id: str) -> bytes:
@@ -60,24 +60,25 @@ class Verifier(Gate):
         request = exchange.request
         assert request is not None
         status, reason, head, body = errors.wire(denial, exchange.request_id)
-        head += b"X-Gateway-Error-Body: " + body + b"\r\nDate: " + http_date(time.time()) + b"\r\n"
+        head += ERROR_BODY_HEADER + b": " + body + b"\r\nDate: " + http_date(time.time()) + b"\r\n"
         request.reply(status, reason, head, body)
         self._record(exchange, denial.code, status)
 
     async def _handle(self, request: Request, exchange: Exchange) -> None:
         if request.body_exists:
             request.close_after()  # its body is not read: the connection cannot carry another question
-        if not request.trusted and any(name in request.headers for name in NAMING_HEADERS):
-            self._untrusted_naming()
+        if not request.trusted and not self.path_prefix:
+            self._untrusted()
         asked = original(
             request.method, request.raw_path, request.headers, trusted=request.trusted, path_prefix=self.path_prefix
         )
         if isinstance(asked, Denial):
             self._deny(exchange, asked)
             return
-        if not already_normal(asked.target):
+        problem = as_sent_problem(asked.target)
+        if problem is not None:
             exchange.method = asked.method
-            self._deny(exchange, Denial("invalid_request", _NOT_NORMAL))
+            self._deny(exchange, Denial("invalid_request", problem))
             return
         admitted = self._admit(exchange, asked.method, asked.target)
         if admitted is None:
@@ -92,14 +93,13 @@ class Verifier(Gate):
         request.reply(200, "OK", head, b"")
         self._record(exchange, "verified", 200)
 
-    def _untrusted_naming(self) -> None:
-        """A question that names another request from a peer outside trusted_proxies: ignored (its
-        request line is the question, most likely 404), and said once a minute, since it is most
-        often a proxy the operator forgot to list rather than an attack."""
+    def _untrusted(self) -> None:
+        """A question from a peer outside trusted_proxies: refused 400, and said once a minute,
+        since it is most often a proxy the operator forgot to list rather than an attack."""
         now = time.monotonic()
         if now - self._warned >= _WARN_EVERY:
             self._warned = now
             log.warning(
-                "verify: X-Forwarded-Uri / X-Original-URI from a peer outside trusted_proxies ignored; "
+                "verify: a question from a peer outside trusted_proxies refused; "
                 "add the asking proxy's address to trusted_proxies"
             )
