@@ -354,3 +354,18 @@ def test_a_proxy_route_and_a_verify_route_may_share_a_prefix_but_not_a_name() ->
     assert problems({"verify": {}, "routes": [both[1], {**both[1], "name": "c"}]}) == [
         "<test>: routes[1].path_prefix: '/api': duplicate path_prefix: another verify route already claims it"
     ]
+
+
+async def test_asked_for_the_body_in_the_header_only_a_refusal_keeps_the_connection(vgw: Gateway) -> None:
+    """nginx keeps its connection to the verifier only after an answer without a body: with
+    `X-Gateway-Refusal-Body: header` the JSON is in X-Gateway-Error-Body alone, on one connection."""
+    connector_session = vgw.session
+    for _ in range(3):
+        headers = {"X-Forwarded-Method": "GET", "X-Forwarded-Uri": "/api/x", "X-Gateway-Refusal-Body": "header"}
+        async with connector_session.get(vgw.verify_url + "/verify", headers=headers) as r:
+            assert r.status == 401
+            assert await r.read() == b""
+            assert orjson.loads(r.headers["X-Gateway-Error-Body"])["error"]["code"] == "missing_key"
+            assert r.headers.get("Connection", "").lower() != "close"
+    server = vgw.replica.verify_server
+    assert server is not None and len(server.connections) == 1, "the refusals shared one keep-alive connection"

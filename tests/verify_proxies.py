@@ -109,6 +109,9 @@ server {
         proxy_pass_request_body off;
         proxy_set_header Content-Length "";
         proxy_set_header Transfer-Encoding "";
+        # A refusal's body in X-Gateway-Error-Body only: nginx keeps its connection to the verifier
+        # only after an answer without a body.
+        proxy_set_header X-Gateway-Refusal-Body header;
         # The original request; set here, so a client's headers of these names never reach the verifier.
         proxy_set_header X-Forwarded-Method $request_method;
         proxy_set_header X-Forwarded-Uri    $request_uri;

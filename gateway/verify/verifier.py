@@ -25,6 +25,10 @@ from gateway.verify.original import as_sent_problem, original
 log = logging.getLogger("gateway.verify")
 _WARN_EVERY = 60.0  # seconds between two warnings about a misplaced trust
 ERROR_BODY_HEADER = b"X-Gateway-Error-Body"  # a refusal's body again, for nginx (the listener's refusals too)
+# Sent by the shipped nginx configuration: "header" asks for a refusal's body in ERROR_BODY_HEADER only.
+# nginx keeps its connection to the verifier only after an answer without a body, so without it each
+# refusal (a flood of bad keys) costs the gateway a new connection: about 4x the CPU of a pass.
+REFUSAL_BODY_REQUEST = "X-Gateway-Refusal-Body"
 
 
 def identity_head(record: KeyRecord | None, request_id: str) -> bytes:
@@ -56,11 +60,14 @@ class Verifier(Gate):
     def _deny(self, exchange: Exchange, denial: Denial) -> None:
         """The proxy's refusal, and its body again in `X-Gateway-Error-Body`: nginx's auth_request
         cannot pass a subrequest's body on, so its configuration answers with this header's value
-        (docs/verify-proxies.md). The body is ASCII JSON on one line, a few hundred bytes."""
+        (docs/verify-proxies.md), and asks for no body at all (`X-Gateway-Refusal-Body: header`)
+        so that it keeps its connection. The body is ASCII JSON on one line, a few hundred bytes."""
         request = exchange.request
         assert request is not None
         status, reason, head, body = errors.wire(denial, exchange.request_id)
         head += ERROR_BODY_HEADER + b": " + body + b"\r\nDate: " + http_date(time.time()) + b"\r\n"
+        if request.headers.get(REFUSAL_BODY_REQUEST) == "header":
+            body = b""
         request.reply(status, reason, head, body)
         self._record(exchange, denial.code, status)
 
