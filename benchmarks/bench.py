@@ -288,6 +288,20 @@ def http(method: str, url: str, headers: dict[str, str] | None = None, body: byt
         return int(exc.code), exc.read()
 
 
+def create_key(admin_url: str, token: str, name: str) -> str:
+    """A new key through the admin API (its plaintext)."""
+    status, body = http(
+        "POST",
+        admin_url + "/v1/keys",
+        {"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        json.dumps({"name": name}).encode(),
+    )
+    if status not in (200, 201):
+        raise BenchError(f"creating a key: {status} {body[:300]!r}")
+    key: str = json.loads(body)["key"]
+    return key
+
+
 def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, seconds: float = 30) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -543,15 +557,7 @@ class Bench:
         admin = f"http://127.0.0.1:{admin_port}"
         wait_http(admin + "/readyz", gateway.proc, gateway.log)
         self.loop = "uvloop" if maps_uvloop(gateway.proc.pid) else "asyncio"
-        status, body = http(
-            "POST",
-            admin + "/v1/keys",
-            {"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-            json.dumps({"name": "bench"}).encode(),
-        )
-        if status not in (200, 201):
-            raise BenchError(f"creating a key: {status} {body[:300]!r}")
-        self.key = json.loads(body)["key"]
+        self.key = create_key(admin, token, "bench")
 
     def admin_token(self) -> tuple[str, dict[str, Any]]:
         """A new admin token and its config entry, from the gateway's own `hash-token --generate`."""

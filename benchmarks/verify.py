@@ -95,10 +95,10 @@ from bench import (  # noqa: E402
     SMALL_PATH,
     Answer,
     BenchError,
+    create_key,
     fetch,
     fmt_spread,
     free_port,
-    http,
     maps_uvloop,
     relative,
     snapshot,
@@ -250,15 +250,7 @@ class VerifyBench(bench.Bench):
         admin = f"http://127.0.0.1:{admin_port}"
         wait_http(admin + "/readyz", gateway.proc, gateway.log)
         self.loop = "uvloop" if maps_uvloop(gateway.proc.pid) else "asyncio"
-        status, body = http(
-            "POST",
-            admin + "/v1/keys",
-            {"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-            json.dumps({"name": "bench-verify"}).encode(),
-        )
-        if status not in (200, 201):
-            raise BenchError(f"creating a key: {status} {body[:300]!r}")
-        self.key = json.loads(body)["key"]
+        self.key = create_key(admin, token, "bench-verify")
         for _ in range(3):  # the first question looks the key up in Redis: warm the cache
             answer = fetch(self.ports["verify"], VERIFY_PATH, self.request_headers("valid", through_nginx=False))
         if answer.status != 200:
