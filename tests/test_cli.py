@@ -752,3 +752,40 @@ def test_a_prefix_on_an_imported_key_is_rejected_as_the_api_does() -> None:
     rejected = keyfile.check(3, {"key": plaintext(), "prefix": "tstimp_"}, time.time())
     detail = "prefix: applies to generated keys only, not to an import"
     assert rejected == keyfile.Rejection(3, "invalid_request", detail)
+
+
+async def test_an_import_against_a_gateway_without_the_bulk_endpoint_posts_each_record(
+    gw: Gateway, token: AdminTokens, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An older gateway answers 404 to POST /v1/keys/import: the CLI sends one POST /v1/keys per
+    record instead, with the same counts. The older gateway is this one behind a relay that has
+    no such route (everything else is passed through as it is)."""
+    seen: list[str] = []
+
+    async def relay(request: web.Request) -> web.Response:
+        seen.append(f"{request.method} {request.path}")
+        if request.path == "/v1/keys/import":
+            return web.json_response({"error": {"code": "not_found"}}, status=404)
+        async with gw.session.request(
+            request.method, gw.admin_url + request.path_qs, data=await request.read(),
+            headers={k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")},
+        ) as r:  # fmt: skip
+            return web.Response(status=r.status, body=await r.read(), content_type=r.content_type)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", relay)
+    older = TestServer(app, host="127.0.0.1")
+    await older.start_server()
+    try:
+        existing = plaintext()
+        await gw.create_key(key=existing)
+        f = write_import_file(tmp_path / "keys.jsonl", 20, 20, [existing])
+        monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", token.developer)
+        run = await cli(capsys, "keys", "import", str(f.path), "--json", "--admin-url", str(older.make_url("")))
+    finally:
+        await older.close()
+    summary = orjson.loads(run.out)
+    assert (summary["complete"], summary["imported"], summary["skipped_existing"]) == (True, 40, 1), summary
+    assert seen.count("POST /v1/keys/import") == 1 and seen.count("POST /v1/keys") == 41
+    for key in f.plaintexts[:3]:
+        assert (await proxy_status(gw, key, "/billing/x"))[0] == 200

@@ -43,6 +43,18 @@ def json_response(data: Any, request_id: str, status: int = 200) -> web.Response
     )
 
 
+IMPORT_BATCH = 500  # records a bulk import writes in one transaction, under one announcement
+IMPORT_MAX_LINES = 100_000  # lines one bulk import request may carry
+IMPORT_MAX_LINE = 16 * 1024  # bytes one line may take
+
+
+def _ndjson_response(request_id: str) -> web.StreamResponse:
+    return web.StreamResponse(
+        status=200,
+        headers={"Content-Type": "application/x-ndjson", "X-Request-Id": request_id, "Cache-Control": "no-store"},
+    )
+
+
 def requires(role: str) -> Callable[[Action], Callable[[AdminApi, web.Request], Awaitable[web.StreamResponse]]]:
     """Authenticate the caller and check their role before the action runs."""
 
@@ -145,10 +157,9 @@ class AdminApi:
 
     # endpoints --------------------------------------------------------------
 
-    @requires("developer")
-    async def create(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
-        now = time.time()
-        spec = bodies.create(await self._body(request, empty_ok=True), now)
+    @staticmethod
+    def _new_record(spec: bodies.CreateKey, now: float) -> tuple[KeyRecord, str | None]:
+        """The record a create or an import makes, and the plaintext of a generated key."""
         plaintext: str | None = None
         if spec.key is not None:
             key_hash, start = keys.digest(spec.key), keys.start_of(spec.key)
@@ -170,6 +181,13 @@ class AdminApi:
             expires_at=spec.expires_at,
             imported=spec.is_import,
         )
+        return record, plaintext
+
+    @requires("developer")
+    async def create(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
+        now = time.time()
+        spec = bodies.create(await self._body(request, empty_ok=True), now)
+        record, plaintext = self._new_record(spec, now)
         action = "import" if spec.is_import else "create"
         audit = self._audit(request, principal, action, record.id, request_id)
         async with self.propagator.announce() as announcement:
@@ -182,6 +200,87 @@ class AdminApi:
         if plaintext is not None:
             body["key"] = plaintext
         return json_response(body, request_id, status=201)
+
+    @requires("developer")
+    async def import_keys(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
+        """Bulk import (spec 13): NDJSON in, a line per record, each the body `POST /v1/keys`
+        takes for an import (`key` or `key_sha256`, with name, owner, scopes, meta, expires_at);
+        NDJSON out, one result per non-blank line, in order: `{"line", "result": "imported", "id"}`,
+        `{"line", "result": "exists"}` or `{"line", "result": "rejected", "code", "detail"}`.
+        Records are written IMPORT_BATCH at a time, each batch one transaction and one confirmed
+        announcement; the results of a batch are sent once it is in force everywhere. At most
+        IMPORT_MAX_LINES lines a request and IMPORT_MAX_LINE bytes a line: past either, a last
+        line `{"error": {...}}` ends the answer (the lines before it stand)."""
+        response: web.StreamResponse | None = None
+        line_no = 0
+        pending: list[tuple[int, bytes]] = []
+        stop: Denial | None = None
+        while stop is None:
+            try:
+                raw = await request.content.readline()
+            except ValueError:  # longer than the reader's limit
+                raw, stop = b"", Denial("invalid_request", f"line {line_no + 1}: longer than {IMPORT_MAX_LINE} bytes")
+            if raw:
+                line_no += 1
+                if len(raw) > IMPORT_MAX_LINE:
+                    stop = Denial("invalid_request", f"line {line_no}: longer than {IMPORT_MAX_LINE} bytes")
+                elif line_no > IMPORT_MAX_LINES:
+                    stop = Denial("invalid_request", f"at most {IMPORT_MAX_LINES} lines a request")
+                elif raw.strip():
+                    pending.append((line_no, raw))
+            if pending and (len(pending) >= IMPORT_BATCH or not raw or stop is not None):
+                results = await self._import_batch(request, principal, request_id, pending)
+                pending = []
+                if response is None:
+                    response = _ndjson_response(request_id)
+                    await response.prepare(request)
+                await response.write(b"".join(orjson.dumps(r) + b"\n" for r in results))
+            if not raw:
+                break
+        if response is None:
+            if stop is not None:
+                return errors.render(stop, request_id)
+            response = _ndjson_response(request_id)
+            await response.prepare(request)
+        if stop is not None:
+            error = orjson.loads(errors.rendered(stop, request_id)[2])
+            await response.write(orjson.dumps(error) + b"\n")
+        await response.write_eof()
+        return response
+
+    async def _import_batch(
+        self, request: web.Request, principal: Principal, request_id: str, lines: list[tuple[int, bytes]]
+    ) -> list[dict[str, Any]]:
+        now = time.time()
+        results: dict[int, dict[str, Any]] = {}
+        records: list[tuple[int, KeyRecord]] = []
+        for line_no, raw in lines:
+            try:
+                spec = bodies.create(bodies.parse_json_object(raw, empty_ok=False), now)
+                if not spec.is_import:
+                    raise bodies.BadInput("key, key_sha256: each line imports a key: give one of them")
+            except bodies.BadInput as exc:
+                results[line_no] = {
+                    "line": line_no,
+                    "result": "rejected",
+                    "code": "invalid_request",
+                    "detail": str(exc),
+                }
+                continue
+            records.append((line_no, self._new_record(spec, now)[0]))
+        if records:
+            audit = [self._audit(request, principal, "import", r.id, request_id) for _, r in records]
+            async with self.propagator.announce() as announcement:
+                added = await self.store.insert_many([r for _, r in records], audit, announcement)
+                self.metrics.admin_changes.labels("import").inc(sum(added))
+                await announcement.confirmed()
+            for (line_no, record), new in zip(records, added, strict=True):
+                results[line_no] = (
+                    {"line": line_no, "result": "imported", "id": record.id}
+                    if new
+                    else {"line": line_no, "result": "exists"}
+                )
+        return [results[line_no] for line_no, _ in lines]
 
     @requires("viewer")
     async def list_keys(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
@@ -404,6 +503,7 @@ def routes(api: AdminApi) -> list[web.RouteDef]:
 
     return [
         web.post("/v1/keys", bound(AdminApi.create)),
+        web.post("/v1/keys/import", bound(AdminApi.import_keys)),
         web.get("/v1/keys", bound(AdminApi.list_keys), allow_head=False),
         web.get("/v1/keys/{key_id}", bound(AdminApi.show), allow_head=False),
         web.post("/v1/keys/{key_id}/disable", bound(AdminApi.disable)),

@@ -41,9 +41,11 @@ gateway's timeout still exits 0 (the change is committed) with a warning on
 stderr; `--json` shows `propagation.confirmed < propagation.replicas`. Ctrl-C
 exits 130; a closed stdout (`| head`) stops quietly with 1.
 
-`keys import` posts the records concurrently (`--concurrency`, 16 in flight)
-over one keep-alive connection pool. A record already in the table (409
-`key_exists`) and a record repeating a key named earlier in the file are
+`keys import` sends the records to `POST /v1/keys/import` (the bulk import,
+BULK_CHUNK records a request, `--concurrency` requests in flight); a gateway
+without that endpoint (404) gets them one `POST /v1/keys` each instead. A
+record already in the table (`exists`, or 409 `key_exists`) and a record
+repeating a key named earlier in the file are
 skipped, so an interrupted import can simply be run again. A record the API
 would refuse is rejected with its line number and the API's message, never
 the key. An error that is not about one record (auth, connection, 5xx) stops
@@ -332,12 +334,22 @@ class Admin:
         url = self.url(path)
         if query:
             url = url.with_query(query)
+        status, raw = await self._exchange(method, url, data, headers)
+        try:
+            return status, orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise CliError(
+                EXIT_UNREACHABLE,
+                f"{self.where} answered HTTP {status} that is not JSON: is it the gateway's admin API?",
+            ) from None
+
+    async def _exchange(self, method: str, url: URL, data: bytes | None, headers: dict[str, str]) -> tuple[int, bytes]:
+        """One request: its status and body, or CliError(3) when no answer comes."""
         import aiohttp  # loaded by connect() already
 
         try:
             async with self.session.request(method, url, data=data, headers=headers, allow_redirects=False) as r:
-                raw = await r.read()
-                status = r.status
+                return r.status, await r.read()
         except TimeoutError:
             raise CliError(EXIT_UNREACHABLE, f"{self.where}: no answer within {self.timeout:g} s") from None
         except aiohttp.ClientConnectorError as exc:
@@ -345,8 +357,17 @@ class Admin:
             raise CliError(EXIT_UNREACHABLE, f"cannot connect to {self.where}: {why}") from None
         except aiohttp.ClientError as exc:
             raise CliError(EXIT_UNREACHABLE, f"{self.where}: {type(exc).__name__}: {exc}") from None
+
+    async def bulk(self, path: str, bodies: Sequence[dict[str, Any]]) -> tuple[int, list[Any]]:
+        """POST `bodies` as NDJSON; the status and the NDJSON lines of the answer (a JSON error
+        body as one line; no lines for a 404 from a gateway without the endpoint)."""
+        headers = dict(self._headers, **{"Content-Type": "application/x-ndjson"})
+        data = b"".join(orjson.dumps(body) + b"\n" for body in bodies)
+        status, raw = await self._exchange("POST", self.url(path), data, headers)
+        if status == 404:  # POST /v1/keys/import names no key: a 404 means no such endpoint
+            return status, []
         try:
-            return status, orjson.loads(raw)
+            return status, [orjson.loads(line) for line in raw.splitlines() if line.strip()]
         except orjson.JSONDecodeError:
             raise CliError(
                 EXIT_UNREACHABLE,
@@ -550,8 +571,73 @@ def read_plan(path: str, fmt: str) -> keyfile.Plan:
         raise CliError(EXIT_USAGE, f"{path}: {exc}") from None
 
 
-async def _post_all(admin: Admin, entries: Sequence[keyfile.Entry], concurrency: int, progress: Progress) -> Tally:
+BULK_CHUNK = 1000  # records a bulk import request carries
+
+
+async def _import_all(admin: Admin, entries: Sequence[keyfile.Entry], concurrency: int, progress: Progress) -> Tally:
+    """Through the bulk endpoint, chunk by chunk; one POST per record where it does not exist."""
     tally = Tally()
+    chunks: Iterator[Sequence[keyfile.Entry]] = iter(
+        [entries[i : i + BULK_CHUNK] for i in range(0, len(entries), BULK_CHUNK)]
+    )
+    fallback = False
+
+    async def worker() -> None:
+        nonlocal fallback
+        for chunk in chunks:  # shared: each worker takes the next chunk
+            if tally.failure is not None or fallback:
+                return
+            try:
+                status, results = await admin.bulk("/v1/keys/import", [entry.body for entry in chunk])
+            except CliError as exc:
+                tally.failure = tally.failure or exc
+                return
+            if status == 404:
+                fallback = True  # an older gateway: the rest goes one record at a time
+                return
+            if status != 200:
+                tally.failure = tally.failure or api_error(status, results[0] if results else None, admin.where)
+                return
+            by_line = {r.get("line"): r for r in results if isinstance(r, dict) and "line" in r}
+            for n, entry in enumerate(chunk, start=1):
+                result = by_line.get(n)
+                kind = result.get("result") if result is not None else None
+                if kind == "imported":
+                    tally.imported += 1
+                elif kind == "exists":
+                    tally.skipped_existing += 1
+                elif kind == "rejected" and result is not None:
+                    tally.rejections.append(
+                        keyfile.Rejection(entry.line, str(result.get("code")), str(result.get("detail") or ""))
+                    )
+                else:  # the answer ended early: its last line says why
+                    error = next((r for r in results if isinstance(r, dict) and "error" in r), None)
+                    tally.failure = tally.failure or (
+                        api_error(400, error, admin.where)
+                        if error is not None
+                        else CliError(EXIT_UNREACHABLE, f"{admin.where} answered the import without every result")
+                    )
+                    return
+            progress.update(tally)
+
+    async with asyncio.TaskGroup() as group:
+        for _ in range(min(concurrency, -(-len(entries) // BULK_CHUNK))):
+            group.create_task(worker())
+    if fallback and tally.failure is None:
+        done = tally.imported + tally.skipped_existing + len(tally.rejections)
+        rest = await _post_all(admin, entries[done:], concurrency, progress, tally)
+        return rest
+    return tally
+
+
+async def _post_all(
+    admin: Admin,
+    entries: Sequence[keyfile.Entry],
+    concurrency: int,
+    progress: Progress,
+    tally: Tally | None = None,
+) -> Tally:
+    tally = tally or Tally()
     pending: Iterator[keyfile.Entry] = iter(entries)
 
     async def worker() -> None:
@@ -641,7 +727,7 @@ async def keys_import(args: argparse.Namespace) -> int:
         return EXIT_REFUSED if summary["rejected"] else EXIT_OK
     progress = Progress(len(plan.entries), sys.stderr, sys.stderr.isatty() and not args.no_progress)
     async with connect(args, pool=args.concurrency) as admin:
-        tally = await _post_all(admin, plan.entries, args.concurrency, progress)
+        tally = await _import_all(admin, plan.entries, args.concurrency, progress)
     progress.update(tally, final=True)
     summary = import_summary(args.file, fmt, plan, tally, time.perf_counter() - started, tally.failure is None)
     emit(args, summary, lambda: import_text(summary))

@@ -206,6 +206,27 @@ class KeyStore:
                 except WatchError:
                     continue
 
+    async def insert_many(self, records: list[KeyRecord], audit: list[AuditEntry], announcer: Announcer) -> list[bool]:
+        """Add many new records in one transaction (a bulk import's batch): for each, True when it
+        was added, False when a key with its hash existed already (or came earlier in the batch).
+        `audit` holds one entry per record, in the same order. One announcement evicts every hash
+        of the batch (a negative answer cached anywhere must go)."""
+        assert len(audit) == len(records)
+        if not records:
+            return []
+        now = time.time()
+        args: list[str | bytes] = [self.prefix]
+        for record, entry in zip(records, audit, strict=True):
+            fields = [part for pair in entry.fields(now).items() for part in pair]
+            args += [record.hash, record.id, record.to_json(), repr(record.created_at), record.owner or "",
+                     orjson.dumps(fields).decode()]  # fmt: skip
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.eval(_INSERT_MANY, 0, *args)
+            self._queue_announce(pipe, announcer, [(r.hash, r.version) for r in records])
+            replies = await pipe.execute()
+        _announced(announcer, replies)
+        return [bool(flag) for flag in replies[0]]
+
     async def update(
         self,
         key_id: str,
@@ -299,6 +320,50 @@ end
 local id = redis.call('XADD', first, '*', unpack(ARGV))
 redis.call('XADD', second, id, unpack(ARGV))
 return id
+"""
+
+
+# A bulk import's batch (insert_many), atomic: ARGV is the prefix, then six values a record (hash,
+# id, record JSON, created_at, owner or "", its audit entry's fields as a JSON list). A record whose
+# hash exists (or came earlier in the batch) writes nothing. Each audit entry goes into both streams
+# under one id, as _AUDIT_XADD does. Keys are built here from the prefix: Redis Cluster is not
+# supported (docs/deployment.md).
+_INSERT_MANY = """
+local prefix = ARGV[1]
+local function last(stream)
+  if redis.call('EXISTS', stream) == 0 then return {'0', '0'} end
+  local info = redis.call('XINFO', 'STREAM', stream)
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then return {string.match(info[i + 1], '^(%d+)-(%d+)$')} end
+  end
+  return {'0', '0'}
+end
+local function less(a, b)
+  if #a ~= #b then return #a < #b end
+  return a < b
+end
+local added = {}
+for i = 2, #ARGV, 6 do
+  local hash, id, json, created, owner = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local k = prefix .. 'k:' .. hash
+  if redis.call('EXISTS', k) == 1 then
+    added[#added + 1] = 0
+  else
+    redis.call('SET', k, json)
+    redis.call('SET', prefix .. 'id:' .. id, hash)
+    redis.call('ZADD', prefix .. 'ids', created, id)
+    if owner ~= '' then redis.call('ZADD', prefix .. 'owner:' .. owner, created, id) end
+    local fields = cjson.decode(ARGV[i + 5])
+    local all, own = prefix .. 'audit', prefix .. 'audit:' .. id
+    local a, b = last(all), last(own)
+    local first, second = all, own
+    if less(a[1], b[1]) or (a[1] == b[1] and less(a[2], b[2])) then first, second = own, all end
+    local xid = redis.call('XADD', first, '*', unpack(fields))
+    redis.call('XADD', second, xid, unpack(fields))
+    added[#added + 1] = 1
+  end
+end
+return added
 """
 
 
