@@ -299,7 +299,7 @@ class KeyStore:
 # given. Ids are compared as decimal strings (Redis writes them without leading zeros): a
 # Lua number cannot hold every 64-bit part. EVAL rather than EVALSHA: in MULTI an unknown sha
 # would fail alone at EXEC, leaving the change written without its audit entry.
-_AUDIT_XADD = """
+_XADD_BOTH = """
 local function last(stream)
   if redis.call('EXISTS', stream) == 0 then return {'0', '0'} end
   local info = redis.call('XINFO', 'STREAM', stream)
@@ -312,36 +312,27 @@ local function less(a, b)
   if #a ~= #b then return #a < #b end
   return a < b
 end
-local all, own = last(KEYS[1]), last(KEYS[2])
-local first, second = KEYS[1], KEYS[2]
-if less(all[1], own[1]) or (all[1] == own[1] and less(all[2], own[2])) then
-  first, second = KEYS[2], KEYS[1]
+local function xadd_both(all_stream, own_stream, fields)
+  local all, own = last(all_stream), last(own_stream)
+  local first, second = all_stream, own_stream
+  if less(all[1], own[1]) or (all[1] == own[1] and less(all[2], own[2])) then
+    first, second = own_stream, all_stream
+  end
+  local id = redis.call('XADD', first, '*', unpack(fields))
+  redis.call('XADD', second, id, unpack(fields))
+  return id
 end
-local id = redis.call('XADD', first, '*', unpack(ARGV))
-redis.call('XADD', second, id, unpack(ARGV))
-return id
 """
-
+_AUDIT_XADD = _XADD_BOTH + "return xadd_both(KEYS[1], KEYS[2], ARGV)\n"
 
 # A bulk import's batch (insert_many), atomic: ARGV is the prefix, then six values a record (hash,
 # id, record JSON, created_at, owner or "", its audit entry's fields as a JSON list). A record whose
-# hash exists (or came earlier in the batch) writes nothing. Each audit entry goes into both streams
-# under one id, as _AUDIT_XADD does. Keys are built here from the prefix: Redis Cluster is not
-# supported (docs/deployment.md).
-_INSERT_MANY = """
+# hash exists (or came earlier in the batch) writes nothing. Keys are built here from the prefix:
+# Redis Cluster is not supported (docs/deployment.md).
+_INSERT_MANY = (
+    _XADD_BOTH
+    + """
 local prefix = ARGV[1]
-local function last(stream)
-  if redis.call('EXISTS', stream) == 0 then return {'0', '0'} end
-  local info = redis.call('XINFO', 'STREAM', stream)
-  for i = 1, #info, 2 do
-    if info[i] == 'last-generated-id' then return {string.match(info[i + 1], '^(%d+)-(%d+)$')} end
-  end
-  return {'0', '0'}
-end
-local function less(a, b)
-  if #a ~= #b then return #a < #b end
-  return a < b
-end
 local added = {}
 for i = 2, #ARGV, 6 do
   local hash, id, json, created, owner = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
@@ -353,18 +344,13 @@ for i = 2, #ARGV, 6 do
     redis.call('SET', prefix .. 'id:' .. id, hash)
     redis.call('ZADD', prefix .. 'ids', created, id)
     if owner ~= '' then redis.call('ZADD', prefix .. 'owner:' .. owner, created, id) end
-    local fields = cjson.decode(ARGV[i + 5])
-    local all, own = prefix .. 'audit', prefix .. 'audit:' .. id
-    local a, b = last(all), last(own)
-    local first, second = all, own
-    if less(a[1], b[1]) or (a[1] == b[1] and less(a[2], b[2])) then first, second = own, all end
-    local xid = redis.call('XADD', first, '*', unpack(fields))
-    redis.call('XADD', second, xid, unpack(fields))
+    xadd_both(prefix .. 'audit', prefix .. 'audit:' .. id, cjson.decode(ARGV[i + 5]))
     added[#added + 1] = 1
   end
 end
 return added
 """
+)
 
 
 def _glob_escape(text: str) -> str:
