@@ -98,3 +98,36 @@ async def test_concurrent_bulk_imports_of_the_same_keys_import_each_exactly_once
     imported = [r for _status, results in answers for r in results if r["result"] == "imported"]
     assert len(imported) == len(keys)
     assert len({r["id"] for r in imported}) == len(keys)
+
+
+async def test_redis_failing_mid_import_ends_the_answer_with_store_unavailable_and_the_first_batch_stands(
+    gw: Gateway, monkeypatch: Any
+) -> None:
+    """The first batch's results are sent once it is in force; when the store fails on the second,
+    the answer ends with a store_unavailable line (the status is long sent), and nothing of the
+    second batch was imported. The failure is the store's exception, raised where Redis's would be."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    store = gw.replica.store
+    real = store.insert_many
+    calls = 0
+
+    async def failing_second(*args: Any, **kw: Any) -> list[bool]:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RedisConnectionError("gone")
+        return await real(*args, **kw)
+
+    monkeypatch.setattr(store, "insert_many", failing_second)
+    keys = [plaintext() for _ in range(IMPORT_BATCH + 5)]
+    status, results = await bulk(gw, [orjson.dumps({"key": k}) for k in keys])
+    assert status == 200
+    assert [r["result"] for r in results[:IMPORT_BATCH]] == ["imported"] * IMPORT_BATCH
+    assert results[-1]["error"]["code"] == "store_unavailable" and len(results) == IMPORT_BATCH + 1
+    assert await proxied(gw, keys[0]) == 200
+    assert await proxied(gw, keys[-1]) == 401
+    # Before anything was sent, the same failure is a plain 503.
+    calls = 1
+    status, (body,) = await bulk(gw, [orjson.dumps({"key": plaintext()})])
+    assert (status, body["error"]["code"]) == (503, "store_unavailable")

@@ -229,7 +229,15 @@ class AdminApi:
                 elif raw.strip():
                     pending.append((line_no, raw))
             if pending and (len(pending) >= IMPORT_BATCH or not raw or stop is not None):
-                results = await self._import_batch(request, principal, request_id, pending)
+                try:
+                    results = await self._import_batch(request, principal, request_id, pending)
+                except (RedisError, OSError, TimeoutError) as exc:
+                    if response is None:
+                        raise  # nothing sent yet: the answer is 503 store_unavailable (`requires`)
+                    self.metrics.redis_errors.labels("admin").inc()
+                    log.warning("admin import: redis failed: %s", type(exc).__name__, extra={"request_id": request_id})
+                    stop = Denial("store_unavailable", "The key table failed; the lines answered before stand")
+                    break
                 pending = []
                 if response is None:
                     response = _ndjson_response(request_id)
