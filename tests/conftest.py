@@ -43,10 +43,47 @@ from tests.upstream_app import make_upstream
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def _own_ports() -> list[int]:
+    """This process's share of the ports outside the kernel's ephemeral range, in a random order:
+    each pytest-xdist worker its own slice, so two workers never hand out the same port."""
+    low, high = _ephemeral_range()
+    ports = [p for p in range(10_000, 65_000) if not low <= p <= high]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(worker) if worker.isdigit() else 0
+    mine = ports[index::count] if count > 1 else ports
+    secrets.SystemRandom().shuffle(mine)
+    return mine
+
+
+_PORTS = _own_ports()
+_next_port = 0
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port for a server a test starts. Not one the kernel hands out (bind to port
+    0): that can be taken, before the server binds it, as the source port of any outgoing
+    connection (the suite makes thousands). Each worker takes ports from a slice of its own outside
+    the ephemeral range, never the same one twice (a server a test stopped may still be closing)."""
+    global _next_port
+    for _ in range(len(_PORTS)):
+        port = _PORTS[_next_port % len(_PORTS)]
+        _next_port += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port left in this worker's range")
 
 
 class PortTaken(RuntimeError):

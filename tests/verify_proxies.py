@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from tests.conftest import free_port  # outside the ephemeral range: see there
+
 VERIFY_PATH = "/verify"
 DEFAULT_VERIFY_TIMEOUT_S = 5  # how long either proxy waits for the verifier's answer
 START_TIMEOUT_S = 10.0
@@ -299,14 +301,6 @@ def nginx_binary() -> str | None:
 def caddy_binary() -> str | None:
     """The caddy executable, or None when it is not installed."""
     return shutil.which("caddy")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listened on a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _tail(path: Path, limit: int = 4000) -> str:
