@@ -152,8 +152,13 @@ class Gate:
         request = exchange.request
         assert request is not None  # a request the listener refused is answered there (`refused`)
         status, reason, head, body = errors.wire(denial, exchange.request_id)
-        request.reply(status, reason, head + b"Date: " + http_date(time.time()) + b"\r\n", body)
+        head, body = self._refusal(request, head + b"Date: " + http_date(time.time()) + b"\r\n", body)
+        request.reply(status, reason, head, body)
         self._record(exchange, denial.code, status)
+
+    def _refusal(self, request: Request, head: bytes, body: bytes) -> tuple[bytes, bytes]:
+        """A refusal's header lines and body as this listener sends them (the verifier adds to them)."""
+        return head, body
 
     def _record(self, exchange: Exchange, code: Outcome, status: int) -> None:
         # Metric labels are route names and codes only: never the path, a header or the key.

@@ -14,7 +14,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from gateway import errors
 from gateway.errors import Denial
 from gateway.h1.headers import http_date
 from gateway.h1.server import Request
@@ -57,19 +56,13 @@ class Verifier(Gate):
     path_prefix: str = ""  # verify.path_prefix: Envoy's ext_authz path_prefix, taken off a request line
     _warned: float = field(default=float("-inf"), init=False)
 
-    def _deny(self, exchange: Exchange, denial: Denial) -> None:
+    def _refusal(self, request: Request, head: bytes, body: bytes) -> tuple[bytes, bytes]:
         """The proxy's refusal, and its body again in `X-Gateway-Error-Body`: nginx's auth_request
         cannot pass a subrequest's body on, so its configuration answers with this header's value
         (docs/verify-proxies.md), and asks for no body at all (`X-Gateway-Refusal-Body: header`)
         so that it keeps its connection. The body is ASCII JSON on one line, a few hundred bytes."""
-        request = exchange.request
-        assert request is not None
-        status, reason, head, body = errors.wire(denial, exchange.request_id)
-        head += ERROR_BODY_HEADER + b": " + body + b"\r\nDate: " + http_date(time.time()) + b"\r\n"
-        if request.headers.get(REFUSAL_BODY_REQUEST) == "header":
-            body = b""
-        request.reply(status, reason, head, body)
-        self._record(exchange, denial.code, status)
+        head += ERROR_BODY_HEADER + b": " + body + b"\r\n"
+        return head, b"" if request.headers.get(REFUSAL_BODY_REQUEST) == "header" else body
 
     async def _handle(self, request: Request, exchange: Exchange) -> None:
         if request.body_exists:
