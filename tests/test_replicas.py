@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +34,7 @@ import yaml
 
 from gateway.coherence.channel import Codec
 from tests.conftest import AdminTokens, RedisProcess, free_port
+from tests.kernel_stamps import SO_TIMESTAMPNS
 
 pytestmark = pytest.mark.slow
 
@@ -73,9 +75,14 @@ class EchoHandler(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serving(handler: type[BaseHTTPRequestHandler], stop_timeout: float = STOP_TIMEOUT) -> Iterator[str]:
-    """`handler` on a loopback port in a thread; yields its URL."""
+def serving(
+    handler: type[BaseHTTPRequestHandler], stop_timeout: float = STOP_TIMEOUT, *, stamped: bool = False
+) -> Iterator[str]:
+    """`handler` on a loopback port in a thread; yields its URL. `stamped`: the kernel stamps every
+    segment as it arrives, from a connection's first (tests/kernel_stamps.py)."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    if stamped:  # accepted sockets inherit it, so no segment arrives unstamped
+        server.socket.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
