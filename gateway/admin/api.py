@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import time
@@ -100,6 +101,10 @@ class AdminApi:
     # config.trusted_proxies: behind one of these, failed token attempts are counted against the
     # client address its X-Forwarded-For names, not against the proxy (see client_address).
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # One bulk import batch written at a time per replica: each is one Lua transaction of up to
+    # IMPORT_BATCH records (~50 ms of Redis), and a client's concurrent imports would otherwise queue
+    # in Redis past the command timeout; here they wait for each other, not on a socket timeout.
+    _import_writes: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.cursors is None:
@@ -278,7 +283,7 @@ class AdminApi:
             records.append((line_no, self._new_record(spec, now)[0]))
         if records:
             audit = [self._audit(request, principal, "import", r.id, request_id) for _, r in records]
-            async with self.propagator.announce() as announcement:
+            async with self._import_writes, self.propagator.announce() as announcement:
                 added = await self.store.insert_many([r for _, r in records], audit, announcement)
                 self.metrics.admin_changes.labels("import").inc(sum(added))
                 await announcement.confirmed()
