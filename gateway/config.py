@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Final, Generic, Literal, Never, TypeAlias, TypeGuard, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import yaml
 
@@ -85,8 +85,18 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SentinelConfig:
+    """Find the master through Redis Sentinel (spec 13) and follow its failovers."""
+
+    master_name: str
+    sentinels: tuple[tuple[str, int], ...]
+    password: str | None = field(default=None, repr=False)  # the sentinels' own AUTH, if any
+    tls: bool = False  # TLS to the sentinels and to the master
+
+
+@dataclass(frozen=True, slots=True)
 class RedisConfig:
-    url: str | None  # None: embedded
+    url: str | None  # None: embedded, unless `sentinel` is set
     prefix: str
     channel_secret: str | None = field(repr=False)
     data_dir: Path
@@ -94,10 +104,17 @@ class RedisConfig:
     # Trust in the cache is a lease (spec 8): a PING sent at t whose reply came back on the
     # subscription lets the replica answer from its cache until t + lease_seconds.
     lease_seconds: float = 1.0
+    # Redis's password (AUTH), instead of one in the URL; from GATEWAY_REDIS_PASSWORD(_FILE).
+    password: str | None = field(default=None, repr=False)
+    sentinel: SentinelConfig | None = None  # from redis.sentinel or a redis+sentinel:// URL
+    # Acknowledged means durable (spec 13): a change counts once this many Redis replicas hold it
+    # (WAIT, up to min_replicas_timeout_seconds); fewer -> 503 store_unavailable. 0: no WAIT.
+    min_replicas_acked: int = 0
+    min_replicas_timeout_seconds: float = 0.5
 
     @property
     def embedded(self) -> bool:
-        return self.url is None
+        return self.url is None and self.sentinel is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +258,13 @@ ENV_OVERRIDES: Final[dict[str, tuple[str, ...]]] = {
     "GATEWAY_ADMIN_TOKENS": ("admin", "tokens"),
     "GATEWAY_ADMIN_PROPAGATION_TIMEOUT_SECONDS": ("admin", "propagation_timeout_seconds"),
     "GATEWAY_REDIS_URL": ("redis", "url"),
+    "GATEWAY_REDIS_PASSWORD": ("redis", "password"),
+    "GATEWAY_REDIS_MIN_REPLICAS_ACKED": ("redis", "min_replicas_acked"),
+    "GATEWAY_REDIS_MIN_REPLICAS_TIMEOUT_SECONDS": ("redis", "min_replicas_timeout_seconds"),
+    "GATEWAY_REDIS_SENTINEL_MASTER_NAME": ("redis", "sentinel", "master_name"),
+    "GATEWAY_REDIS_SENTINEL_SENTINELS": ("redis", "sentinel", "sentinels"),
+    "GATEWAY_REDIS_SENTINEL_PASSWORD": ("redis", "sentinel", "password"),
+    "GATEWAY_REDIS_SENTINEL_TLS": ("redis", "sentinel", "tls"),
     "GATEWAY_REDIS_PREFIX": ("redis", "prefix"),
     "GATEWAY_REDIS_CHANNEL_SECRET": ("redis", "channel_secret"),
     "GATEWAY_REDIS_DATA_DIR": ("redis", "data_dir"),
@@ -267,9 +291,24 @@ ENV_OVERRIDES: Final[dict[str, tuple[str, ...]]] = {
     "GATEWAY_VERIFY_LISTEN_PORT": ("verify", "listen", "port"),
 }
 # Values that are secrets: never echoed in a problem report.
-_SECRET_PATHS: Final = {("redis", "channel_secret"), ("redis", "url")}
+_SECRET_PATHS: Final = {
+    ("redis", "channel_secret"), ("redis", "url"), ("redis", "password"), ("redis", "sentinel", "password"),
+}  # fmt: skip
 # Values taken verbatim, not as YAML: a secret like "123" stays a string.
-_VERBATIM_PATHS: Final = {("redis", "url"), ("redis", "channel_secret"), ("redis", "prefix")}
+_VERBATIM_PATHS: Final = {
+    ("redis", "url"), ("redis", "channel_secret"), ("redis", "prefix"), ("redis", "password"),
+    ("redis", "sentinel", "password"), ("redis", "sentinel", "master_name"),
+}  # fmt: skip
+# Secrets that may come from a file instead, as Kubernetes mounts a Secret: GATEWAY_X_FILE names
+# the file, whose text (less one trailing newline) is taken as GATEWAY_X would be. Never both.
+FILE_VARIANTS: Final = (
+    "GATEWAY_REDIS_URL",
+    "GATEWAY_REDIS_PASSWORD",
+    "GATEWAY_REDIS_SENTINEL_PASSWORD",
+    "GATEWAY_REDIS_CHANNEL_SECRET",
+    "GATEWAY_ADMIN_TOKENS",
+)
+MAX_SECRET_FILE: Final = 1024 * 1024  # bytes a *_FILE may hold (an admin token list is the largest)
 
 
 def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
@@ -313,13 +352,46 @@ def _noting_env(problem: Problem, from_env: Mapping[str, str]) -> Problem:
     return problem
 
 
+def _read_secret_files(environ: Mapping[str, str], problems: list[Problem]) -> dict[str, tuple[str, str]]:
+    """GATEWAY_X -> (its text, the variable it came from) for each GATEWAY_X_FILE given."""
+    found: dict[str, tuple[str, str]] = {}
+    for var in FILE_VARIANTS:
+        file_var = var + "_FILE"
+        if file_var not in environ:
+            continue
+        where = environ[file_var]
+        if var in environ:
+            problems.append(Problem(file_var, where, f"set {var} or {file_var}, not both"))
+            continue
+        try:
+            with open(where, "rb") as f:
+                data = f.read(MAX_SECRET_FILE + 1)
+        except OSError as exc:
+            problems.append(Problem(file_var, where, f"cannot be read: {exc.strerror}"))
+            continue
+        if len(data) > MAX_SECRET_FILE:
+            problems.append(Problem(file_var, where, f"must hold at most {MAX_SECRET_FILE} bytes"))
+            continue
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            problems.append(Problem(file_var, where, "must hold UTF-8 text"))
+            continue
+        found[var] = (text.removesuffix("\n").removesuffix("\r"), file_var)
+    return found
+
+
 def _apply_env(raw: dict[object, object], environ: Mapping[str, str], problems: list[Problem]) -> dict[str, str]:
     """Write overrides into the raw mapping; returns key path -> the variable that set it."""
     applied: dict[str, str] = {}
+    from_files = _read_secret_files(environ, problems)
     for var, path in ENV_OVERRIDES.items():
-        if var not in environ:
+        if var in from_files:
+            text, var = from_files[var]
+        elif var in environ:
+            text = environ[var]
+        else:
             continue
-        text = environ[var]
         value: object
         try:
             value = yaml.safe_load(text) if text.strip() else None
@@ -569,12 +641,62 @@ def _check_token_id(v: str) -> str | None:
 def _check_redis_url(v: str) -> str | None:
     if v == "embedded":
         return None
+    if v.startswith(SENTINEL_SCHEMES):
+        got = parse_sentinel_url(v)
+        return got.rule if isinstance(got, _Broken) else None
     parts = urlsplit(v)
     if parts.scheme not in ("redis", "rediss", "unix"):
-        return "must be 'embedded' or a redis://, rediss:// or unix:// URL"
+        return "must be 'embedded' or a redis://, rediss://, unix:// or redis+sentinel:// URL"
     if parts.scheme != "unix" and not parts.hostname:
         return "must name a host"
     return None
+
+
+SENTINEL_SCHEMES: Final = ("redis+sentinel://", "rediss+sentinel://")
+DEFAULT_SENTINEL_PORT: Final = 26379
+
+
+def _address(text: str, default_port: int) -> tuple[str, int] | None:
+    """'host:port', '[v6]:port' or 'host' -> (host, port); None when it is not one."""
+    text = text.strip()
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d{1,5}))?|([^:\[\]]+)(?::(\d{1,5}))?", text)
+    if match is None:
+        return None
+    host = match[1] or match[3]
+    port = int(match[2] or match[4] or default_port)
+    if _check_host(host) is not None or not 0 < port <= 65535:
+        return None
+    return host, port
+
+
+def _sentinels(v: object) -> tuple[tuple[str, int], ...] | _Broken:
+    """A list of 'host:port' (or one comma-separated string, as an environment variable gives it)."""
+    items = v.split(",") if isinstance(v, str) else v
+    rule = "must list sentinel addresses as host:port (a YAML list, or one comma-separated string)"
+    if not _is_list(items) or not items:
+        return _Broken(rule)
+    found = [_address(item, DEFAULT_SENTINEL_PORT) if isinstance(item, str) else None for item in items]
+    addresses = tuple(a for a in found if a is not None)
+    return addresses if len(addresses) == len(items) else _Broken(rule)
+
+
+def parse_sentinel_url(v: str) -> tuple[SentinelConfig, str | None] | _Broken:
+    """redis+sentinel://[user:password@]host[:port][,host[:port]...]/master_name (rediss+sentinel:
+    TLS): the Sentinel settings and the master's password. The URL form has no sentinel password;
+    give it as redis.sentinel.password."""
+    scheme, _, rest = v.partition("://")
+    netloc, _, path = rest.partition("/")
+    credentials, at, hosts = netloc.rpartition("@")
+    if not at:
+        credentials, hosts = "", netloc
+    master = path.strip("/")
+    if "?" in master or "#" in master or _check_name(master) is not None:
+        return _Broken("must end with /<master name> (1-64 letters, digits, '_', '.', '-'), without a query")
+    addresses = _sentinels(hosts)
+    if isinstance(addresses, _Broken):
+        return addresses
+    password = unquote(credentials.partition(":")[2]) or None
+    return SentinelConfig(master, addresses, None, scheme.startswith("rediss")), password
 
 
 def _check_prefix(v: str) -> str | None:
@@ -660,13 +782,25 @@ class _Token(_Schema):
     hash = _required(_string, _check_argon2id, secret=True)
 
 
+class _Sentinel(_Schema):
+    master_name = _required(_string, _check_name)
+    sentinels = _required(_sentinels)
+    password = _Field(_string, None, _nonempty, secret=True)
+    tls = _Field(_flag, False)
+
+
 class _Redis(_Schema):
+    nested = ("sentinel",)
     url = _Field(_string, "embedded", _check_redis_url, secret=True)
     prefix = _Field(_string, "gw:", _check_prefix)
     channel_secret = _Field(_string, None, _check_secret, secret=True)
     data_dir = _Field(_string, "./.gateway-data", _nonempty)
     health_check_seconds = _Field(_number, 1.0, _between(0.05, 60))
     lease_seconds = _Field(_number, 1.0, _between(0.05, 60))
+    password = _Field(_string, None, _nonempty, secret=True)
+    min_replicas_acked = _Field(_integer, 0, _between(0, 16))
+    # Below the command timeout (2 s, runtime/connect.py): WAIT blocks its connection that long.
+    min_replicas_timeout_seconds = _Field(_number, 0.5, _between(0.01, 1.5))
 
 
 class _Cache(_Schema):
@@ -826,16 +960,56 @@ class _Validator:
 
     def redis(self, raw: object) -> RedisConfig | None:
         s = self.open(raw, "redis", _Redis)
-        if not s.ok:
+        sentinel = self.sentinel(s.table.get("sentinel"))
+        if not s.ok or ("sentinel" in s.table and sentinel is None):
             return None
         url = s.get(_Redis.url)
+        password = s.get(_Redis.password)
+        if url.startswith(SENTINEL_SCHEMES):
+            parsed = parse_sentinel_url(url)
+            assert not isinstance(parsed, _Broken)
+            if "sentinel" in s.table:
+                self.bad("redis.sentinel", _NOT_SHOWN, "give a redis+sentinel:// URL or redis.sentinel, not both")
+            sentinel, from_url = parsed
+            if from_url is not None and password is not None:
+                self.bad("redis.password", _SECRET, "give the password in redis.url or redis.password, not both")
+            password = password or from_url
+        elif url != "embedded":
+            if password is not None and urlsplit(url).password:
+                self.bad("redis.password", _SECRET, "give the password in redis.url or redis.password, not both")
+            if "sentinel" in s.table:
+                self.bad("redis.sentinel", _NOT_SHOWN, "give redis.url or redis.sentinel, not both")
+        single = None if url == "embedded" or url.startswith(SENTINEL_SCHEMES) else url
+        external = single is not None or sentinel is not None
+        if not external and password is not None:
+            self.bad("redis.password", _SECRET, "is for an external Redis (redis.url or redis.sentinel)")
+        acked = s.get(_Redis.min_replicas_acked)
+        if not external and acked > 0:
+            self.bad("redis.min_replicas_acked", acked, "needs an external Redis with replicas, not the embedded one")
         return RedisConfig(
-            url=None if url == "embedded" else url,
+            url=single,
             prefix=s.get(_Redis.prefix),
             channel_secret=s.get(_Redis.channel_secret),
             data_dir=Path(s.get(_Redis.data_dir)),
             health_check_seconds=s.get(_Redis.health_check_seconds),
             lease_seconds=s.get(_Redis.lease_seconds),
+            password=password,
+            sentinel=sentinel,
+            min_replicas_acked=acked,
+            min_replicas_timeout_seconds=s.get(_Redis.min_replicas_timeout_seconds),
+        )
+
+    def sentinel(self, raw: object) -> SentinelConfig | None:
+        if raw is None:
+            return None
+        s = self.open(raw, "redis.sentinel", _Sentinel)
+        if not s.ok:
+            return None
+        return SentinelConfig(
+            master_name=s.get(_Sentinel.master_name),
+            sentinels=s.get(_Sentinel.sentinels),
+            password=s.get(_Sentinel.password),
+            tls=s.get(_Sentinel.tls),
         )
 
     def cache(self, raw: object) -> CacheConfig | None:

@@ -17,6 +17,7 @@ import http.client
 import io
 import socket
 import struct
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -72,11 +73,16 @@ class _StampedConnection(http.client.HTTPConnection):
         self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
 
 
-def stamped_request(
-    method: str, url: str, headers: dict[str, str], body: bytes | None, timeout: float = 30.0
-) -> tuple[int, bytes, float]:
-    """One request on a fresh connection: (status, body, the kernel's receive time of the answer's
-    last bytes, CLOCK_REALTIME)."""
+@dataclass(frozen=True)
+class Stamped:
+    status: int
+    body: bytes
+    headers: dict[str, str]
+    stamp: float  # the kernel's receive time of the answer's last bytes, CLOCK_REALTIME
+
+
+def stamped_call(method: str, url: str, headers: dict[str, str], body: bytes | None, timeout: float = 30.0) -> Stamped:
+    """One request on a fresh connection, and when its answer arrived."""
     parts = urlsplit(url)
     conn = _StampedConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=timeout)
     try:
@@ -86,6 +92,15 @@ def stamped_request(
         assert isinstance(response, _StampedResponse)
         stamp = response.reader.stamp
         assert stamp is not None, "the kernel stamped no segment of the answer (SO_TIMESTAMPNS unsupported?)"
-        return response.status, data, stamp
+        return Stamped(response.status, data, dict(response.getheaders()), stamp)
     finally:
         conn.close()
+
+
+def stamped_request(
+    method: str, url: str, headers: dict[str, str], body: bytes | None, timeout: float = 30.0
+) -> tuple[int, bytes, float]:
+    """One request on a fresh connection: (status, body, the kernel's receive time of the answer's
+    last bytes, CLOCK_REALTIME)."""
+    answer = stamped_call(method, url, headers, body, timeout)
+    return answer.status, answer.body, answer.stamp

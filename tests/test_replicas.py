@@ -201,7 +201,10 @@ class Node:
         return self.log.read_text(errors="replace")[-4000:]
 
 
-def start_gateway(workdir: Path, name: str, raw: dict[str, Any], tokens: AdminTokens, *args: str) -> Node:
+def start_gateway(
+    workdir: Path, name: str, raw: dict[str, Any], tokens: AdminTokens, *args: str, env: dict[str, str] | None = None
+) -> Node:
+    """`gateway serve` on `raw` as its config file; `env` adds environment variables."""
     config = workdir / f"{name}.yaml"
     config.write_text(yaml.safe_dump(raw))
     log = workdir / f"{name}.log"
@@ -209,7 +212,7 @@ def start_gateway(workdir: Path, name: str, raw: dict[str, Any], tokens: AdminTo
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--config", str(config), *args],
             cwd=ROOT,
-            env=base_env(),
+            env={**base_env(), **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,

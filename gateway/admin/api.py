@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import orjson
 from aiohttp import web
@@ -25,7 +25,7 @@ from gateway.keytable import record as keys
 from gateway.keytable.credentials import REPEATED_DETAIL, VISIBLE_ASCII, NoBearer, bearer_token
 from gateway.keytable.lease import Coherence
 from gateway.keytable.record import KeyRecord
-from gateway.keytable.store import AuditEntry, BadCursor, CursorCodec, KeyStore, Refused, Unreadable
+from gateway.keytable.store import AuditEntry, BadCursor, CursorCodec, KeyStore, NotDurable, Refused, Unreadable
 from gateway.metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger("gateway.admin")
@@ -56,6 +56,14 @@ def _ndjson_response(request_id: str) -> web.StreamResponse:
     )
 
 
+# A 503 store_unavailable asks the client to come back: Redis may be failing over (spec 13).
+RETRY_AFTER: Final = {"Retry-After": "1"}
+NOT_DURABLE_DETAIL: Final = (
+    "The change was written, but fewer Redis replicas than redis.min_replicas_acked acknowledged it, "
+    "so a failover could lose it; retry (changes are idempotent)"
+)
+
+
 def requires(role: str) -> Callable[[Action], Callable[[AdminApi, web.Request], Awaitable[web.StreamResponse]]]:
     """Authenticate the caller and check their role before the action runs."""
 
@@ -74,11 +82,16 @@ def requires(role: str) -> Callable[[Action], Callable[[AdminApi, web.Request], 
                 return errors.render(Denial("invalid_request", str(exc)), request_id)
             except Refused as exc:
                 return errors.render(Denial(exc.code, exc.detail, status=409), request_id)
+            except NotDurable as exc:
+                self.metrics.redis_errors.labels("admin_durability").inc()
+                log.warning("admin %s: %s within the timeout (redis.min_replicas_acked)", action.__name__, exc,
+                            extra={"request_id": request_id})  # fmt: skip
+                return errors.render(Denial("store_unavailable", NOT_DURABLE_DETAIL, headers=RETRY_AFTER), request_id)
             except (RedisError, OSError, TimeoutError) as exc:
                 self.metrics.redis_errors.labels("admin").inc()
                 log.warning("admin %s: redis failed: %s", action.__name__, type(exc).__name__,
                             extra={"request_id": request_id})  # fmt: skip
-                return errors.render(Denial("store_unavailable"), request_id)
+                return errors.render(Denial("store_unavailable", headers=RETRY_AFTER), request_id)
 
         return handler
 
@@ -236,7 +249,7 @@ class AdminApi:
             if pending and (len(pending) >= IMPORT_BATCH or not raw or stop is not None):
                 try:
                     results = await self._import_batch(request, principal, request_id, pending)
-                except (RedisError, OSError, TimeoutError) as exc:
+                except (RedisError, OSError, TimeoutError, NotDurable) as exc:
                     if response is None:
                         raise  # nothing sent yet: the answer is 503 store_unavailable (`requires`)
                     self.metrics.redis_errors.labels("admin").inc()

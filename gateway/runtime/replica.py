@@ -31,7 +31,7 @@ from gateway.keytable.cache import KeyCache
 from gateway.keytable.keyfilter import KnownKeys
 from gateway.keytable.lease import Coherence
 from gateway.keytable.lookup import KeyLookup
-from gateway.keytable.store import KeyStore
+from gateway.keytable.store import Durability, KeyStore
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.routing import RouteTable
@@ -95,13 +95,20 @@ async def _cancel(task: asyncio.Task[None], seconds: float = 5.0) -> None:
         task.exception()  # retrieved: it was logged where it happened
 
 
-def build(config: Config, redis: Redis, listen_redis: Redis, *, replica_id: str | None = None) -> Replica:
-    """`redis` serves commands; `listen_redis` (retries off) holds the subscription."""
+def build(
+    config: Config, redis: Redis, listen_redis: Redis, *, replica_id: str | None = None, writer: Redis | None = None
+) -> Replica:
+    """`redis` serves commands; `listen_redis` (retries off) holds the subscription; `writer` (a
+    client with one connection) carries the changes and their WAIT when redis.min_replicas_acked is set."""
     replica_id = replica_id or "r_" + secrets.token_hex(6)
     prefix = config.redis.prefix
     metrics = Metrics()
     codec = Codec(config.redis.channel_secret)
-    store = KeyStore(redis, prefix)
+    durability = None
+    if config.redis.min_replicas_acked > 0:
+        assert writer is not None, "redis.min_replicas_acked needs a writer client"
+        durability = Durability(config.redis.min_replicas_acked, config.redis.min_replicas_timeout_seconds, writer)
+    store = KeyStore(redis, prefix, durability=durability)
     cache = KeyCache(config.cache.ttl_seconds, config.cache.negative_ttl_seconds, config.cache.max_entries)
     coherence = Coherence(lease_seconds=config.redis.lease_seconds)
     metrics.watch_cache(cache)
