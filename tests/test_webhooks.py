@@ -524,3 +524,20 @@ def test_got_helper() -> None:
     """The receiver's record keeps header names lower-cased (as the reference library expects)."""
     got = Got("/hook", {"webhook-id": "msg_1", "webhook-attempt": "2"}, b"{}", 0.0)
     assert (got.msg_id, got.attempt, got.payload) == ("msg_1", 2, {})
+
+
+async def test_without_the_section_nothing_runs_and_a_reload_asks_for_a_restart(hub: Callable[..., Any]) -> None:
+    plain: Gateway = await hub(None)
+    assert plain.replica.webhooks is None
+    await plain.create_key(name="k")
+    redis = plain.replica.store.redis
+    prefix = plain.replica.store.prefix
+    assert await redis.keys(prefix + "wh:*") == []
+    assert await redis.xinfo_groups(plain.replica.store.audit_stream) == []  # no consumer group made
+    with Receiver().serving() as rx:
+        wanted = plain.replica.config.webhooks
+        raw = {"endpoints": [endpoint("sink", rx, new_secret())]}
+        new = make_config(redis_url="redis://127.0.0.1:1/0", upstream_url="http://127.0.0.1:9",
+                          tokens=[], overrides={"webhooks": raw})  # fmt: skip
+        assert "webhooks" in plain.replica.reload_routes(new)
+        assert plain.replica.config.webhooks == wanted  # not applied until a restart
