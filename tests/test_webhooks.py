@@ -541,3 +541,24 @@ async def test_without_the_section_nothing_runs_and_a_reload_asks_for_a_restart(
                           tokens=[], overrides={"webhooks": raw})  # fmt: skip
         assert "webhooks" in plain.replica.reload_routes(new)
         assert plain.replica.config.webhooks == wanted  # not applied until a restart
+
+
+async def test_keys_from_before_webhooks_get_key_expiring_soon_once(hub: Callable[..., Any]) -> None:
+    """The expiry index is seeded once from the table: a key created while no replica ran webhooks
+    still gets its key.expiring_soon, from one replica of two."""
+    secret = new_secret()
+    plain: Gateway = await hub(None)
+    soon = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 300))
+    old = await post(plain, "/v1/keys", {"name": "old", "expires_at": soon}, "developer")
+    far = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 86400))
+    await post(plain, "/v1/keys", {"name": "far", "expires_at": far}, "developer")
+    with Receiver().serving() as rx:
+        section = {"expiring_soon_seconds": 600, "check_seconds": 0.1, "endpoints": [endpoint("sink", rx, secret)]}
+        await hub(section)
+        await hub(section)
+        await rx.await_(lambda: len(rx.delivered()) == 1, 10, "key.expiring_soon for the old key")
+        await asyncio.sleep(0.5)  # five more checks on each replica: nothing more
+        got = rx.snapshot()
+        assert len(got) == 1 and got[0].verified(secret)["type"] == "key.expiring_soon"
+        assert got[0].payload["data"]["key"]["id"] == old["id"]
+        assert await plain.replica.store.redis.get(plain.replica.store.prefix + "wh:seeded") == b"done"
