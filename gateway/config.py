@@ -30,6 +30,8 @@ lines of standard library; mypy checks it strictly.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
@@ -193,6 +195,37 @@ class VerifyConfig:
     path_prefix: str = ""
 
 
+# Key events a webhook endpoint can subscribe to (spec 10; gateway/webhooks/events.py makes them).
+WEBHOOK_EVENTS: Final[tuple[str, ...]] = (
+    "key.created", "key.disabled", "key.enabled", "key.revoked", "key.rotated", "key.auto_disabled",
+    "key.expiring_soon",
+)  # fmt: skip
+WEBHOOK_SECRET_PREFIX: Final = "whsec_"  # noqa: S105 - the standard's prefix, not a secret
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookEndpoint:
+    name: str  # metrics and logs name the endpoint by this, never by its URL
+    url: str = field(repr=False)  # may carry credentials (sent as basic auth)
+    events: frozenset[str]
+    secret: bytes = field(repr=False)  # the key of a `whsec_<base64>` secret, decoded
+
+
+@dataclass(frozen=True, slots=True)
+class WebhooksConfig:
+    """Signed key events (spec 10), queued in Redis; gateway/webhooks/ delivers them."""
+
+    endpoints: tuple[WebhookEndpoint, ...]
+    expiring_soon_seconds: float = 7 * 86400.0  # key.expiring_soon this long before a key's expires_at
+    check_seconds: float = 60.0  # how often keys are checked for key.expiring_soon
+    timeout_seconds: float = 10.0  # one delivery attempt, connect to last byte of the answer's head
+    concurrency: int = 4  # attempts in flight at once, per endpoint and replica
+    max_queue: int = 100_000  # events waiting per endpoint; past it a new event for it is dropped (and counted)
+    retry_initial_seconds: float = 5.0  # the first retry's delay; each next one doubles, with jitter
+    retry_max_interval_seconds: float = 3600.0  # no delay between attempts is longer than this
+    retry_hours: float = 24.0  # attempts go on at least this long after the event, then it is dropped
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     listen: Listen
@@ -208,6 +241,7 @@ class Config:
     # Peers (CIDR) whose Forwarded / X-Forwarded-* / X-Real-IP headers are believed (spec 6).
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     verify: VerifyConfig | None = None  # None: no verify listener
+    webhooks: WebhooksConfig | None = None  # None: no webhooks
 
     def routes_for(self, mode: RouteMode) -> tuple[Route, ...]:
         return tuple(route for route in self.routes if route.mode == mode)
@@ -337,7 +371,7 @@ def parse(text: str, *, source: str = "<config>", environ: Mapping[str, str] | N
         raise ConfigError(source, [Problem("(root)", type(raw).__name__, "must be a mapping of keys")])
     problems: list[Problem] = []
     from_env = _apply_env(raw, environ or {}, problems)
-    config = _Validator(problems).config(raw, source)
+    config = _Validator(problems, environ or {}).config(raw, source)
     if problems:
         raise ConfigError(source, [_noting_env(p, from_env) for p in problems])
     assert config is not None
@@ -747,7 +781,7 @@ _LIMITS: Final = LimitsConfig()
 
 class _Root(_Schema):
     nested = ("listen", "admin", "redis", "cache", "keys", "routes", "logging", "lifecycle", "limits",
-              "trusted_proxies", "verify")  # fmt: skip
+              "trusted_proxies", "verify", "webhooks")  # fmt: skip
 
 
 class _Listen(_Schema):
@@ -848,12 +882,102 @@ class _Route(_Schema):
     max_body_bytes = _Field(_integer, DEFAULT_MAX_BODY_BYTES, _between(0, MAX_SAFE_LENGTH))
 
 
+def _webhook_events(v: object) -> frozenset[str] | _Broken:
+    if v == "all":
+        return frozenset(WEBHOOK_EVENTS)
+    rule = "must be 'all' or a non-empty list of events from: " + ", ".join(WEBHOOK_EVENTS)
+    if not _is_list(v) or not v or not all(isinstance(e, str) and e in WEBHOOK_EVENTS for e in v):
+        return _Broken(rule)
+    return frozenset(e for e in v if isinstance(e, str))
+
+
+def webhook_key(secret: str) -> bytes | None:
+    """The HMAC key of a Standard Webhooks secret (`whsec_` and base64 of 24 to 64 random bytes), or None."""
+    if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+        return None
+    text = secret[len(WEBHOOK_SECRET_PREFIX) :]
+    try:
+        key = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return key if 24 <= len(key) <= 64 else None
+
+
+_WEBHOOK_SECRET_RULE: Final = (
+    "must be a Standard Webhooks secret: whsec_ then the base64 of 24 to 64 random bytes "  # noqa: S105 - a rule
+    "(make one: python -c \"import base64,os; print('whsec_'+base64.b64encode(os.urandom(32)).decode())\")"
+)
+
+
+def _check_webhook_secret(v: str) -> str | None:
+    return None if webhook_key(v) is not None else _WEBHOOK_SECRET_RULE
+
+
+def _check_webhook_url(v: str) -> str | None:
+    parts = urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL with a host"
+    if parts.fragment or any(ord(c) <= 0x20 or ord(c) == 0x7F for c in v):
+        return "must not carry a fragment, spaces or control characters"
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        return "has an invalid port"
+    return None
+
+
+def _check_env_name(v: str) -> str | None:
+    return None if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", v) else "must be an environment variable's name"
+
+
+def without_credentials(url: str) -> str:
+    """A URL as a problem report or a log may show it: user and password replaced."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@", r"\1(credentials)@", url)
+
+
+class _UrlField(_Field[str, Never]):
+    """A required URL that may carry credentials: a problem shows it without them."""
+
+    def problem(self, table: Mapping[object, object], where: str) -> Problem | None:
+        problem = super().problem(table, where)
+        if problem is None or not isinstance(problem.value, str):
+            return problem
+        return Problem(problem.path, without_credentials(problem.value), problem.rule)
+
+
+class _WebhookEndpoint(_Schema):
+    name = _required(_string, _check_name)
+    url = _UrlField(_string, _REQUIRED, _check_webhook_url)
+    events = _Field(_webhook_events, frozenset(WEBHOOK_EVENTS))
+    # Exactly one of: the secret itself, a file holding it (a mounted Kubernetes Secret), an environment variable.
+    secret = _Field(_string, None, _check_webhook_secret, secret=True)
+    secret_file = _Field(_string, None, _nonempty)
+    secret_env = _Field(_string, None, _check_env_name)
+
+
+_WEBHOOKS: Final = WebhooksConfig(())
+
+
+class _Webhooks(_Schema):
+    nested = ("endpoints",)
+    expiring_soon_seconds = _Field(_number, _WEBHOOKS.expiring_soon_seconds, _between(1, 366 * 86400))
+    check_seconds = _Field(_number, _WEBHOOKS.check_seconds, _between(0.05, 86400))
+    timeout_seconds = _Field(_number, _WEBHOOKS.timeout_seconds, _between(0.05, 300))
+    concurrency = _Field(_integer, _WEBHOOKS.concurrency, _between(1, 256))
+    max_queue = _Field(_integer, _WEBHOOKS.max_queue, _between(1, 10_000_000))
+    retry_initial_seconds = _Field(_number, _WEBHOOKS.retry_initial_seconds, _between(0.01, 3600))
+    retry_max_interval_seconds = _Field(_number, _WEBHOOKS.retry_max_interval_seconds, _between(0.01, 86400))
+    # Standard Webhooks receivers expect retries for a day: no shorter horizon is accepted.
+    retry_hours = _Field(_number, _WEBHOOKS.retry_hours, _between(24, 24 * 31))
+
+
 class _Validator:
     """Opens each section against its schema once, appending a Problem for every violation."""
 
-    def __init__(self, problems: list[Problem]) -> None:
+    def __init__(self, problems: list[Problem], environ: Mapping[str, str] | None = None) -> None:
         self.problems = problems
         self.admin_port: int | None = None  # for the check across listeners
+        self.environ: Mapping[str, str] = environ or {}  # for webhooks.endpoints[].secret_env
 
     def bad(self, path: str, value: object, rule: str) -> None:
         self.problems.append(Problem(path, value, rule))
@@ -890,6 +1014,7 @@ class _Validator:
         limits = self.limits(raw.get("limits"))
         trusted = self.trusted_proxies(raw.get("trusted_proxies"))
         verify = self.verify(raw.get("verify"), {"listen.port": port, "admin.listen.port": self.admin_port})
+        webhooks = self.webhooks(raw.get("webhooks"))
         for i, route in enumerate(routes):
             if route.mode == "verify" and verify is None and "verify" not in raw:
                 self.bad(
@@ -898,7 +1023,94 @@ class _Validator:
         if self.problems:
             return None
         assert listen and admin and redis and cache and keys and logs and lifecycle and limits
-        return Config(listen, admin, redis, cache, keys, routes, source, logs, lifecycle, limits, trusted, verify)
+        return Config(listen, admin, redis, cache, keys, routes, source, logs, lifecycle, limits, trusted, verify,
+                      webhooks=webhooks)  # fmt: skip
+
+    def webhooks(self, raw: object) -> WebhooksConfig | None:
+        if raw is None:
+            return None
+        s = self.open(raw, "webhooks", _Webhooks)
+        endpoints = self.webhook_endpoints(s.table.get("endpoints"))
+        initial, most = s.peek(_Webhooks.retry_initial_seconds), s.peek(_Webhooks.retry_max_interval_seconds)
+        if initial is not None and most is not None and most < initial:
+            self.bad("webhooks.retry_max_interval_seconds", most, "must be at least retry_initial_seconds")
+            return None
+        if not s.ok or endpoints is None:
+            return None
+        return WebhooksConfig(
+            endpoints=endpoints,
+            expiring_soon_seconds=s.get(_Webhooks.expiring_soon_seconds),
+            check_seconds=s.get(_Webhooks.check_seconds),
+            timeout_seconds=s.get(_Webhooks.timeout_seconds),
+            concurrency=s.get(_Webhooks.concurrency),
+            max_queue=s.get(_Webhooks.max_queue),
+            retry_initial_seconds=s.get(_Webhooks.retry_initial_seconds),
+            retry_max_interval_seconds=s.get(_Webhooks.retry_max_interval_seconds),
+            retry_hours=s.get(_Webhooks.retry_hours),
+        )
+
+    def webhook_endpoints(self, raw: object) -> tuple[WebhookEndpoint, ...] | None:
+        path = "webhooks.endpoints"
+        if not _is_list(raw) or not raw:
+            shown = _ABSENT if raw is None else raw if not _is_list(raw) else []
+            self.bad(path, shown, "must be a non-empty list of endpoints {name, url, events, secret}")
+            return None
+        endpoints: list[WebhookEndpoint] = []
+        names: set[str] = set()
+        ok = True
+        for i, item in enumerate(raw):
+            where = f"{path}[{i}]"
+            if not _is_table(item):
+                self.bad(where, type(item).__name__, "must be a mapping")
+                ok = False
+                continue
+            s = self.open(item, where, _WebhookEndpoint)
+            name = s.peek(_WebhookEndpoint.name)
+            if name is not None:
+                if name in names:
+                    self.bad(f"{where}.name", name, "duplicate endpoint name")
+                    ok = False
+                names.add(name)
+            key = self.webhook_secret(item, where) if s.ok else None
+            if key is None:
+                ok = False
+                continue
+            endpoints.append(WebhookEndpoint(s.get(_WebhookEndpoint.name), s.get(_WebhookEndpoint.url),
+                                             s.get(_WebhookEndpoint.events), key))  # fmt: skip
+        return tuple(endpoints) if ok else None
+
+    def webhook_secret(self, item: Mapping[object, object], where: str) -> bytes | None:
+        """The endpoint's HMAC key from exactly one of secret, secret_file and secret_env."""
+        given = [k for k in ("secret", "secret_file", "secret_env") if item.get(k) is not None]
+        if len(given) != 1:
+            shown = ", ".join(given) if given else _ABSENT
+            self.bad(f"{where}.secret", shown, "give exactly one of secret, secret_file, secret_env")
+            return None
+        source = given[0]
+        value = item[source]
+        assert isinstance(value, str)  # the field checks passed
+        if source == "secret_file":
+            try:
+                text = Path(value).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                self.bad(f"{where}.secret_file", value, f"cannot be read: {exc.strerror}")
+                return None
+            except UnicodeDecodeError:
+                self.bad(f"{where}.secret_file", value, "is not UTF-8 text")
+                return None
+            rule = f"the file's content {_WEBHOOK_SECRET_RULE}"
+        elif source == "secret_env":
+            if value not in self.environ:
+                self.bad(f"{where}.secret_env", value, "names an environment variable that is not set")
+                return None
+            text = self.environ[value].strip()
+            rule = f"the variable's value {_WEBHOOK_SECRET_RULE}"
+        else:
+            text, rule = value, _WEBHOOK_SECRET_RULE
+        key = webhook_key(text)
+        if key is None:
+            self.bad(f"{where}.{source}", _SECRET if source == "secret" else value, rule)
+        return key
 
     def verify(self, raw: object, other_ports: dict[str, int | None]) -> VerifyConfig | None:
         if raw is None:

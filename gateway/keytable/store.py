@@ -146,6 +146,11 @@ class KeyStore:
     def _owner(self, owner: str) -> str:
         return f"{self.prefix}owner:{owner}"
 
+    @property
+    def audit_stream(self) -> str:
+        """The stream of every change (webhooks/source.py reads it through a consumer group)."""
+        return self.prefix + "audit"
+
     # reads ----------------------------------------------------------------
 
     async def get_by_hash(self, key_hash: str) -> KeyRecord | None:
@@ -422,6 +427,11 @@ def as_text(value: bytes | str) -> str:
 def as_bytes(value: bytes | str) -> bytes:
     """A Redis reply value as bytes, whether the client decodes responses or not."""
     return value if isinstance(value, bytes) else value.encode()
+
+
+def audit_entry(entry_id: str, raw_fields: dict[bytes, bytes]) -> dict[str, Any]:
+    """One audit stream entry decoded, as the API shows it (webhooks/source.py reads them too)."""
+    return _audit_entry(entry_id, raw_fields)
 
 
 def _audit_entry(entry_id: str, raw_fields: dict[bytes, bytes]) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.routing import RouteTable
 from gateway.verify.verifier import ERROR_BODY_HEADER, Verifier
+from gateway.webhooks.service import Webhooks
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Replica:
     admin_app: web.Application
     verifier: Verifier | None = None  # with verify_server: the verify listener (config `verify`), when configured
     verify_server: Server | None = None
+    webhooks: Webhooks | None = None  # config `webhooks`, when configured: its loops run inside running()
 
     def reload_routes(self, new: Config) -> list[str]:
         """Swap in `new`'s routes (SIGHUP); returns the sections that changed but need a restart."""
@@ -71,8 +73,12 @@ class Replica:
         await self.proxy.forwarder.start()
         task = asyncio.get_running_loop().create_task(self.subscriber.run(), name="invalidation-subscriber")
         try:
+            if self.webhooks is not None:
+                await self.webhooks.start()
             yield
         finally:
+            if self.webhooks is not None:
+                await self.webhooks.stop()
             await _cancel(task)
             await self.proxy.forwarder.close()
             with contextlib.suppress(Exception):
@@ -81,7 +87,7 @@ class Replica:
 
 # What a reload does not apply: listeners, Redis, cache, keys, admin, logging and lifecycle need a restart.
 _RESTART_SECTIONS = ("listen", "admin", "redis", "cache", "keys", "logging", "lifecycle", "limits", "trusted_proxies",
-                     "verify")  # fmt: skip
+                     "verify", "webhooks")  # fmt: skip
 
 
 async def _cancel(task: asyncio.Task[None], seconds: float = 5.0) -> None:
@@ -160,9 +166,10 @@ def build(
                             path_prefix=config.verify.path_prefix)  # fmt: skip
         verify_server = Server(verifier.handle, verifier.refused, limits=config.limits,
                                trusted_proxies=config.trusted_proxies, body_header=ERROR_BODY_HEADER)  # fmt: skip
+    webhooks = Webhooks(config.webhooks, store, metrics, replica_id) if config.webhooks is not None else None
     gates = [gate for gate in (proxy, verifier) if gate is not None]
     metrics.inflight.set_function(lambda: sum(gate.inflight for gate in gates))
     return Replica(
         replica_id, config, store, cache, coherence, lookup, propagator, subscriber, registry, metrics, api,
-        proxy, proxy_server, admin_app, verifier, verify_server,
+        proxy, proxy_server, admin_app, verifier, verify_server, webhooks,
     )  # fmt: skip
