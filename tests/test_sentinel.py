@@ -41,6 +41,7 @@ from tests.test_replicas import (
     Node,
     error_code,
     gateway_config,
+    request,
     start_gateway,
     stop_gateway,
     wait_ready,
@@ -338,6 +339,9 @@ def test_a_change_no_replica_acknowledges_is_answered_503_and_succeeds_when_retr
         node = sentinel_gateway(tmp_path, "gw", upstream_url, admin_tokens, topo, "wait:", "section")
         try:
             wait_ready(node, 20)
+            ready = json.loads(request("GET", node.admin_url + "/readyz")[1])
+            assert ready["topology"] == {"mode": "sentinel", "role": "master", "replicas": 2, "min_replicas_acked": 1}
+            assert "warning" not in ready, ready
             status, body = node.admin("POST", "/v1/keys", {"name": "wait", "owner": "failover"})
             assert status == 201, body
             for replica in topo.replicas:

@@ -107,6 +107,9 @@ class AdminApi:
     keys_config: KeysConfig
     metrics: Metrics
     persistence: Persistence = "unknown"  # Redis AOF: "aof", "off" or "unknown"; set at startup (runtime/serve.py)
+    # What Redis is (spec 13): mode (single, sentinel, embedded), role, connected replicas, the
+    # replicas a change waits for; and a warning when an acknowledged change could be lost. Set at startup.
+    topology: dict[str, Any] = field(default_factory=dict)
     draining: bool = False  # set on SIGTERM: /readyz answers 503 while in-flight requests finish
     # Signs listing and audit cursors; derived from the configuration unless given, so every
     # replica and worker accepts the others' cursors (see store.CursorCodec).
@@ -488,9 +491,18 @@ class AdminApi:
         if not self.coherence.coherent:
             detail = "The invalidation subscription is not live; every key is read from Redis until it is"
             return errors.render(Denial("not_ready", detail), request_id)
-        body = {"status": "ready", "redis": "ok", "subscription": "live", "persistence": self.persistence}
+        body: dict[str, Any] = {
+            "status": "ready",
+            "redis": "ok",
+            "subscription": "live",
+            "persistence": self.persistence,
+        }
+        if self.topology:
+            body["topology"] = {k: v for k, v in self.topology.items() if k != "warning"}
         if self.persistence == "off":
             body["warning"] = "Redis persistence is off: an acknowledged disable can be lost if Redis restarts"
+        if "warning" in self.topology:
+            body["warning"] = self.topology["warning"]
         return json_response(body, request_id)
 
     async def metrics_text(self, request: web.Request) -> web.StreamResponse:

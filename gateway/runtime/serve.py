@@ -62,6 +62,36 @@ async def embedded_or_external(config: Config) -> AsyncIterator[RedisTarget]:
         await embedded.stop()
 
 
+async def check_topology(redis: Redis, config: Config, persistence: Persistence) -> dict[str, Any]:
+    """Role and replicas (INFO replication), logged, with a warning when an acknowledged change
+    could be lost: no replica must acknowledge it and Redis does not write an AOF."""
+    wanted = config.redis.min_replicas_acked
+    mode = "embedded" if config.redis.embedded else "sentinel" if config.redis.sentinel else "single"
+    topology: dict[str, Any] = {"mode": mode, "min_replicas_acked": wanted}
+    try:
+        info = await redis.info("replication")
+    except (RedisError, OSError):
+        info = {}
+    topology["role"] = str(info.get("role", "unknown"))
+    replicas = info.get("connected_slaves")
+    topology["replicas"] = int(replicas) if isinstance(replicas, int) else None
+    log.info("redis topology: %s, role %s, %s replica(s) connected, changes wait for %d",
+             mode, topology["role"], topology["replicas"], wanted, extra={"redis_topology": topology})  # fmt: skip
+    if wanted == 0 and persistence != "aof":
+        topology["warning"] = (
+            "an acknowledged change can be lost: Redis writes no AOF and redis.min_replicas_acked is 0 "
+            "(a restart or failover forgets the latest changes)"
+        )
+    elif isinstance(topology["replicas"], int) and topology["replicas"] < wanted:
+        topology["warning"] = (
+            f"{topology['replicas']} Redis replica(s) connected, fewer than redis.min_replicas_acked ({wanted}): "
+            "every change will answer 503 until enough replicas are in sync"
+        )
+    if "warning" in topology:
+        log.warning("redis: %s", topology["warning"])
+    return topology
+
+
 async def check_persistence(redis: Redis) -> Persistence:
     """'aof', 'off' or 'unknown' (CONFIG refused, as managed Redis often does); logged."""
     try:
@@ -143,6 +173,7 @@ async def _serve_replica(
     replica = build(config, redis, listener, writer=writer)
     replica.api.persistence = await check_persistence(redis)
     log.info("redis persistence: %s", replica.api.persistence)
+    replica.api.topology = await check_topology(redis, config, replica.api.persistence)
     drain = config.lifecycle.drain_seconds
     # The proxy's shutdown: stop accepting, close idle keep-alive connections, let
     # in-flight requests finish for up to `drain` seconds, then close the upstream pool.
