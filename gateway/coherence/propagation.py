@@ -71,6 +71,7 @@ class Announcement:
         self.nonce = nonce
         self.written_at_us: int | None = None
         self.written_at: float | None = None  # this process's monotonic clock, after the EXEC returned
+        self.live: dict[str, int] | None = None  # the live set as the change's own script read it
         self.hashes: list[str] = []
         self.acked: set[str] = set()
         self.arrived = asyncio.Event()
@@ -80,9 +81,10 @@ class Announcement:
         self.hashes.extend(h for h, _ in keys)
         return self._owner.codec.evict(self.nonce, self._owner.registry.replica_id, keys)
 
-    def written(self, at_us: int) -> None:
+    def written(self, at_us: int, live: dict[str, int] | None = None) -> None:
         self.written_at = time.monotonic()  # called once the transaction's reply is in
         self.written_at_us = at_us
+        self.live = live
 
     async def confirmed(self) -> Propagation:
         return await self._owner._wait(self)
@@ -133,7 +135,8 @@ class Propagator:
         # With a live replica unconfirmed, the answer comes no earlier than `fenced_at`.
         fenced_at = lease_lapsed_by(a.written_at, self.lease)
         deadline = max(started + self.timeout, fenced_at)
-        _, live = await self.registry.live()
+        # Read by the change's own script (one round trip: spec 13), or now.
+        live = a.live if a.live is not None else (await self.registry.live())[1]
         refreshed = time.monotonic()
         while True:
             # A replica whose cache was cleared after the write holds nothing stale.

@@ -10,8 +10,10 @@ Layout, every name under `redis.prefix` (P):
   P acks             pub/sub channel of replicas' eviction acks
   P replicas         live replicas (see coherence/replicas.py)
 
-Every change is one MULTI/EXEC under WATCH: the record, its audit entries and
-its announcement are written together or not at all. With `Durability` (spec 13,
+Every change is one Lua script, one round trip: the record, its audit entries and
+its announcement are written together or not at all, and the same script reads the
+Redis time and the live replicas the answer must wait for. An update reads the
+record first and writes it only if it is still as read (compare and set). With `Durability` (spec 13,
 redis.min_replicas_acked) a change then waits, on the same connection, for `WAIT N`:
 fewer replicas holding it raises NotDurable (the change is written on the master and
 announced, but a failover could lose it), which the admin API answers with 503.
@@ -34,8 +36,6 @@ from typing import Any, Protocol, cast
 
 import orjson
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
-from redis.exceptions import WatchError
 
 from gateway.errors import ErrorCode
 from gateway.keytable.record import SHA256_HEX, KeyRecord, rfc3339
@@ -77,14 +77,17 @@ class Announcer(Protocol):
     def message(self, keys: list[tuple[str, int]]) -> bytes:
         """The channel message announcing the changed keys, as (sha256, version) pairs."""
 
-    def written(self, at_us: int) -> None:
-        """Redis server time (microseconds) read in the change's own transaction."""
+    def written(self, at_us: int, live: dict[str, int] | None = None) -> None:
+        """Redis server time (microseconds) read in the change's own transaction, and the live
+        replicas with their epochs as that transaction read them (None: not read with it)."""
 
 
-def _announced(announcer: Announcer, replies: list[Any]) -> None:
-    """Tell the announcer the Redis time its transaction read (queued last by _queue_announce)."""
-    seconds, micros = replies[-1]
-    announcer.written(int(seconds) * 1_000_000 + int(micros))
+def _announced_with_live(announcer: Announcer, reply: list[Any]) -> None:
+    """A change script's reply ends with TIME's two parts, then the live set as id/epoch pairs
+    (see _ANNOUNCE_LUA)."""
+    seconds, micros, *pairs = reply
+    live = {as_text(pairs[i]): int(pairs[i + 1]) for i in range(0, len(pairs), 2)}
+    announcer.written(int(seconds) * 1_000_000 + int(micros), live)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,21 +118,25 @@ class KeyStore:
         self.channel = prefix + "events"
         self.durability = durability
         self._writes = asyncio.Lock()  # with durability: one change at a time on the writer's connection
+        # EVALSHA, loading the script on NOSCRIPT (a restarted or failed-over Redis has none).
+        self._announce = redis.register_script(_ANNOUNCE)
+        self._create = redis.register_script(_CREATE)
+        self._read_by_id = redis.register_script(_READ_BY_ID)
+        self._update = redis.register_script(_UPDATE)
+        self._insert_many = redis.register_script(_INSERT_MANY)
 
     @contextlib.asynccontextmanager
-    async def _changing(self) -> AsyncIterator[Pipeline]:
-        """A transaction pipeline for a change: on the command client, or with Durability on the
-        writer's one connection, held until `_durable` has run."""
+    async def _writing(self) -> AsyncIterator[Redis]:
+        """The client a change script runs on: the command client, or with Durability the writer
+        (its one connection), held until `_durable` has run."""
         if self.durability is None:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                yield pipe
+            yield self.redis
             return
         async with self._writes:
-            async with self.durability.writer.pipeline(transaction=True) as pipe:
-                yield pipe
+            yield self.durability.writer
 
     async def _durable(self) -> None:
-        """After a change's EXEC, inside `_changing`: WAIT for the replicas it must reach."""
+        """After a change's script, inside `_writing`: WAIT for the replicas it must reach."""
         if self.durability is None:
             return
         wanted, timeout_ms = self.durability.replicas, max(1, round(self.durability.timeout * 1000))
@@ -233,12 +240,12 @@ class KeyStore:
 
     async def announce(self, announcer: Announcer, keys: list[tuple[str, int]]) -> None:
         """Publish an announcement for a change that wrote nothing (an idempotent repeat)."""
-        async with self._changing() as pipe:
-            self._queue_announce(pipe, announcer, keys)
-            _announced(announcer, await pipe.execute())
+        async with self._writing() as client:
+            reply = await self._announce(args=[self.prefix, announcer.message(keys)], client=client)
             # A repeat of a change that was not durable is durable only once the replicas hold it:
             # WAIT covers every write made before on the writer's connection.
             await self._durable()
+        _announced_with_live(announcer, reply)
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
@@ -246,24 +253,17 @@ class KeyStore:
     # writes ---------------------------------------------------------------
 
     async def insert(self, record: KeyRecord, audit: list[AuditEntry], announcer: Announcer) -> bool:
-        """Add a new record; False when a key with the same hash already exists."""
-        hk = self._k(record.hash)
-        async with self._changing() as pipe:
-            while True:
-                try:
-                    await pipe.watch(hk)
-                    if await pipe.exists(hk):
-                        return False
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    self._queue_insert(pipe, record)
-                    self._queue_audit(pipe, audit)
-                    # A negative answer cached anywhere for this hash must go too.
-                    self._queue_announce(pipe, announcer, [(record.hash, record.version)])
-                    _announced(announcer, await pipe.execute())
-                    await self._durable()
-                    return True
-                except WatchError:
-                    continue
+        """Add a new record; False when a key with the same hash already exists. One round trip."""
+        args = [self.prefix, *self._record_args(record), self._audit_args(audit)]
+        async with self._writing() as client:
+            # A negative answer cached anywhere for this hash must go too.
+            message = announcer.message([(record.hash, record.version)])
+            reply = await self._create(args=[*args, message], client=client)
+            if not int(reply[0]):
+                return False
+            await self._durable()
+        _announced_with_live(announcer, reply[1])
+        return True
 
     async def insert_many(self, records: list[KeyRecord], audit: list[AuditEntry], announcer: Announcer) -> list[bool]:
         """Add many new records in one transaction (a bulk import's batch): for each, True when it
@@ -274,18 +274,17 @@ class KeyStore:
         if not records:
             return []
         now = time.time()
-        args: list[str | bytes] = [self.prefix]
+        args: list[str | bytes] = []
         for record, entry in zip(records, audit, strict=True):
             fields = [part for pair in entry.fields(now).items() for part in pair]
             args += [record.hash, record.id, record.to_json(), repr(record.created_at), record.owner or "",
                      orjson.dumps(fields).decode()]  # fmt: skip
-        async with self._changing() as pipe:
-            pipe.eval(_INSERT_MANY, 0, *args)
-            self._queue_announce(pipe, announcer, [(r.hash, r.version) for r in records])
-            replies = await pipe.execute()
-            _announced(announcer, replies)
+        message = announcer.message([(r.hash, r.version) for r in records])
+        async with self._writing() as client:
+            reply = await self._insert_many(args=[self.prefix, message, *args], client=client)
             await self._durable()
-        return [bool(flag) for flag in replies[0]]
+        _announced_with_live(announcer, reply[1])
+        return [bool(flag) for flag in reply[0]]
 
     async def update(
         self,
@@ -302,55 +301,39 @@ class KeyStore:
         (nothing is written, audited or announced). `also_insert` builds a new
         record from the changed one, written in the same transaction (rotate).
         """
-        raw_hash = await self.redis.get(self._id(key_id))
-        if raw_hash is None:
-            return None
-        hk = self._k(as_text(raw_hash))
-        async with self._changing() as pipe:
-            while True:
-                try:
-                    await pipe.watch(hk)
-                    raw = await pipe.get(hk)
-                    if raw is None:
-                        return None
-                    before = KeyRecord.from_json(raw)
-                    after = change(before)
-                    if after is before:
-                        await pipe.unwatch()  # type: ignore[no-untyped-call]
-                        return before, before, None
-                    inserted = also_insert(after) if also_insert is not None else None
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    pipe.set(hk, after.to_json())
-                    changed = [(after.hash, after.version)]
-                    if inserted is not None:
-                        self._queue_insert(pipe, inserted)
-                        changed.append((inserted.hash, inserted.version))
-                    self._queue_audit(pipe, audit)
-                    self._queue_announce(pipe, announcer, changed)
-                    _announced(announcer, await pipe.execute())
-                    await self._durable()
-                    return before, after, inserted
-                except WatchError:
+        while True:
+            read = await self._read_by_id(args=[self.prefix, key_id])
+            if not read or not read[1]:
+                return None
+            key_hash, raw = as_text(read[0]), read[1]
+            before = KeyRecord.from_json(raw)
+            after = change(before)
+            if after is before:
+                return before, before, None
+            inserted = also_insert(after) if also_insert is not None else None
+            changed = [(after.hash, after.version)]
+            extra: list[str | bytes] = []
+            if inserted is not None:
+                changed.append((inserted.hash, inserted.version))
+                extra = self._record_args(inserted)
+            async with self._writing() as client:
+                args = [self.prefix, key_hash, raw, after.to_json(), self._audit_args(audit)]
+                reply = await self._update(args=[*args, announcer.message(changed), *extra], client=client)
+                if not int(reply[0]):  # changed since it was read: read it again
                     continue
+                await self._durable()
+            _announced_with_live(announcer, reply[1])
+            return before, after, inserted
 
-    def _queue_insert(self, pipe: Any, record: KeyRecord) -> None:
-        pipe.set(self._k(record.hash), record.to_json())
-        pipe.set(self._id(record.id), record.hash)
-        pipe.zadd(self.prefix + "ids", {record.id: record.created_at})
-        if record.owner is not None:
-            pipe.zadd(self._owner(record.owner), {record.id: record.created_at})
+    def _record_args(self, record: KeyRecord) -> list[str | bytes]:
+        """A record as _CREATE's and _UPDATE's insert() takes it."""
+        return [record.hash, record.id, record.to_json(), repr(record.created_at), record.owner or ""]
 
-    def _queue_announce(self, pipe: Any, announcer: Announcer, keys: list[tuple[str, int]]) -> None:
-        """The announcement, then TIME: queued last, so `_announced` finds the time at the end."""
-        pipe.publish(self.channel, announcer.message(keys))
-        pipe.time()
-
-    def _queue_audit(self, pipe: Any, entries: list[AuditEntry]) -> None:
-        """Each entry into the global stream and its key's stream under one id (see _AUDIT_XADD)."""
+    def _audit_args(self, entries: list[AuditEntry]) -> str:
+        """Audit entries as the change scripts' audit() takes them: [key id, flat fields] each."""
         now = time.time()
-        for entry in entries:
-            args = [part for pair in entry.fields(now).items() for part in pair]
-            pipe.eval(_AUDIT_XADD, 2, self.prefix + "audit", self.prefix + "audit:" + entry.key_id, *args)
+        flat = [[e.key_id, [part for pair in e.fields(now).items() for part in pair]] for e in entries]
+        return orjson.dumps(flat).decode()
 
 
 # One audit entry, one stream id in both streams: two XADD * can take two ids (the clock can
@@ -358,8 +341,7 @@ class KeyStore:
 # An explicit id must be above the stream's last generated id, so the stream whose last id is
 # higher generates it (XADD *: above its own last id and the clock) and the other takes it as
 # given. Ids are compared as decimal strings (Redis writes them without leading zeros): a
-# Lua number cannot hold every 64-bit part. EVAL rather than EVALSHA: in MULTI an unknown sha
-# would fail alone at EXEC, leaving the change written without its audit entry.
+# Lua number cannot hold every 64-bit part.
 _XADD_BOTH = """
 local function last(stream)
   if redis.call('EXISTS', stream) == 0 then return {'0', '0'} end
@@ -384,32 +366,104 @@ local function xadd_both(all_stream, own_stream, fields)
   return id
 end
 """
-_AUDIT_XADD = _XADD_BOTH + "return xadd_both(KEYS[1], KEYS[2], ARGV)\n"
 
-# A bulk import's batch (insert_many), atomic: ARGV is the prefix, then six values a record (hash,
-# id, record JSON, created_at, owner or "", its audit entry's fields as a JSON list). A record whose
-# hash exists (or came earlier in the batch) writes nothing. Keys are built here from the prefix:
-# Redis Cluster is not supported (docs/deployment.md).
+# A change in one round trip (spec 13: the disable's latency): the write, its audit entries, its
+# announcement, the Redis time and the live replicas (coherence/replicas.py's sorted set and epochs,
+# expired members dropped), all in one script, so the answer can start waiting for acks at once.
+# `announce_and_read` ends every change script: PUBLISH, then TIME and the live set as the reply.
+_ANNOUNCE_LUA = """
+local function announce_and_read(prefix, message)
+  redis.call('PUBLISH', prefix .. 'events', message)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local members, epochs = prefix .. 'replicas', prefix .. 'replica-epochs'
+  local gone = redis.call('ZRANGEBYSCORE', members, '-inf', now)
+  if #gone > 0 then
+    redis.call('ZREMRANGEBYSCORE', members, '-inf', now)
+    redis.call('HDEL', epochs, unpack(gone))
+  end
+  local out = {t[1], t[2]}
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', members, now, '+inf')) do
+    out[#out + 1] = id
+    out[#out + 1] = redis.call('HGET', epochs, id) or '0'
+  end
+  return out
+end
+local function insert(prefix, hash, id, json, created, owner)
+  redis.call('SET', prefix .. 'k:' .. hash, json)
+  redis.call('SET', prefix .. 'id:' .. id, hash)
+  redis.call('ZADD', prefix .. 'ids', created, id)
+  if owner ~= '' then redis.call('ZADD', prefix .. 'owner:' .. owner, created, id) end
+end
+local function audit(prefix, entries)
+  for _, entry in ipairs(cjson.decode(entries)) do
+    xadd_both(prefix .. 'audit', prefix .. 'audit:' .. entry[1], entry[2])
+  end
+end
+"""
+
+# A repeat that writes nothing: ARGV prefix, message.
+_ANNOUNCE = _ANNOUNCE_LUA + "return announce_and_read(ARGV[1], ARGV[2])\n"
+
+# A new record: ARGV prefix, hash, id, json, created_at, owner or "", audit entries (JSON list of
+# [key id, fields]), message. {0} when a record with that hash exists (nothing written).
+_CREATE = (
+    _XADD_BOTH
+    + _ANNOUNCE_LUA
+    + """
+local prefix = ARGV[1]
+if redis.call('EXISTS', prefix .. 'k:' .. ARGV[2]) == 1 then return {0} end
+insert(prefix, ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+audit(prefix, ARGV[7])
+return {1, announce_and_read(prefix, ARGV[8])}
+"""
+)
+
+# A record and its id, read together: ARGV prefix, id. nil when no such id.
+_READ_BY_ID = """
+local hash = redis.call('GET', ARGV[1] .. 'id:' .. ARGV[2])
+if not hash then return false end
+return {hash, redis.call('GET', ARGV[1] .. 'k:' .. hash) or false}
+"""
+
+# A change to a record read before, if it is still as read (compare and set): ARGV prefix, hash,
+# the JSON read, the new JSON, audit entries, message, then an optional record to insert beside it
+# (rotate: hash, id, json, created_at, owner). {0} when the record changed meanwhile.
+_UPDATE = (
+    _XADD_BOTH
+    + _ANNOUNCE_LUA
+    + """
+local prefix, k = ARGV[1], ARGV[1] .. 'k:' .. ARGV[2]
+if redis.call('GET', k) ~= ARGV[3] then return {0} end
+redis.call('SET', k, ARGV[4])
+if #ARGV >= 11 then insert(prefix, ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]) end
+audit(prefix, ARGV[5])
+return {1, announce_and_read(prefix, ARGV[6])}
+"""
+)
+
+
+# A bulk import's batch (insert_many), atomic: ARGV is the prefix, the announcement, then six values
+# a record (hash, id, record JSON, created_at, owner or "", its audit entry's fields as a JSON list).
+# A record whose hash exists (or came earlier in the batch) writes nothing. Keys are built here from
+# the prefix: Redis Cluster is not supported (docs/deployment.md).
 _INSERT_MANY = (
     _XADD_BOTH
+    + _ANNOUNCE_LUA
     + """
 local prefix = ARGV[1]
 local added = {}
-for i = 2, #ARGV, 6 do
+for i = 3, #ARGV, 6 do
   local hash, id, json, created, owner = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-  local k = prefix .. 'k:' .. hash
-  if redis.call('EXISTS', k) == 1 then
+  if redis.call('EXISTS', prefix .. 'k:' .. hash) == 1 then
     added[#added + 1] = 0
   else
-    redis.call('SET', k, json)
-    redis.call('SET', prefix .. 'id:' .. id, hash)
-    redis.call('ZADD', prefix .. 'ids', created, id)
-    if owner ~= '' then redis.call('ZADD', prefix .. 'owner:' .. owner, created, id) end
+    insert(prefix, hash, id, json, created, owner)
     xadd_both(prefix .. 'audit', prefix .. 'audit:' .. id, cjson.decode(ARGV[i + 5]))
     added[#added + 1] = 1
   end
 end
-return added
+return {added, announce_and_read(prefix, ARGV[2])}
 """
 )
 
