@@ -46,7 +46,6 @@ K8S_VERSIONS = ["1.28", None]
 CHECKOV_SKIP: dict[str, str] = {}
 # The annotated skips docs/deployment.md lists ("Checkov checks skipped"); a new one must be added there too.
 DOCUMENTED_ANNOTATED_SKIPS = {
-    ("CKV_K8S_35", "Deployment.gateway.gateway"),  # secrets as env: the gateway reads them only from env
     ("CKV_K8S_43", "Deployment.gateway.gateway"),  # image digest: pinned in kustomization.yaml per registry
     ("CKV_K8S_43", "StatefulSet.gateway.redis"),  # same, for the Redis image
 }
@@ -104,17 +103,37 @@ def secret_values(objects: dict[tuple[str, str], dict[str, Any]], name: str) -> 
     return values
 
 
-def deployment_env(objects: dict[tuple[str, str], dict[str, Any]]) -> dict[str, str]:
-    """The gateway container's environment, with secretKeyRef values taken from the Secret."""
+def secret_files(objects: dict[tuple[str, str], dict[str, Any]]) -> dict[str, tuple[str, str]]:
+    """Each file the gateway container gets from a Secret volume: path -> (Secret name, key)."""
+    container, pod = gateway_container(objects), objects["Deployment", "gateway"]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v["secret"] for v in pod.get("volumes", []) if "secret" in v}
+    files: dict[str, tuple[str, str]] = {}
+    for mount in container.get("volumeMounts", []):
+        secret = volumes.get(mount["name"])
+        if secret is not None:
+            for item in secret["items"]:
+                files[f"{mount['mountPath']}/{item['path']}"] = (secret["secretName"], item["key"])
+    return files
+
+
+def deployment_env(objects: dict[tuple[str, str], dict[str, Any]], workdir: Path) -> dict[str, str]:
+    """The gateway container's environment: a GATEWAY_X_FILE that names a file of a mounted Secret
+    points to a copy of that Secret's value written under `workdir`, as the kubelet would mount it."""
     env: dict[str, str] = {}
+    files = secret_files(objects)
     for var in gateway_container(objects).get("env", []):
-        if "value" in var:
-            env[var["name"]] = str(var["value"])
-            continue
-        ref = var["valueFrom"]["secretKeyRef"]
-        values = secret_values(objects, ref["name"])
-        assert ref["key"] in values, f"{var['name']}: Secret {ref['name']} has no key {ref['key']}"
-        env[var["name"]] = values[ref["key"]]
+        assert "valueFrom" not in var, f"{var['name']}: secrets come as files (a Secret volume), not env"
+        value = str(var["value"])
+        if var["name"].endswith("_FILE"):
+            assert value in files, f"{var['name']}: {value} is not a file of a mounted Secret"
+            name, key = files[value]
+            values = secret_values(objects, name)
+            assert key in values, f"{var['name']}: Secret {name} has no key {key}"
+            copy = workdir / "secrets" / key
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.write_text(values[key], encoding="utf-8")
+            value = str(copy)
+        env[var["name"]] = value
     return env
 
 
@@ -127,7 +146,7 @@ def gateway_yaml(objects: dict[tuple[str, str], dict[str, Any]]) -> str:
 def load_gateway_config(objects: dict[tuple[str, str], dict[str, Any]], tmp_path: Path) -> config_mod.Config:
     path = tmp_path / "gateway.yaml"
     path.write_text(gateway_yaml(objects), encoding="utf-8")
-    return config_mod.load(path, deployment_env(objects))
+    return config_mod.load(path, deployment_env(objects, tmp_path))
 
 
 def port_number(container: dict[str, Any], port: int | str) -> int:
@@ -403,11 +422,11 @@ def test_shutdown_fits_the_grace_period(objects: dict[tuple[str, str], dict[str,
 def test_configmap_loads_with_the_deployments_environment(
     objects: dict[tuple[str, str], dict[str, Any]], tmp_path: Path
 ) -> None:
-    env = deployment_env(objects)
-    assert set(env) <= set(config_mod.ENV_OVERRIDES), (
-        f"unknown GATEWAY_* variables: {set(env) - set(config_mod.ENV_OVERRIDES)}"
-    )
-    assert {"GATEWAY_REDIS_URL", "GATEWAY_REDIS_CHANNEL_SECRET", "GATEWAY_ADMIN_TOKENS"} <= set(env)
+    env = deployment_env(objects, tmp_path)
+    known = set(config_mod.ENV_OVERRIDES) | {var + "_FILE" for var in config_mod.FILE_VARIANTS}
+    assert set(env) <= known, f"unknown GATEWAY_* variables: {set(env) - known}"
+    secrets_from = {"GATEWAY_REDIS_URL_FILE", "GATEWAY_REDIS_CHANNEL_SECRET_FILE", "GATEWAY_ADMIN_TOKENS_FILE"}
+    assert secrets_from <= set(env)
     cfg = load_gateway_config(objects, tmp_path)
     assert not cfg.redis.embedded  # the image has no redis-server
     assert cfg.redis.channel_secret is not None
@@ -424,7 +443,7 @@ def test_check_config_command_accepts_it(objects: dict[tuple[str, str], dict[str
     path = tmp_path / "gateway.yaml"
     path.write_text(gateway_yaml(objects), encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update(deployment_env(objects))
+    env.update(deployment_env(objects, tmp_path))
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "check-config", "--config", str(path)],
         capture_output=True,
