@@ -37,6 +37,7 @@ lint: install
 # parallel, one pytest-xdist worker per CPU (addopts in pyproject.toml; `pytest -n 0` runs it serially).
 test: install redis deploy-tools lint
 	@bash scripts/ensure-verify-proxies.sh
+	@bash scripts/ensure-console-browser.sh
 	$(VENV)/bin/pytest
 	$(MAKE) --no-print-directory test-lowest
 
