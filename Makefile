@@ -38,6 +38,7 @@ lint: install
 test: install redis deploy-tools lint
 	@bash scripts/ensure-verify-proxies.sh
 	@bash scripts/ensure-console-browser.sh
+	@bash scripts/ensure-schemathesis.sh
 	$(VENV)/bin/pytest
 	$(MAKE) --no-print-directory test-lowest
 
@@ -79,4 +80,4 @@ bench-verify: install redis
 	$(PY) benchmarks/verify.py
 
 clean:
-	rm -rf $(VENV) $(LOWEST) .venv-tools .gateway-data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LOWEST) .venv-tools .venv-schemathesis artifacts .gateway-data .pytest_cache .mypy_cache .ruff_cache
