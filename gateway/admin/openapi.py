@@ -88,6 +88,36 @@ def _change(summary: str, role: str, body: dict[str, Any] | None) -> dict[str, A
     )
 
 
+def _create_fields(text: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        "name": text,
+        "owner": text,
+        "scopes": {
+            "type": "array",
+            "maxItems": bodies.MAX_SCOPES,
+            "items": {"type": "string", "pattern": "^[A-Za-z0-9_.:/*-]{1,128}$"},
+        },
+        "meta": {
+            "type": "object",
+            "description": f"At most {bodies.MAX_META_BYTES} bytes of JSON, {bodies.MAX_META_DEPTH} levels deep",
+        },
+        "expires_at": {"type": "string", "format": "date-time", "description": "In the future"},
+        "prefix": {
+            "type": "string",
+            "pattern": "^[A-Za-z][A-Za-z0-9]{0,15}_$",
+            "description": "Generated keys only",
+        },
+        "key": {
+            "type": "string",
+            "minLength": bodies.MIN_IMPORTED_KEY,
+            "maxLength": MAX_TOKEN_LENGTH,
+            "pattern": "^[A-Za-z0-9._~+/=-]+$",
+            "writeOnly": True,
+        },
+        "key_sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
+    }
+
+
 def _schemas() -> dict[str, Any]:
     text = {"type": "string", "minLength": 1, "maxLength": bodies.MAX_TEXT, "pattern": _TEXT}
     time = _nullable({"type": "string", "format": "date-time"})
@@ -196,35 +226,7 @@ def _schemas() -> dict[str, Any]:
             "description": "Create a key (the gateway generates it) or import one (`key` or `key_sha256`)",
             "additionalProperties": False,
             "properties": {  # null is the same as absent for every field
-                name: _nullable(schema)
-                for name, schema in {
-                    "name": text,
-                    "owner": text,
-                    "scopes": {
-                        "type": "array",
-                        "maxItems": bodies.MAX_SCOPES,
-                        "items": {"type": "string", "pattern": "^[A-Za-z0-9_.:/*-]{1,128}$"},
-                    },
-                    "meta": {
-                        "type": "object",
-                        "description": f"At most {bodies.MAX_META_BYTES} bytes of JSON, "
-                        f"{bodies.MAX_META_DEPTH} levels deep",
-                    },
-                    "expires_at": {"type": "string", "format": "date-time", "description": "In the future"},
-                    "prefix": {
-                        "type": "string",
-                        "pattern": "^[A-Za-z][A-Za-z0-9]{0,15}_$",
-                        "description": "Generated keys only",
-                    },
-                    "key": {
-                        "type": "string",
-                        "minLength": bodies.MIN_IMPORTED_KEY,
-                        "maxLength": MAX_TOKEN_LENGTH,
-                        "pattern": "^[A-Za-z0-9._~+/=-]+$",
-                        "writeOnly": True,
-                    },
-                    "key_sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
-                }.items()
+                name: _nullable(schema) for name, schema in _create_fields(text).items()
             },
         },
         "Reason": {
