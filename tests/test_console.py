@@ -408,3 +408,131 @@ async def test_search_by_name_owner_id_and_start_with_pages(gw: Gateway, browser
     assert status == 400
     status, _, _ = await b.get("/keys?state=nonsense")
     assert status == 400
+
+
+# the usage panel (shown when a usage reader is given) ---------------------------------------
+
+
+class RecordingUsage:
+    """A usage reader that answers fixed buckets and records what it was asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, str]] = []
+
+    async def usage(self, key_id: str, window: str) -> dict[str, Any]:
+        self.asked.append((key_id, window))
+        return {
+            "window": window,
+            "buckets": [
+                {"start": "2026-01-01T00:00:00Z", "counts": {"forwarded": 3, "key_disabled": 1}},
+                {"start": "2026-01-01T01:00:00Z", "counts": {"forwarded": 8}},
+                {"start": "2026-01-01T02:00:00Z", "counts": {}},
+            ],
+        }
+
+
+async def test_the_usage_panel_appears_only_with_a_usage_reader(gw: Gateway, browsers: Any) -> None:
+    from aiohttp.test_utils import TestServer
+
+    from gateway.admin.app import build_admin_app
+    from gateway.config import ConsoleConfig
+    from gateway.console.app import mount
+
+    key = await gw.create_key(name="used", owner="u")
+    b = await signed_in(browsers, gw.tokens.viewer)
+    _, page, _ = await b.get(f"/keys/{key['id']}")
+    assert 'id="usage-title"' not in page and "Unused since" not in (await b.get("/keys"))[1]
+
+    reader = RecordingUsage()
+    app = build_admin_app(gw.replica.api)
+    mount(app, gw.replica.api, ConsoleConfig(), usage=reader)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        other = Browser(gw)
+        other.gw = type("G", (), {"admin_url": f"http://127.0.0.1:{server.port}"})()  # type: ignore[assignment]
+        try:
+            got = await other.sign_in(gw.tokens.viewer)
+            assert got[0] == 303, got[1]
+            status, page, _ = await other.get(f"/keys/{key['id']}?window=1h")
+            assert status == 200 and 'id="usage-title"' in page
+            assert reader.asked == [(key["id"], "1h")]
+            heights = re.findall(r'<rect x="[0-9.]+" y="[0-9.]+" width="[0-9.]+" height="([0-9.]+)"', page)
+            assert heights == ["50.0", "100.0", "0.0"]  # 4, 8 and 0 requests against a peak of 8
+            assert "12 requests" in page
+            assert (await other.get(f"/keys/{key['id']}?window=7d"))[0] == 400
+            assert "Unused since" in (await other.get("/keys"))[1]
+        finally:
+            await other.close()
+    finally:
+        await server.close()
+
+
+# configuration ------------------------------------------------------------------------------
+
+
+def _config(console: dict[str, Any] | None, environ: dict[str, str] | None = None) -> Any:
+    import yaml
+
+    from gateway import config as config_mod
+
+    raw: dict[str, Any] = {
+        "admin": {"tokens": []},
+        "redis": {"url": "redis://127.0.0.1:6379/0"},
+        "routes": [{"name": "api", "path_prefix": "/api", "upstream": "http://127.0.0.1:9000"}],
+    }
+    if console is not None:
+        raw["admin"]["console"] = console
+    return config_mod.parse(yaml.safe_dump(raw), source="<t>", environ=environ or {})
+
+
+def test_console_config_defaults_and_env_overrides() -> None:
+    console = _config(None).admin.console
+    assert (console.enabled, console.secure_cookies) == (True, False)
+    assert (console.idle_timeout_seconds, console.absolute_timeout_seconds) == (900, 8 * 3600)
+    assert console.max_sessions_per_token == 20
+    env = {"GATEWAY_ADMIN_CONSOLE_SECURE_COOKIES": "true", "GATEWAY_ADMIN_CONSOLE_ENABLED": "false"}
+    console = _config({"idle_timeout_seconds": 60}, env).admin.console
+    assert (console.enabled, console.secure_cookies, console.idle_timeout_seconds) == (False, True, 60)
+
+
+def test_console_config_problems_are_reported_all_at_once() -> None:
+    from gateway.config import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        _config({"secure_cookies": "yes", "idle_timeout_seconds": 0, "max_sessions_per_token": 0, "colour": 1})
+    found = {p.path: p.rule for p in caught.value.problems}
+    assert found == {
+        "admin.console.colour": found["admin.console.colour"],
+        "admin.console.secure_cookies": "must be true or false",
+        "admin.console.idle_timeout_seconds": "must be between 1 and 86400",
+        "admin.console.max_sessions_per_token": "must be between 1 and 1000",
+    }
+    assert found["admin.console.colour"].startswith("unknown key")
+    with pytest.raises(ConfigError) as caught:
+        _config({"idle_timeout_seconds": 600, "absolute_timeout_seconds": 300})
+    (problem,) = caught.value.problems
+    assert problem.path == "admin.console.idle_timeout_seconds"
+    assert problem.rule == "must not exceed admin.console.absolute_timeout_seconds"
+    with pytest.raises(ConfigError) as caught:
+        _config(None, {"GATEWAY_ADMIN_CONSOLE_SECURE_COOKIES": "maybe"})
+    assert "(from GATEWAY_ADMIN_CONSOLE_SECURE_COOKIES)" in str(caught.value)
+
+
+async def test_secure_cookies_and_a_disabled_console(gateway_factory: Any) -> None:
+    gw: Gateway = await gateway_factory(**{"admin.console": {"secure_cookies": True}})
+    # Secure cookies are not sent back over plain HTTP (as a browser would not): the test sends them itself.
+    async with gw.session.get(gw.admin_url + "/sign-in") as r:
+        nonce_cookie = r.cookies["gw_console_signin"]
+        assert nonce_cookie["secure"] and nonce_cookie["httponly"] and nonce_cookie["samesite"] == "Strict"
+        match = NONCE.search(await r.text())
+    assert match
+    form = {"token": gw.tokens.viewer, "nonce": match[1]}
+    headers = {"Cookie": f"gw_console_signin={nonce_cookie.value}", "Origin": gw.admin_url}
+    async with gw.session.post(gw.admin_url + "/sign-in", data=form, headers=headers, allow_redirects=False) as r:
+        assert r.status == 303 and r.cookies[COOKIE]["secure"]
+    off: Gateway = await gateway_factory(**{"admin.console": {"enabled": False}})
+    async with off.session.get(off.admin_url + "/sign-in") as r:
+        assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+    async with await off.admin_call("GET", "/v1/keys") as r:
+        assert r.status == 200
