@@ -536,3 +536,38 @@ async def test_secure_cookies_and_a_disabled_console(gateway_factory: Any) -> No
         assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
     async with await off.admin_call("GET", "/v1/keys") as r:
         assert r.status == 200
+
+
+async def test_the_role_comes_from_the_running_config_on_every_request(gateway_factory: Any) -> None:
+    """A session made under one configuration, used on a replica whose configuration lowered the
+    token's role (as after a restart), acts with the lower role; a token removed ends it."""
+    first: Gateway = await gateway_factory()
+    key = await first.create_key(name="role-check")
+    b = Browser(first)
+    try:
+        assert (await b.sign_in(first.tokens.developer))[0] == 303
+        cookie = b.session_id()
+        assert cookie
+        prefix = first.replica.store.prefix
+        lowered = [dict(e, role="viewer") if e["name"] == "ops-developer" else e for e in first.tokens.entries]
+        second: Gateway = await gateway_factory(**{"redis.prefix": prefix, "admin.tokens": lowered})
+        removed = [e for e in first.tokens.entries if e["name"] != "ops-developer"]
+        third: Gateway = await gateway_factory(**{"redis.prefix": prefix, "admin.tokens": removed})
+        jar = {COOKIE: cookie}
+        async with aiohttp.ClientSession(cookies=jar) as s:
+            async with s.get(f"{second.admin_url}/keys/{key['id']}", allow_redirects=False) as r:
+                page = await r.text()
+                assert r.status == 200 and 'id="disable"' not in page and "(viewer)" in page
+            csrf = CSRF.search(page)
+            assert csrf
+            form = {"csrf": csrf[1], "reason": "x"}
+            headers = {"Origin": second.admin_url}
+            async with s.post(f"{second.admin_url}/keys/{key['id']}/disable", data=form, headers=headers,
+                              allow_redirects=False) as r:  # fmt: skip
+                assert r.status == 403 and "insufficient_permissions" in await r.text()
+            async with s.get(f"{third.admin_url}/keys", allow_redirects=False) as r:
+                assert r.status == 303 and r.headers["Location"] == "/sign-in"
+        # The first replica (still the developer's role) finds the session gone too: removed means ended.
+        assert (await b.get("/keys"))[0] == 303
+    finally:
+        await b.close()
