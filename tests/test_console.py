@@ -571,3 +571,12 @@ async def test_the_role_comes_from_the_running_config_on_every_request(gateway_f
         assert (await b.get("/keys"))[0] == 303
     finally:
         await b.close()
+
+
+async def test_a_change_to_a_key_that_does_not_exist_is_404(gw: Gateway, browsers: Any) -> None:
+    b = await signed_in(browsers, gw.tokens.admin)
+    for action in ("disable", "enable"):
+        status, page, _ = await b.post(f"/keys/key_{'0' * 20}/{action}", {})
+        assert status == 404 and "key_not_found" in page, action
+    status, page, _ = await b.post("/keys/not-a-key/disable", {})
+    assert status == 400 and "invalid_request" in page

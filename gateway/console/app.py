@@ -69,6 +69,10 @@ class UsageReader(Protocol):
     async def usage(self, key_id: str, window: str) -> Mapping[str, Any]: ...
 
 
+class _NoSuchKey(Exception):
+    """No key has the id a change named: 404 key_not_found."""
+
+
 @dataclass(frozen=True, slots=True)
 class Signed:
     session: Session
@@ -210,6 +214,8 @@ class Console:
                     return self.error(request, signed, "invalid_request", str(exc))
                 except Refused as exc:
                     return self.error(request, signed, exc.code, exc.detail, status=409)
+                except _NoSuchKey:
+                    return self.error(request, signed, "key_not_found", "No key has this id", status=404)
             except (RedisError, OSError, TimeoutError) as exc:
                 self.api.metrics.redis_errors.labels("admin").inc()
                 log.warning("console: redis failed: %s", type(exc).__name__)
@@ -391,7 +397,7 @@ class Console:
         self, signed: Signed, key_id: str, action: str, changed: Changed | None, **extra: object
     ) -> web.StreamResponse:
         if changed is None:
-            raise Refused("not_found", "No key has this id")
+            raise _NoSuchKey
         await self.sessions.put_once(
             signed.session, {"key_id": key_id, "action": action, "propagation": changed.propagation.public(), **extra}
         )
