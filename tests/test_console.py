@@ -580,3 +580,32 @@ async def test_a_change_to_a_key_that_does_not_exist_is_404(gw: Gateway, browser
         assert status == 404 and "key_not_found" in page, action
     status, page, _ = await b.post("/keys/not-a-key/disable", {})
     assert status == 400 and "invalid_request" in page
+
+
+async def test_the_audit_log_filters_by_key_and_pages(gw: Gateway, browsers: Any) -> None:
+    key = await gw.create_key(name="audited")
+    other = await gw.create_key(name="other")
+    for i in range(30):
+        for action in ("disable", "enable"):
+            async with await gw.admin_call("POST", f"/v1/keys/{key['id']}/{action}", json={}) as r:
+                assert r.status == 200, i
+    b = await signed_in(browsers, gw.tokens.admin)
+    _, page, _ = await b.get(f"/audit?key_id={key['id']}")
+    rows = re.findall(r"<tr><td>", page)
+    assert len(rows) == 50 and other["id"] not in page
+    href = re.search(r'<a href="([^"]+)" rel="next" id="next-page"', page)
+    assert href
+    _, page, _ = await b.get(href[1].replace("&amp;", "&"))
+    assert len(re.findall(r"<tr><td>", page)) == 11  # 60 changes and the create, newest first
+    assert 'id="next-page"' not in page and ">create<" in page
+    status, page, _ = await b.get(f"/audit?key_id={other['id']}&cursor=" + href[1].split("cursor=")[1])
+    assert status == 400  # a cursor is good only for the query it was issued for
+
+
+async def test_the_status_page_shows_the_replica_its_lease_and_redis(gw: Gateway, browsers: Any) -> None:
+    b = await signed_in(browsers, gw.tokens.viewer)
+    status, page, _ = await b.get("/status")
+    assert status == 200
+    assert gw.replica.registry.replica_id in page and "(this one)" in page
+    assert re.search(r'id="coherent">coherent: lease \d+ ms left', page)
+    assert 'id="redis-role">master<' in page
