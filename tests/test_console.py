@@ -609,3 +609,28 @@ async def test_the_status_page_shows_the_replica_its_lease_and_redis(gw: Gateway
     assert gw.replica.registry.replica_id in page and "(this one)" in page
     assert re.search(r'id="coherent">coherent: lease \d+ ms left', page)
     assert 'id="redis-role">master<' in page
+
+
+async def test_the_actions_check_the_role_themselves(gw: Gateway) -> None:
+    """What the console calls refuses a role too low whoever calls it, before anything is written."""
+    from gateway.admin import bodies
+    from gateway.admin.api import Caller, Forbidden
+    from gateway.admin.auth import Principal
+
+    key = await gw.create_key(name="guarded")
+    api = gw.replica.api
+    viewer = Caller(Principal("someone", "viewer"), "127.0.0.1", "req_test")
+    developer = Caller(Principal("someone", "developer"), "127.0.0.1", "req_test")
+    calls = [
+        api.disable_key(viewer, key["id"], "x"),
+        api.enable_key(viewer, key["id"]),
+        api.rotate_key(viewer, key["id"], 0),
+        api.create_key(viewer, bodies.create({"name": "n"}, 0)),
+        api.revoke_key(developer, key["id"], "x"),
+        api.audit_page(developer, bodies.AuditQuery(None, None, 10)),
+    ]
+    for call in calls:
+        with pytest.raises(Forbidden):
+            await call
+    record = await api.store.get_by_id(key["id"])
+    assert record is not None and record.enabled and not record.revoked and record.version == 1
