@@ -1,7 +1,7 @@
 // The gateway console's only script (progressive enhancement: every flow works without it).
 // - a "Copy" button next to a key shown once;
 // - the Disable link opens its confirmation as a dialog on the same page.
-// SPDX-License-Identifier: same licence as the gateway project. No third-party code.
+// Written for this project (its licence applies); no third-party code.
 "use strict";
 document.addEventListener("DOMContentLoaded", function () {
   document.querySelectorAll("[data-copy]").forEach(function (button) {
