@@ -30,13 +30,15 @@ lines of standard library; mypy checks it strictly.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Final, Generic, Literal, Never, TypeAlias, TypeGuard, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import yaml
 
@@ -97,8 +99,18 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SentinelConfig:
+    """Find the master through Redis Sentinel (spec 13) and follow its failovers."""
+
+    master_name: str
+    sentinels: tuple[tuple[str, int], ...]
+    password: str | None = field(default=None, repr=False)  # the sentinels' own AUTH, if any
+    tls: bool = False  # TLS to the sentinels and to the master
+
+
+@dataclass(frozen=True, slots=True)
 class RedisConfig:
-    url: str | None  # None: embedded
+    url: str | None  # None: embedded, unless `sentinel` is set
     prefix: str
     channel_secret: str | None = field(repr=False)
     data_dir: Path
@@ -106,10 +118,17 @@ class RedisConfig:
     # Trust in the cache is a lease (spec 8): a PING sent at t whose reply came back on the
     # subscription lets the replica answer from its cache until t + lease_seconds.
     lease_seconds: float = 1.0
+    # Redis's password (AUTH), instead of one in the URL; from GATEWAY_REDIS_PASSWORD(_FILE).
+    password: str | None = field(default=None, repr=False)
+    sentinel: SentinelConfig | None = None  # from redis.sentinel or a redis+sentinel:// URL
+    # Acknowledged means durable (spec 13): a change counts once this many Redis replicas hold it
+    # (WAIT, up to min_replicas_timeout_seconds); fewer -> 503 store_unavailable. 0: no WAIT.
+    min_replicas_acked: int = 0
+    min_replicas_timeout_seconds: float = 0.5
 
     @property
     def embedded(self) -> bool:
-        return self.url is None
+        return self.url is None and self.sentinel is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +207,37 @@ class VerifyConfig:
     path_prefix: str = ""
 
 
+# Key events a webhook endpoint can subscribe to (spec 10; gateway/webhooks/events.py makes them).
+WEBHOOK_EVENTS: Final[tuple[str, ...]] = (
+    "key.created", "key.disabled", "key.enabled", "key.revoked", "key.rotated", "key.auto_disabled",
+    "key.expiring_soon",
+)  # fmt: skip
+WEBHOOK_SECRET_PREFIX: Final = "whsec_"  # noqa: S105 - the standard's prefix, not a secret
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookEndpoint:
+    name: str  # metrics and logs name the endpoint by this, never by its URL
+    url: str = field(repr=False)  # may carry credentials (sent as basic auth)
+    events: frozenset[str]
+    secret: bytes = field(repr=False)  # the key of a `whsec_<base64>` secret, decoded
+
+
+@dataclass(frozen=True, slots=True)
+class WebhooksConfig:
+    """Signed key events (spec 10), queued in Redis; gateway/webhooks/ delivers them."""
+
+    endpoints: tuple[WebhookEndpoint, ...]
+    expiring_soon_seconds: float = 7 * 86400.0  # key.expiring_soon this long before a key's expires_at
+    check_seconds: float = 60.0  # how often keys are checked for key.expiring_soon
+    timeout_seconds: float = 10.0  # one delivery attempt, connect to last byte of the answer's head
+    concurrency: int = 4  # attempts in flight at once, per endpoint and replica
+    max_queue: int = 100_000  # events waiting per endpoint; past it a new event for it is dropped (and counted)
+    retry_initial_seconds: float = 5.0  # the first retry's delay; each next one doubles, with jitter
+    retry_max_interval_seconds: float = 3600.0  # no delay between attempts is longer than this
+    retry_hours: float = 24.0  # attempts go on at least this long after the event, then it is dropped
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     listen: Listen
@@ -203,6 +253,7 @@ class Config:
     # Peers (CIDR) whose Forwarded / X-Forwarded-* / X-Real-IP headers are believed (spec 6).
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     verify: VerifyConfig | None = None  # None: no verify listener
+    webhooks: WebhooksConfig | None = None  # None: no webhooks
 
     def routes_for(self, mode: RouteMode) -> tuple[Route, ...]:
         return tuple(route for route in self.routes if route.mode == mode)
@@ -255,6 +306,13 @@ ENV_OVERRIDES: Final[dict[str, tuple[str, ...]]] = {
     "GATEWAY_ADMIN_CONSOLE_ENABLED": ("admin", "console", "enabled"),
     "GATEWAY_ADMIN_CONSOLE_SECURE_COOKIES": ("admin", "console", "secure_cookies"),
     "GATEWAY_REDIS_URL": ("redis", "url"),
+    "GATEWAY_REDIS_PASSWORD": ("redis", "password"),
+    "GATEWAY_REDIS_MIN_REPLICAS_ACKED": ("redis", "min_replicas_acked"),
+    "GATEWAY_REDIS_MIN_REPLICAS_TIMEOUT_SECONDS": ("redis", "min_replicas_timeout_seconds"),
+    "GATEWAY_REDIS_SENTINEL_MASTER_NAME": ("redis", "sentinel", "master_name"),
+    "GATEWAY_REDIS_SENTINEL_SENTINELS": ("redis", "sentinel", "sentinels"),
+    "GATEWAY_REDIS_SENTINEL_PASSWORD": ("redis", "sentinel", "password"),
+    "GATEWAY_REDIS_SENTINEL_TLS": ("redis", "sentinel", "tls"),
     "GATEWAY_REDIS_PREFIX": ("redis", "prefix"),
     "GATEWAY_REDIS_CHANNEL_SECRET": ("redis", "channel_secret"),
     "GATEWAY_REDIS_DATA_DIR": ("redis", "data_dir"),
@@ -281,9 +339,24 @@ ENV_OVERRIDES: Final[dict[str, tuple[str, ...]]] = {
     "GATEWAY_VERIFY_LISTEN_PORT": ("verify", "listen", "port"),
 }
 # Values that are secrets: never echoed in a problem report.
-_SECRET_PATHS: Final = {("redis", "channel_secret"), ("redis", "url")}
+_SECRET_PATHS: Final = {
+    ("redis", "channel_secret"), ("redis", "url"), ("redis", "password"), ("redis", "sentinel", "password"),
+}  # fmt: skip
 # Values taken verbatim, not as YAML: a secret like "123" stays a string.
-_VERBATIM_PATHS: Final = {("redis", "url"), ("redis", "channel_secret"), ("redis", "prefix")}
+_VERBATIM_PATHS: Final = {
+    ("redis", "url"), ("redis", "channel_secret"), ("redis", "prefix"), ("redis", "password"),
+    ("redis", "sentinel", "password"), ("redis", "sentinel", "master_name"),
+}  # fmt: skip
+# Secrets that may come from a file instead, as Kubernetes mounts a Secret: GATEWAY_X_FILE names
+# the file, whose text (less one trailing newline) is taken as GATEWAY_X would be. Never both.
+FILE_VARIANTS: Final = (
+    "GATEWAY_REDIS_URL",
+    "GATEWAY_REDIS_PASSWORD",
+    "GATEWAY_REDIS_SENTINEL_PASSWORD",
+    "GATEWAY_REDIS_CHANNEL_SECRET",
+    "GATEWAY_ADMIN_TOKENS",
+)
+MAX_SECRET_FILE: Final = 1024 * 1024  # bytes a *_FILE may hold (an admin token list is the largest)
 
 
 def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
@@ -312,7 +385,7 @@ def parse(text: str, *, source: str = "<config>", environ: Mapping[str, str] | N
         raise ConfigError(source, [Problem("(root)", type(raw).__name__, "must be a mapping of keys")])
     problems: list[Problem] = []
     from_env = _apply_env(raw, environ or {}, problems)
-    config = _Validator(problems).config(raw, source)
+    config = _Validator(problems, environ or {}).config(raw, source)
     if problems:
         raise ConfigError(source, [_noting_env(p, from_env) for p in problems])
     assert config is not None
@@ -327,13 +400,46 @@ def _noting_env(problem: Problem, from_env: Mapping[str, str]) -> Problem:
     return problem
 
 
+def _read_secret_files(environ: Mapping[str, str], problems: list[Problem]) -> dict[str, tuple[str, str]]:
+    """GATEWAY_X -> (its text, the variable it came from) for each GATEWAY_X_FILE given."""
+    found: dict[str, tuple[str, str]] = {}
+    for var in FILE_VARIANTS:
+        file_var = var + "_FILE"
+        if file_var not in environ:
+            continue
+        where = environ[file_var]
+        if var in environ:
+            problems.append(Problem(file_var, where, f"set {var} or {file_var}, not both"))
+            continue
+        try:
+            with open(where, "rb") as f:
+                data = f.read(MAX_SECRET_FILE + 1)
+        except OSError as exc:
+            problems.append(Problem(file_var, where, f"cannot be read: {exc.strerror}"))
+            continue
+        if len(data) > MAX_SECRET_FILE:
+            problems.append(Problem(file_var, where, f"must hold at most {MAX_SECRET_FILE} bytes"))
+            continue
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            problems.append(Problem(file_var, where, "must hold UTF-8 text"))
+            continue
+        found[var] = (text.removesuffix("\n").removesuffix("\r"), file_var)
+    return found
+
+
 def _apply_env(raw: dict[object, object], environ: Mapping[str, str], problems: list[Problem]) -> dict[str, str]:
     """Write overrides into the raw mapping; returns key path -> the variable that set it."""
     applied: dict[str, str] = {}
+    from_files = _read_secret_files(environ, problems)
     for var, path in ENV_OVERRIDES.items():
-        if var not in environ:
+        if var in from_files:
+            text, var = from_files[var]
+        elif var in environ:
+            text = environ[var]
+        else:
             continue
-        text = environ[var]
         value: object
         try:
             value = yaml.safe_load(text) if text.strip() else None
@@ -583,12 +689,62 @@ def _check_token_id(v: str) -> str | None:
 def _check_redis_url(v: str) -> str | None:
     if v == "embedded":
         return None
+    if v.startswith(SENTINEL_SCHEMES):
+        got = parse_sentinel_url(v)
+        return got.rule if isinstance(got, _Broken) else None
     parts = urlsplit(v)
     if parts.scheme not in ("redis", "rediss", "unix"):
-        return "must be 'embedded' or a redis://, rediss:// or unix:// URL"
+        return "must be 'embedded' or a redis://, rediss://, unix:// or redis+sentinel:// URL"
     if parts.scheme != "unix" and not parts.hostname:
         return "must name a host"
     return None
+
+
+SENTINEL_SCHEMES: Final = ("redis+sentinel://", "rediss+sentinel://")
+DEFAULT_SENTINEL_PORT: Final = 26379
+
+
+def _address(text: str, default_port: int) -> tuple[str, int] | None:
+    """'host:port', '[v6]:port' or 'host' -> (host, port); None when it is not one."""
+    text = text.strip()
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d{1,5}))?|([^:\[\]]+)(?::(\d{1,5}))?", text)
+    if match is None:
+        return None
+    host = match[1] or match[3]
+    port = int(match[2] or match[4] or default_port)
+    if _check_host(host) is not None or not 0 < port <= 65535:
+        return None
+    return host, port
+
+
+def _sentinels(v: object) -> tuple[tuple[str, int], ...] | _Broken:
+    """A list of 'host:port' (or one comma-separated string, as an environment variable gives it)."""
+    items = v.split(",") if isinstance(v, str) else v
+    rule = "must list sentinel addresses as host:port (a YAML list, or one comma-separated string)"
+    if not _is_list(items) or not items:
+        return _Broken(rule)
+    found = [_address(item, DEFAULT_SENTINEL_PORT) if isinstance(item, str) else None for item in items]
+    addresses = tuple(a for a in found if a is not None)
+    return addresses if len(addresses) == len(items) else _Broken(rule)
+
+
+def parse_sentinel_url(v: str) -> tuple[SentinelConfig, str | None] | _Broken:
+    """redis+sentinel://[user:password@]host[:port][,host[:port]...]/master_name (rediss+sentinel:
+    TLS): the Sentinel settings and the master's password. The URL form has no sentinel password;
+    give it as redis.sentinel.password."""
+    scheme, _, rest = v.partition("://")
+    netloc, _, path = rest.partition("/")
+    credentials, at, hosts = netloc.rpartition("@")
+    if not at:
+        credentials, hosts = "", netloc
+    master = path.strip("/")
+    if "?" in master or "#" in master or _check_name(master) is not None:
+        return _Broken("must end with /<master name> (1-64 letters, digits, '_', '.', '-'), without a query")
+    addresses = _sentinels(hosts)
+    if isinstance(addresses, _Broken):
+        return addresses
+    password = unquote(credentials.partition(":")[2]) or None
+    return SentinelConfig(master, addresses, None, scheme.startswith("rediss")), password
 
 
 def _check_prefix(v: str) -> str | None:
@@ -639,7 +795,7 @@ _LIMITS: Final = LimitsConfig()
 
 class _Root(_Schema):
     nested = ("listen", "admin", "redis", "cache", "keys", "routes", "logging", "lifecycle", "limits",
-              "trusted_proxies", "verify")  # fmt: skip
+              "trusted_proxies", "verify", "webhooks")  # fmt: skip
 
 
 class _Listen(_Schema):
@@ -685,13 +841,25 @@ class _Token(_Schema):
     hash = _required(_string, _check_argon2id, secret=True)
 
 
+class _Sentinel(_Schema):
+    master_name = _required(_string, _check_name)
+    sentinels = _required(_sentinels)
+    password = _Field(_string, None, _nonempty, secret=True)
+    tls = _Field(_flag, False)
+
+
 class _Redis(_Schema):
+    nested = ("sentinel",)
     url = _Field(_string, "embedded", _check_redis_url, secret=True)
     prefix = _Field(_string, "gw:", _check_prefix)
     channel_secret = _Field(_string, None, _check_secret, secret=True)
     data_dir = _Field(_string, "./.gateway-data", _nonempty)
     health_check_seconds = _Field(_number, 1.0, _between(0.05, 60))
     lease_seconds = _Field(_number, 1.0, _between(0.05, 60))
+    password = _Field(_string, None, _nonempty, secret=True)
+    min_replicas_acked = _Field(_integer, 0, _between(0, 16))
+    # Below the command timeout (2 s, runtime/connect.py): WAIT blocks its connection that long.
+    min_replicas_timeout_seconds = _Field(_number, 0.5, _between(0.01, 1.5))
 
 
 class _Cache(_Schema):
@@ -739,12 +907,102 @@ class _Route(_Schema):
     max_body_bytes = _Field(_integer, DEFAULT_MAX_BODY_BYTES, _between(0, MAX_SAFE_LENGTH))
 
 
+def _webhook_events(v: object) -> frozenset[str] | _Broken:
+    if v == "all":
+        return frozenset(WEBHOOK_EVENTS)
+    rule = "must be 'all' or a non-empty list of events from: " + ", ".join(WEBHOOK_EVENTS)
+    if not _is_list(v) or not v or not all(isinstance(e, str) and e in WEBHOOK_EVENTS for e in v):
+        return _Broken(rule)
+    return frozenset(e for e in v if isinstance(e, str))
+
+
+def webhook_key(secret: str) -> bytes | None:
+    """The HMAC key of a Standard Webhooks secret (`whsec_` and base64 of 24 to 64 random bytes), or None."""
+    if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+        return None
+    text = secret[len(WEBHOOK_SECRET_PREFIX) :]
+    try:
+        key = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return key if 24 <= len(key) <= 64 else None
+
+
+_WEBHOOK_SECRET_RULE: Final = (
+    "must be a Standard Webhooks secret: whsec_ then the base64 of 24 to 64 random bytes "  # noqa: S105 - a rule
+    "(make one: python -c \"import base64,os; print('whsec_'+base64.b64encode(os.urandom(32)).decode())\")"
+)
+
+
+def _check_webhook_secret(v: str) -> str | None:
+    return None if webhook_key(v) is not None else _WEBHOOK_SECRET_RULE
+
+
+def _check_webhook_url(v: str) -> str | None:
+    parts = urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL with a host"
+    if parts.fragment or any(ord(c) <= 0x20 or ord(c) == 0x7F for c in v):
+        return "must not carry a fragment, spaces or control characters"
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        return "has an invalid port"
+    return None
+
+
+def _check_env_name(v: str) -> str | None:
+    return None if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", v) else "must be an environment variable's name"
+
+
+def without_credentials(url: str) -> str:
+    """A URL as a problem report or a log may show it: user and password replaced."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@", r"\1(credentials)@", url)
+
+
+class _UrlField(_Field[str, Never]):
+    """A required URL that may carry credentials: a problem shows it without them."""
+
+    def problem(self, table: Mapping[object, object], where: str) -> Problem | None:
+        problem = super().problem(table, where)
+        if problem is None or not isinstance(problem.value, str):
+            return problem
+        return Problem(problem.path, without_credentials(problem.value), problem.rule)
+
+
+class _WebhookEndpoint(_Schema):
+    name = _required(_string, _check_name)
+    url = _UrlField(_string, _REQUIRED, _check_webhook_url)
+    events = _Field(_webhook_events, frozenset(WEBHOOK_EVENTS))
+    # Exactly one of: the secret itself, a file holding it (a mounted Kubernetes Secret), an environment variable.
+    secret = _Field(_string, None, _check_webhook_secret, secret=True)
+    secret_file = _Field(_string, None, _nonempty)
+    secret_env = _Field(_string, None, _check_env_name)
+
+
+_WEBHOOKS: Final = WebhooksConfig(())
+
+
+class _Webhooks(_Schema):
+    nested = ("endpoints",)
+    expiring_soon_seconds = _Field(_number, _WEBHOOKS.expiring_soon_seconds, _between(1, 366 * 86400))
+    check_seconds = _Field(_number, _WEBHOOKS.check_seconds, _between(0.05, 86400))
+    timeout_seconds = _Field(_number, _WEBHOOKS.timeout_seconds, _between(0.05, 300))
+    concurrency = _Field(_integer, _WEBHOOKS.concurrency, _between(1, 256))
+    max_queue = _Field(_integer, _WEBHOOKS.max_queue, _between(1, 10_000_000))
+    retry_initial_seconds = _Field(_number, _WEBHOOKS.retry_initial_seconds, _between(0.01, 3600))
+    retry_max_interval_seconds = _Field(_number, _WEBHOOKS.retry_max_interval_seconds, _between(0.01, 86400))
+    # Standard Webhooks receivers expect retries for a day: no shorter horizon is accepted.
+    retry_hours = _Field(_number, _WEBHOOKS.retry_hours, _between(24, 24 * 31))
+
+
 class _Validator:
     """Opens each section against its schema once, appending a Problem for every violation."""
 
-    def __init__(self, problems: list[Problem]) -> None:
+    def __init__(self, problems: list[Problem], environ: Mapping[str, str] | None = None) -> None:
         self.problems = problems
         self.admin_port: int | None = None  # for the check across listeners
+        self.environ: Mapping[str, str] = environ or {}  # for webhooks.endpoints[].secret_env
 
     def bad(self, path: str, value: object, rule: str) -> None:
         self.problems.append(Problem(path, value, rule))
@@ -781,6 +1039,7 @@ class _Validator:
         limits = self.limits(raw.get("limits"))
         trusted = self.trusted_proxies(raw.get("trusted_proxies"))
         verify = self.verify(raw.get("verify"), {"listen.port": port, "admin.listen.port": self.admin_port})
+        webhooks = self.webhooks(raw.get("webhooks"))
         for i, route in enumerate(routes):
             if route.mode == "verify" and verify is None and "verify" not in raw:
                 self.bad(
@@ -789,7 +1048,94 @@ class _Validator:
         if self.problems:
             return None
         assert listen and admin and redis and cache and keys and logs and lifecycle and limits
-        return Config(listen, admin, redis, cache, keys, routes, source, logs, lifecycle, limits, trusted, verify)
+        return Config(listen, admin, redis, cache, keys, routes, source, logs, lifecycle, limits, trusted, verify,
+                      webhooks=webhooks)  # fmt: skip
+
+    def webhooks(self, raw: object) -> WebhooksConfig | None:
+        if raw is None:
+            return None
+        s = self.open(raw, "webhooks", _Webhooks)
+        endpoints = self.webhook_endpoints(s.table.get("endpoints"))
+        initial, most = s.peek(_Webhooks.retry_initial_seconds), s.peek(_Webhooks.retry_max_interval_seconds)
+        if initial is not None and most is not None and most < initial:
+            self.bad("webhooks.retry_max_interval_seconds", most, "must be at least retry_initial_seconds")
+            return None
+        if not s.ok or endpoints is None:
+            return None
+        return WebhooksConfig(
+            endpoints=endpoints,
+            expiring_soon_seconds=s.get(_Webhooks.expiring_soon_seconds),
+            check_seconds=s.get(_Webhooks.check_seconds),
+            timeout_seconds=s.get(_Webhooks.timeout_seconds),
+            concurrency=s.get(_Webhooks.concurrency),
+            max_queue=s.get(_Webhooks.max_queue),
+            retry_initial_seconds=s.get(_Webhooks.retry_initial_seconds),
+            retry_max_interval_seconds=s.get(_Webhooks.retry_max_interval_seconds),
+            retry_hours=s.get(_Webhooks.retry_hours),
+        )
+
+    def webhook_endpoints(self, raw: object) -> tuple[WebhookEndpoint, ...] | None:
+        path = "webhooks.endpoints"
+        if not _is_list(raw) or not raw:
+            shown = _ABSENT if raw is None else raw if not _is_list(raw) else []
+            self.bad(path, shown, "must be a non-empty list of endpoints {name, url, events, secret}")
+            return None
+        endpoints: list[WebhookEndpoint] = []
+        names: set[str] = set()
+        ok = True
+        for i, item in enumerate(raw):
+            where = f"{path}[{i}]"
+            if not _is_table(item):
+                self.bad(where, type(item).__name__, "must be a mapping")
+                ok = False
+                continue
+            s = self.open(item, where, _WebhookEndpoint)
+            name = s.peek(_WebhookEndpoint.name)
+            if name is not None:
+                if name in names:
+                    self.bad(f"{where}.name", name, "duplicate endpoint name")
+                    ok = False
+                names.add(name)
+            key = self.webhook_secret(item, where) if s.ok else None
+            if key is None:
+                ok = False
+                continue
+            endpoints.append(WebhookEndpoint(s.get(_WebhookEndpoint.name), s.get(_WebhookEndpoint.url),
+                                             s.get(_WebhookEndpoint.events), key))  # fmt: skip
+        return tuple(endpoints) if ok else None
+
+    def webhook_secret(self, item: Mapping[object, object], where: str) -> bytes | None:
+        """The endpoint's HMAC key from exactly one of secret, secret_file and secret_env."""
+        given = [k for k in ("secret", "secret_file", "secret_env") if item.get(k) is not None]
+        if len(given) != 1:
+            shown = ", ".join(given) if given else _ABSENT
+            self.bad(f"{where}.secret", shown, "give exactly one of secret, secret_file, secret_env")
+            return None
+        source = given[0]
+        value = item[source]
+        assert isinstance(value, str)  # the field checks passed
+        if source == "secret_file":
+            try:
+                text = Path(value).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                self.bad(f"{where}.secret_file", value, f"cannot be read: {exc.strerror}")
+                return None
+            except UnicodeDecodeError:
+                self.bad(f"{where}.secret_file", value, "is not UTF-8 text")
+                return None
+            rule = f"the file's content {_WEBHOOK_SECRET_RULE}"
+        elif source == "secret_env":
+            if value not in self.environ:
+                self.bad(f"{where}.secret_env", value, "names an environment variable that is not set")
+                return None
+            text = self.environ[value].strip()
+            rule = f"the variable's value {_WEBHOOK_SECRET_RULE}"
+        else:
+            text, rule = value, _WEBHOOK_SECRET_RULE
+        key = webhook_key(text)
+        if key is None:
+            self.bad(f"{where}.{source}", _SECRET if source == "secret" else value, rule)
+        return key
 
     def verify(self, raw: object, other_ports: dict[str, int | None]) -> VerifyConfig | None:
         if raw is None:
@@ -869,16 +1215,56 @@ class _Validator:
 
     def redis(self, raw: object) -> RedisConfig | None:
         s = self.open(raw, "redis", _Redis)
-        if not s.ok:
+        sentinel = self.sentinel(s.table.get("sentinel"))
+        if not s.ok or ("sentinel" in s.table and sentinel is None):
             return None
         url = s.get(_Redis.url)
+        password = s.get(_Redis.password)
+        if url.startswith(SENTINEL_SCHEMES):
+            parsed = parse_sentinel_url(url)
+            assert not isinstance(parsed, _Broken)
+            if "sentinel" in s.table:
+                self.bad("redis.sentinel", _NOT_SHOWN, "give a redis+sentinel:// URL or redis.sentinel, not both")
+            sentinel, from_url = parsed
+            if from_url is not None and password is not None:
+                self.bad("redis.password", _SECRET, "give the password in redis.url or redis.password, not both")
+            password = password or from_url
+        elif url != "embedded":
+            if password is not None and urlsplit(url).password:
+                self.bad("redis.password", _SECRET, "give the password in redis.url or redis.password, not both")
+            if "sentinel" in s.table:
+                self.bad("redis.sentinel", _NOT_SHOWN, "give redis.url or redis.sentinel, not both")
+        single = None if url == "embedded" or url.startswith(SENTINEL_SCHEMES) else url
+        external = single is not None or sentinel is not None
+        if not external and password is not None:
+            self.bad("redis.password", _SECRET, "is for an external Redis (redis.url or redis.sentinel)")
+        acked = s.get(_Redis.min_replicas_acked)
+        if not external and acked > 0:
+            self.bad("redis.min_replicas_acked", acked, "needs an external Redis with replicas, not the embedded one")
         return RedisConfig(
-            url=None if url == "embedded" else url,
+            url=single,
             prefix=s.get(_Redis.prefix),
             channel_secret=s.get(_Redis.channel_secret),
             data_dir=Path(s.get(_Redis.data_dir)),
             health_check_seconds=s.get(_Redis.health_check_seconds),
             lease_seconds=s.get(_Redis.lease_seconds),
+            password=password,
+            sentinel=sentinel,
+            min_replicas_acked=acked,
+            min_replicas_timeout_seconds=s.get(_Redis.min_replicas_timeout_seconds),
+        )
+
+    def sentinel(self, raw: object) -> SentinelConfig | None:
+        if raw is None:
+            return None
+        s = self.open(raw, "redis.sentinel", _Sentinel)
+        if not s.ok:
+            return None
+        return SentinelConfig(
+            master_name=s.get(_Sentinel.master_name),
+            sentinels=s.get(_Sentinel.sentinels),
+            password=s.get(_Sentinel.password),
+            tls=s.get(_Sentinel.tls),
         )
 
     def cache(self, raw: object) -> CacheConfig | None:

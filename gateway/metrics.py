@@ -178,6 +178,33 @@ class Metrics:
             "Proxy requests being handled now (SIGTERM waits for these to finish, up to lifecycle.drain_seconds)",
             registry=self.registry,
         )
+        # Webhooks (gateway/webhooks/): labelled by the endpoint's configured name, never its URL.
+        self.webhooks_delivered = Counter(
+            "gateway_webhooks_delivered",
+            "Webhook attempts the endpoint answered with a 2xx status, by endpoint name",
+            ["endpoint"],
+            registry=self.registry,
+        )
+        self.webhooks_retried = Counter(
+            "gateway_webhooks_retried",
+            "Webhook attempts that failed (another status, a timeout, no connection) and were scheduled "
+            "again, by endpoint name",
+            ["endpoint"],
+            registry=self.registry,
+        )
+        self.webhooks_dropped = Counter(
+            "gateway_webhooks_dropped",
+            "Webhook events given up, by endpoint name and reason: expired (attempts failed for the whole "
+            "retry horizon), queue_full (webhooks.max_queue events were waiting), too_large (payload over 64 KiB)",
+            ["endpoint", "reason"],
+            registry=self.registry,
+        )
+        self.webhooks_queued = Gauge(
+            "gateway_webhooks_queued",
+            "Webhook events waiting in Redis for delivery to the endpoint, as this replica last saw it",
+            ["endpoint"],
+            registry=self.registry,
+        )
         self._request_children: dict[tuple[str, str], Counter] = {}
         self._upstream_children: dict[str, Histogram] = {}
 

@@ -17,14 +17,14 @@ LAYERS: list[set[str]] = [
     {"gateway.cli"},
     {"gateway.runtime"},
     {"gateway.console"},
-    {"gateway.admin", "gateway.verify"},  # independent of each other
+    {"gateway.admin", "gateway.verify", "gateway.webhooks"},  # independent of each other
     {"gateway.proxy"},
     {"gateway.coherence"},
     {"gateway.h1", "gateway.keytable"},  # independent of each other
     {"gateway.routing"},
     {"gateway.config", "gateway.errors", "gateway.metrics", "gateway.logs"},
 ]
-INDEPENDENT = ({"gateway.h1", "gateway.keytable"}, {"gateway.admin", "gateway.verify"})
+INDEPENDENT = ({"gateway.h1", "gateway.keytable"}, {"gateway.admin", "gateway.verify", "gateway.webhooks"})
 # The one module that may import aiohttp's internals (docs/http-engine.md).
 AIOHTTP_INTERNALS = ("aiohttp.base_protocol", "aiohttp.http_parser", "aiohttp.http_exceptions", "aiohttp.streams")
 COMPAT = "gateway.h1.compat"

@@ -131,3 +131,32 @@ async def test_redis_failing_mid_import_ends_the_answer_with_store_unavailable_a
     calls = 1
     status, (body,) = await bulk(gw, [orjson.dumps({"key": plaintext()})])
     assert (status, body["error"]["code"]) == (503, "store_unavailable")
+
+
+async def test_concurrent_imports_write_one_batch_at_a_time_per_replica_and_every_line_lands(
+    gw: Gateway, monkeypatch: Any
+) -> None:
+    """A client's concurrent imports (the CLI sends 16 at once) must not queue their Lua
+    transactions in Redis, where each waits behind the others on its command timeout: a 2-CPU CI
+    run under load saw `store_unavailable` that way. The replica writes one batch at a time."""
+    store = gw.replica.api.store
+    write = store.insert_many
+    in_redis = 0
+    most = 0
+
+    async def counted(*args: Any, **kwargs: Any) -> list[bool]:
+        nonlocal in_redis, most
+        in_redis += 1
+        most = max(most, in_redis)
+        try:
+            return await write(*args, **kwargs)
+        finally:
+            in_redis -= 1
+
+    monkeypatch.setattr(store, "insert_many", counted)
+    requests = [[orjson.dumps({"key": plaintext(), "name": "c"}) for _ in range(IMPORT_BATCH + 7)] for _ in range(8)]
+    answers = await asyncio.gather(*(bulk(gw, lines) for lines in requests))
+    assert [status for status, _ in answers] == [200] * len(requests)
+    results = [r["result"] for _, lines in answers for r in lines]
+    assert results == ["imported"] * sum(len(lines) for lines in requests)
+    assert most == 1, f"{most} import batches were in Redis at once"

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
-import os
 import secrets
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +37,7 @@ from gateway.keytable.lease import (
 from gateway.keytable.record import KeyRecord
 from gateway.runtime.replica import Replica
 from tests.conftest import AdminTokens, Gateway, RedisProcess
+from tests.kernel_stamps import stamped_request, stamped_rfile
 from tests.test_replicas import (
     START_TIMEOUT,
     Cluster,
@@ -261,8 +261,8 @@ class Arrivals:
     lock: threading.Lock = field(default_factory=threading.Lock)
     by_key: dict[str, list[float]] = field(default_factory=dict)
 
-    def record(self, key_id: str | None) -> None:
-        at = time.monotonic()  # the request's head has arrived: after the gateway's first byte
+    def record(self, key_id: str | None, at: float) -> None:
+        """`at`: the kernel's receive time of the request's head (tests/kernel_stamps.py)."""
         with self.lock:
             self.by_key.setdefault(key_id or "-", []).append(at)
 
@@ -277,17 +277,17 @@ def recording_upstream() -> Iterator[tuple[str, Arrivals]]:
 
     class Recording(EchoHandler):
         def setup(self) -> None:
-            # Each connection's thread stamps its arrivals: woken first when bytes come, where the
-            # system allows it (root in CI), so a stamp lags its bytes as little as it can while
-            # other test processes keep both CPUs busy (see prompt_threads).
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), -10)
             super().setup()
+            # Arrivals are stamped by the kernel as the bytes come, not when this thread gets the
+            # CPU: other test processes keep both CPUs busy (see tests/kernel_stamps.py).
+            self.rfile.close()  # the makefile() reader; the socket stays open
+            self.rfile, self.stamps = stamped_rfile(self.connection)
 
         def arrived(self) -> None:
-            arrivals.record(self.headers.get("X-Gateway-Key-Id"))
+            assert self.stamps.stamp is not None
+            arrivals.record(self.headers.get("X-Gateway-Key-Id"), self.stamps.stamp)
 
-    with serving(Recording, stop_timeout=10) as url:
+    with serving(Recording, stop_timeout=10, stamped=True) as url:
         yield url, arrivals
 
 
@@ -373,7 +373,7 @@ class Round:
     everything: bool  # the whole replica's Redis traffic frozen, not only its subscription
     elapsed: float  # the disable call, client side, seconds
     propagation: dict[str, Any]
-    answered: float  # time.monotonic() once the answer was read
+    answered: float  # the kernel's receive time of the answer (CLOCK_REALTIME, as the arrivals)
     late: list[float]  # arrivals at the upstream with the key after the answer (seconds after it)
     closest: float  # the last arrival with the key before the answer, seconds before it
     served_frozen: int  # 200s the frozen replica answered for requests sent after the disable began
@@ -402,8 +402,8 @@ def disable_round(
         if partitioned:
             relay.freeze(everything=everything)
         started = time.monotonic()
-        status, body = cluster.disable(key_id, via=index % 2)  # never through the frozen replica
-        answered = time.monotonic()
+        status, body, answered = stamped_disable(cluster, key_id, via=index % 2)  # never the frozen replica
+        elapsed = time.monotonic() - started
         assert status == 200, body
         # Traffic on, well past the answer: anything the frozen replica still forwarded would show.
         time.sleep(0.3)
@@ -420,7 +420,7 @@ def disable_round(
     return Round(
         partitioned=partitioned,
         everything=everything,
-        elapsed=answered - started,
+        elapsed=elapsed,
         propagation=body["propagation"],
         answered=answered,
         late=[t - answered for t in seen if t > answered],
@@ -429,24 +429,21 @@ def disable_round(
     )
 
 
-@contextlib.contextmanager
-def prompt_threads(interval: float = 0.0002) -> Iterator[None]:
-    """The upstream stamps an arrival in one of this process's threads, which compete for the GIL
-    with the clients' and the relay's: at Python's default switch interval (5 ms) a request the
-    gateway wrote before the disable's answer could be stamped after it. A short interval keeps
-    the stamp within a fraction of a millisecond of the bytes' arrival."""
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(interval)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(previous)
+def stamped_disable(cluster: Cluster, key_id: str, via: int) -> tuple[int, Any, float]:
+    """Cluster.disable, and when the kernel received its answer (tests/kernel_stamps.py)."""
+    node = cluster.nodes[via]
+    status, raw, answered = stamped_request(
+        "POST",
+        f"{node.admin_url}/v1/keys/{key_id}/disable",
+        {"Authorization": f"Bearer {node.tokens.developer}", "Content-Type": "application/json"},
+        json.dumps({"reason": "replicas test"}).encode(),
+    )
+    return status, json.loads(raw), answered
 
 
 @contextlib.contextmanager
 def cluster_with_relay(workdir: Path, tokens: AdminTokens) -> Iterator[tuple[Cluster, Arrivals, FreezingRelay]]:
     with (
-        prompt_threads(),
         recording_upstream() as (upstream_url, arrivals),
         redis_process(workdir / "redis") as server,
     ):

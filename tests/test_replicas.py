@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +34,7 @@ import yaml
 
 from gateway.coherence.channel import Codec
 from tests.conftest import AdminTokens, RedisProcess, free_port
+from tests.kernel_stamps import SO_TIMESTAMPNS
 
 pytestmark = pytest.mark.slow
 
@@ -73,9 +75,14 @@ class EchoHandler(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serving(handler: type[BaseHTTPRequestHandler], stop_timeout: float = STOP_TIMEOUT) -> Iterator[str]:
-    """`handler` on a loopback port in a thread; yields its URL."""
+def serving(
+    handler: type[BaseHTTPRequestHandler], stop_timeout: float = STOP_TIMEOUT, *, stamped: bool = False
+) -> Iterator[str]:
+    """`handler` on a loopback port in a thread; yields its URL. `stamped`: the kernel stamps every
+    segment as it arrives, from a connection's first (tests/kernel_stamps.py)."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    if stamped:  # accepted sockets inherit it, so no segment arrives unstamped
+        server.socket.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -194,7 +201,10 @@ class Node:
         return self.log.read_text(errors="replace")[-4000:]
 
 
-def start_gateway(workdir: Path, name: str, raw: dict[str, Any], tokens: AdminTokens, *args: str) -> Node:
+def start_gateway(
+    workdir: Path, name: str, raw: dict[str, Any], tokens: AdminTokens, *args: str, env: dict[str, str] | None = None
+) -> Node:
+    """`gateway serve` on `raw` as its config file; `env` adds environment variables."""
     config = workdir / f"{name}.yaml"
     config.write_text(yaml.safe_dump(raw))
     log = workdir / f"{name}.log"
@@ -202,7 +212,7 @@ def start_gateway(workdir: Path, name: str, raw: dict[str, Any], tokens: AdminTo
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--config", str(config), *args],
             cwd=ROOT,
-            env=base_env(),
+            env={**base_env(), **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,

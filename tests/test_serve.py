@@ -445,9 +445,11 @@ def test_an_external_redis_without_persistence_is_warned_about_at_startup_and_in
             assert status == 200
             assert body["persistence"] == expected
             assert ("warning" in body) == (expected == "off")
+            assert body["topology"] == {"mode": "single", "role": "master", "replicas": 0, "min_replicas_acked": 0}
             assert terminate(gw) == 0
-        warned = "redis persistence is off" in log.read_text()
-        assert warned == (expected == "off")
+        text = log.read_text()
+        assert ("redis persistence is off" in text) == (expected == "off")
+        assert ("an acknowledged change can be lost" in text) == (expected == "off")
     finally:
         server.stop()
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import orjson
 from aiohttp import web
@@ -24,7 +25,7 @@ from gateway.keytable import record as keys
 from gateway.keytable.credentials import REPEATED_DETAIL, VISIBLE_ASCII, NoBearer, bearer_token
 from gateway.keytable.lease import Coherence
 from gateway.keytable.record import KeyRecord
-from gateway.keytable.store import AuditEntry, BadCursor, CursorCodec, KeyStore, Refused, Unreadable
+from gateway.keytable.store import AuditEntry, BadCursor, CursorCodec, KeyStore, NotDurable, Refused, Unreadable
 from gateway.metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger("gateway.admin")
@@ -53,6 +54,14 @@ def _ndjson_response(request_id: str) -> web.StreamResponse:
         status=200,
         headers={"Content-Type": "application/x-ndjson", "X-Request-Id": request_id, "Cache-Control": "no-store"},
     )
+
+
+# A 503 store_unavailable asks the client to come back: Redis may be failing over (spec 13).
+RETRY_AFTER: Final = {"Retry-After": "1"}
+NOT_DURABLE_DETAIL: Final = (
+    "The change was written, but fewer Redis replicas than redis.min_replicas_acked acknowledged it, "
+    "so a failover could lose it; retry (changes are idempotent)"
+)
 
 
 class Forbidden(Exception):
@@ -115,11 +124,16 @@ def requires(role: str) -> Callable[[Action], Callable[[AdminApi, web.Request], 
                 return errors.render(Denial("invalid_request", str(exc)), request_id)
             except Refused as exc:
                 return errors.render(Denial(exc.code, exc.detail, status=409), request_id)
+            except NotDurable as exc:
+                self.metrics.redis_errors.labels("admin_durability").inc()
+                log.warning("admin %s: %s within the timeout (redis.min_replicas_acked)", action.__name__, exc,
+                            extra={"request_id": request_id})  # fmt: skip
+                return errors.render(Denial("store_unavailable", NOT_DURABLE_DETAIL, headers=RETRY_AFTER), request_id)
             except (RedisError, OSError, TimeoutError) as exc:
                 self.metrics.redis_errors.labels("admin").inc()
                 log.warning("admin %s: redis failed: %s", action.__name__, type(exc).__name__,
                             extra={"request_id": request_id})  # fmt: skip
-                return errors.render(Denial("store_unavailable"), request_id)
+                return errors.render(Denial("store_unavailable", headers=RETRY_AFTER), request_id)
 
         return handler
 
@@ -135,6 +149,9 @@ class AdminApi:
     keys_config: KeysConfig
     metrics: Metrics
     persistence: Persistence = "unknown"  # Redis AOF: "aof", "off" or "unknown"; set at startup (runtime/serve.py)
+    # What Redis is (spec 13): mode (single, sentinel, embedded), role, connected replicas, the
+    # replicas a change waits for; and a warning when an acknowledged change could be lost. Set at startup.
+    topology: dict[str, Any] = field(default_factory=dict)
     draining: bool = False  # set on SIGTERM: /readyz answers 503 while in-flight requests finish
     # Signs listing and audit cursors; derived from the configuration unless given, so every
     # replica and worker accepts the others' cursors (see store.CursorCodec).
@@ -142,6 +159,10 @@ class AdminApi:
     # config.trusted_proxies: behind one of these, failed token attempts are counted against the
     # client address its X-Forwarded-For names, not against the proxy (see client_address).
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # One bulk import batch written at a time per replica: each is one Lua transaction of up to
+    # IMPORT_BATCH records (~50 ms of Redis), and a client's concurrent imports would otherwise queue
+    # in Redis past the command timeout; here they wait for each other, not on a socket timeout.
+    _import_writes: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.cursors is None:
@@ -267,7 +288,7 @@ class AdminApi:
             if pending and (len(pending) >= IMPORT_BATCH or not raw or stop is not None):
                 try:
                     results = await self._import_batch(request, principal, request_id, pending)
-                except (RedisError, OSError, TimeoutError) as exc:
+                except (RedisError, OSError, TimeoutError, NotDurable) as exc:
                     if response is None:
                         raise  # nothing sent yet: the answer is 503 store_unavailable (`requires`)
                     self.metrics.redis_errors.labels("admin").inc()
@@ -314,7 +335,7 @@ class AdminApi:
             records.append((line_no, self._new_record(spec, now)[0]))
         if records:
             audit = [self._audit(request, principal, "import", r.id, request_id) for _, r in records]
-            async with self.propagator.announce() as announcement:
+            async with self._import_writes, self.propagator.announce() as announcement:
                 added = await self.store.insert_many([r for _, r in records], audit, announcement)
                 self.metrics.admin_changes.labels("import").inc(sum(added))
                 await announcement.confirmed()
@@ -569,9 +590,18 @@ class AdminApi:
         if not self.coherence.coherent:
             detail = "The invalidation subscription is not live; every key is read from Redis until it is"
             return errors.render(Denial("not_ready", detail), request_id)
-        body = {"status": "ready", "redis": "ok", "subscription": "live", "persistence": self.persistence}
+        body: dict[str, Any] = {
+            "status": "ready",
+            "redis": "ok",
+            "subscription": "live",
+            "persistence": self.persistence,
+        }
+        if self.topology:
+            body["topology"] = {k: v for k, v in self.topology.items() if k != "warning"}
         if self.persistence == "off":
             body["warning"] = "Redis persistence is off: an acknowledged disable can be lost if Redis restarts"
+        if "warning" in self.topology:
+            body["warning"] = self.topology["warning"]
         return json_response(body, request_id)
 
     async def metrics_text(self, request: web.Request) -> web.StreamResponse:

@@ -113,6 +113,9 @@ class Subscriber:
                     await asyncio.wait_for(self.registry.leave(), self.interval)
                 except Exception:  # noqa: S110 - expiry covers it
                     pass
+                # Idle command connections go too: after a failover, one kept to the demoted master
+                # would read its stale table; new ones ask Sentinel for the master (runtime/connect.py).
+                await self.redis.connection_pool.disconnect(inuse_connections=False)
             backoff = 0.05 if self.sessions != established else min(backoff * 2, 1.0)
             await asyncio.sleep(backoff)
 

@@ -32,12 +32,12 @@ from redis.exceptions import RedisError
 
 from gateway import errors
 from gateway.admin import bodies
-from gateway.admin.api import AdminApi, Caller, Changed, Forbidden, client_address
+from gateway.admin.api import NOT_DURABLE_DETAIL, AdminApi, Caller, Changed, Forbidden, client_address
 from gateway.admin.auth import MAX_ADMIN_TOKEN_LENGTH, Principal, Throttled
 from gateway.config import AdminToken, ConsoleConfig
 from gateway.console.sessions import Session, Sessions, fingerprint
 from gateway.keytable.record import KEY_ID, KeyRecord
-from gateway.keytable.store import BadCursor, Refused, Unreadable
+from gateway.keytable.store import BadCursor, NotDurable, Refused, Unreadable
 
 log = logging.getLogger("gateway.console")
 
@@ -216,6 +216,10 @@ class Console:
                     return self.error(request, signed, exc.code, exc.detail, status=409)
                 except _NoSuchKey:
                     return self.error(request, signed, "key_not_found", "No key has this id", status=404)
+            except NotDurable as exc:
+                self.api.metrics.redis_errors.labels("admin_durability").inc()
+                log.warning("console: %s within the timeout (redis.min_replicas_acked)", exc)
+                return self.error(request, None, "store_unavailable", NOT_DURABLE_DETAIL)
             except (RedisError, OSError, TimeoutError) as exc:
                 self.api.metrics.redis_errors.labels("admin").inc()
                 log.warning("console: redis failed: %s", type(exc).__name__)
@@ -515,6 +519,7 @@ class Console:
             replicas=replicas,
             redis_time=_when(redis_ms / 1000),
             redis_role=str(info.get("role", "unknown")),
+            topology=dict(self.api.topology),
             persistence=self.api.persistence,
             coherent=coherence.coherent,
             lease_ms=round(max(0.0, coherence.remaining()) * 1000),

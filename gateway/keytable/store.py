@@ -11,24 +11,30 @@ Layout, every name under `redis.prefix` (P):
   P replicas         live replicas (see coherence/replicas.py)
 
 Every change is one MULTI/EXEC under WATCH: the record, its audit entries and
-its announcement are written together or not at all.
+its announcement are written together or not at all. With `Durability` (spec 13,
+redis.min_replicas_acked) a change then waits, on the same connection, for `WAIT N`:
+fewer replicas holding it raises NotDurable (the change is written on the master and
+announced, but a failover could lose it), which the admin API answers with 503.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import re
 import struct
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 import orjson
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import WatchError
 
 from gateway.errors import ErrorCode
@@ -81,11 +87,55 @@ def _announced(announcer: Announcer, replies: list[Any]) -> None:
     announcer.written(int(seconds) * 1_000_000 + int(micros))
 
 
+@dataclass(frozen=True, slots=True)
+class Durability:
+    """A change counts as made once `replicas` Redis replicas hold it (WAIT), within `timeout`
+    seconds. `writer` is a client whose pool holds one connection: WAIT counts the replicas that
+    reached the offset of the last write made on its own connection, so the change and its WAIT
+    must share it (and one change at a time goes through it)."""
+
+    replicas: int
+    timeout: float
+    writer: Redis = field(repr=False)
+
+
+class NotDurable(Exception):
+    """Fewer Redis replicas than redis.min_replicas_acked acknowledged a change within the timeout."""
+
+    def __init__(self, acked: int, wanted: int) -> None:
+        super().__init__(f"{acked} of {wanted} Redis replica(s) acknowledged the change")
+        self.acked = acked
+        self.wanted = wanted
+
+
 class KeyStore:
-    def __init__(self, redis: Redis, prefix: str) -> None:
+    def __init__(self, redis: Redis, prefix: str, *, durability: Durability | None = None) -> None:
         self.redis = redis
         self.prefix = prefix
         self.channel = prefix + "events"
+        self.durability = durability
+        self._writes = asyncio.Lock()  # with durability: one change at a time on the writer's connection
+
+    @contextlib.asynccontextmanager
+    async def _changing(self) -> AsyncIterator[Pipeline]:
+        """A transaction pipeline for a change: on the command client, or with Durability on the
+        writer's one connection, held until `_durable` has run."""
+        if self.durability is None:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                yield pipe
+            return
+        async with self._writes:
+            async with self.durability.writer.pipeline(transaction=True) as pipe:
+                yield pipe
+
+    async def _durable(self) -> None:
+        """After a change's EXEC, inside `_changing`: WAIT for the replicas it must reach."""
+        if self.durability is None:
+            return
+        wanted, timeout_ms = self.durability.replicas, max(1, round(self.durability.timeout * 1000))
+        acked = await self.durability.writer.wait(wanted, timeout_ms)
+        if int(acked) < wanted:
+            raise NotDurable(int(acked), wanted)
 
     def _k(self, key_hash: str) -> str:
         return f"{self.prefix}k:{key_hash}"
@@ -95,6 +145,11 @@ class KeyStore:
 
     def _owner(self, owner: str) -> str:
         return f"{self.prefix}owner:{owner}"
+
+    @property
+    def audit_stream(self) -> str:
+        """The stream of every change (webhooks/source.py reads it through a consumer group)."""
+        return self.prefix + "audit"
 
     # reads ----------------------------------------------------------------
 
@@ -178,9 +233,12 @@ class KeyStore:
 
     async def announce(self, announcer: Announcer, keys: list[tuple[str, int]]) -> None:
         """Publish an announcement for a change that wrote nothing (an idempotent repeat)."""
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self._changing() as pipe:
             self._queue_announce(pipe, announcer, keys)
             _announced(announcer, await pipe.execute())
+            # A repeat of a change that was not durable is durable only once the replicas hold it:
+            # WAIT covers every write made before on the writer's connection.
+            await self._durable()
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
@@ -190,7 +248,7 @@ class KeyStore:
     async def insert(self, record: KeyRecord, audit: list[AuditEntry], announcer: Announcer) -> bool:
         """Add a new record; False when a key with the same hash already exists."""
         hk = self._k(record.hash)
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self._changing() as pipe:
             while True:
                 try:
                     await pipe.watch(hk)
@@ -202,6 +260,7 @@ class KeyStore:
                     # A negative answer cached anywhere for this hash must go too.
                     self._queue_announce(pipe, announcer, [(record.hash, record.version)])
                     _announced(announcer, await pipe.execute())
+                    await self._durable()
                     return True
                 except WatchError:
                     continue
@@ -220,11 +279,12 @@ class KeyStore:
             fields = [part for pair in entry.fields(now).items() for part in pair]
             args += [record.hash, record.id, record.to_json(), repr(record.created_at), record.owner or "",
                      orjson.dumps(fields).decode()]  # fmt: skip
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self._changing() as pipe:
             pipe.eval(_INSERT_MANY, 0, *args)
             self._queue_announce(pipe, announcer, [(r.hash, r.version) for r in records])
             replies = await pipe.execute()
-        _announced(announcer, replies)
+            _announced(announcer, replies)
+            await self._durable()
         return [bool(flag) for flag in replies[0]]
 
     async def update(
@@ -246,7 +306,7 @@ class KeyStore:
         if raw_hash is None:
             return None
         hk = self._k(as_text(raw_hash))
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self._changing() as pipe:
             while True:
                 try:
                     await pipe.watch(hk)
@@ -268,6 +328,7 @@ class KeyStore:
                     self._queue_audit(pipe, audit)
                     self._queue_announce(pipe, announcer, changed)
                     _announced(announcer, await pipe.execute())
+                    await self._durable()
                     return before, after, inserted
                 except WatchError:
                     continue
@@ -366,6 +427,11 @@ def as_text(value: bytes | str) -> str:
 def as_bytes(value: bytes | str) -> bytes:
     """A Redis reply value as bytes, whether the client decodes responses or not."""
     return value if isinstance(value, bytes) else value.encode()
+
+
+def audit_entry(entry_id: str, raw_fields: dict[bytes, bytes]) -> dict[str, Any]:
+    """One audit stream entry decoded, as the API shows it (webhooks/source.py reads them too)."""
+    return _audit_entry(entry_id, raw_fields)
 
 
 def _audit_entry(entry_id: str, raw_fields: dict[bytes, bytes]) -> dict[str, Any]:

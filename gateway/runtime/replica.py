@@ -32,11 +32,12 @@ from gateway.keytable.cache import KeyCache
 from gateway.keytable.keyfilter import KnownKeys
 from gateway.keytable.lease import Coherence
 from gateway.keytable.lookup import KeyLookup
-from gateway.keytable.store import KeyStore
+from gateway.keytable.store import Durability, KeyStore
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.routing import RouteTable
 from gateway.verify.verifier import ERROR_BODY_HEADER, Verifier
+from gateway.webhooks.service import Webhooks
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Replica:
     admin_app: web.Application
     verifier: Verifier | None = None  # with verify_server: the verify listener (config `verify`), when configured
     verify_server: Server | None = None
+    webhooks: Webhooks | None = None  # config `webhooks`, when configured: its loops run inside running()
 
     def reload_routes(self, new: Config) -> list[str]:
         """Swap in `new`'s routes (SIGHUP); returns the sections that changed but need a restart."""
@@ -72,8 +74,12 @@ class Replica:
         await self.proxy.forwarder.start()
         task = asyncio.get_running_loop().create_task(self.subscriber.run(), name="invalidation-subscriber")
         try:
+            if self.webhooks is not None:
+                await self.webhooks.start()
             yield
         finally:
+            if self.webhooks is not None:
+                await self.webhooks.stop()
             await _cancel(task)
             await self.proxy.forwarder.close()
             with contextlib.suppress(Exception):
@@ -82,7 +88,7 @@ class Replica:
 
 # What a reload does not apply: listeners, Redis, cache, keys, admin, logging and lifecycle need a restart.
 _RESTART_SECTIONS = ("listen", "admin", "redis", "cache", "keys", "logging", "lifecycle", "limits", "trusted_proxies",
-                     "verify")  # fmt: skip
+                     "verify", "webhooks")  # fmt: skip
 
 
 async def _cancel(task: asyncio.Task[None], seconds: float = 5.0) -> None:
@@ -96,13 +102,20 @@ async def _cancel(task: asyncio.Task[None], seconds: float = 5.0) -> None:
         task.exception()  # retrieved: it was logged where it happened
 
 
-def build(config: Config, redis: Redis, listen_redis: Redis, *, replica_id: str | None = None) -> Replica:
-    """`redis` serves commands; `listen_redis` (retries off) holds the subscription."""
+def build(
+    config: Config, redis: Redis, listen_redis: Redis, *, replica_id: str | None = None, writer: Redis | None = None
+) -> Replica:
+    """`redis` serves commands; `listen_redis` (retries off) holds the subscription; `writer` (a
+    client with one connection) carries the changes and their WAIT when redis.min_replicas_acked is set."""
     replica_id = replica_id or "r_" + secrets.token_hex(6)
     prefix = config.redis.prefix
     metrics = Metrics()
     codec = Codec(config.redis.channel_secret)
-    store = KeyStore(redis, prefix)
+    durability = None
+    if config.redis.min_replicas_acked > 0:
+        assert writer is not None, "redis.min_replicas_acked needs a writer client"
+        durability = Durability(config.redis.min_replicas_acked, config.redis.min_replicas_timeout_seconds, writer)
+    store = KeyStore(redis, prefix, durability=durability)
     cache = KeyCache(config.cache.ttl_seconds, config.cache.negative_ttl_seconds, config.cache.max_entries)
     coherence = Coherence(lease_seconds=config.redis.lease_seconds)
     metrics.watch_cache(cache)
@@ -156,9 +169,10 @@ def build(config: Config, redis: Redis, listen_redis: Redis, *, replica_id: str 
                             path_prefix=config.verify.path_prefix)  # fmt: skip
         verify_server = Server(verifier.handle, verifier.refused, limits=config.limits,
                                trusted_proxies=config.trusted_proxies, body_header=ERROR_BODY_HEADER)  # fmt: skip
+    webhooks = Webhooks(config.webhooks, store, metrics, replica_id) if config.webhooks is not None else None
     gates = [gate for gate in (proxy, verifier) if gate is not None]
     metrics.inflight.set_function(lambda: sum(gate.inflight for gate in gates))
     return Replica(
         replica_id, config, store, cache, coherence, lookup, propagator, subscriber, registry, metrics, api,
-        proxy, proxy_server, admin_app, verifier, verify_server,
+        proxy, proxy_server, admin_app, verifier, verify_server, webhooks,
     )  # fmt: skip

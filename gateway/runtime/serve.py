@@ -21,14 +21,13 @@ from typing import Any, cast
 
 from aiohttp import web
 from redis.asyncio import Redis
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
-from redis.retry import Retry
 
 from gateway import config as config_mod
 from gateway.admin.api import Persistence
 from gateway.config import Config
 from gateway.keytable.store import as_text
+from gateway.runtime.connect import RedisTarget
 from gateway.runtime.embedded import EmbeddedRedis
 from gateway.runtime.replica import Replica, build
 
@@ -36,26 +35,61 @@ log = logging.getLogger("gateway")
 
 
 def redis_client(url: str) -> Redis:
-    # Bounded waits: a dead Redis must become a quick 503, not a hung request.
-    return Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0, health_check_interval=15)
+    """The command client for one Redis address (tests and tools; `serve` uses RedisTarget)."""
+    return RedisTarget(url=url).command_client()
 
 
 def listen_client(url: str) -> Redis:
-    # The subscription's own client: no retries, so a break surfaces at once (coherence/subscriber.py).
-    return Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0, retry=Retry(NoBackoff(), 0))
+    """The subscription's own client for one address: no retries (coherence/subscriber.py)."""
+    return RedisTarget(url=url).listen_client()
 
 
 @contextlib.asynccontextmanager
-async def embedded_or_external(config: Config) -> AsyncIterator[str]:
-    if config.redis.url is not None:
-        yield config.redis.url
+async def embedded_or_external(config: Config) -> AsyncIterator[RedisTarget]:
+    """Where the replica's Redis is: redis.url, redis.sentinel, or an embedded one started here."""
+    if not config.redis.embedded:
+        target = RedisTarget.of(config.redis, config.redis.url)
+        try:
+            yield target
+        finally:
+            await target.aclose()
         return
     embedded = EmbeddedRedis(config.redis.data_dir)
     url = await embedded.start()
     try:
-        yield url
+        yield RedisTarget.of(config.redis, url)
     finally:
         await embedded.stop()
+
+
+async def check_topology(redis: Redis, config: Config, persistence: Persistence) -> dict[str, Any]:
+    """Role and replicas (INFO replication), logged, with a warning when an acknowledged change
+    could be lost: no replica must acknowledge it and Redis does not write an AOF."""
+    wanted = config.redis.min_replicas_acked
+    mode = "embedded" if config.redis.embedded else "sentinel" if config.redis.sentinel else "single"
+    topology: dict[str, Any] = {"mode": mode, "min_replicas_acked": wanted}
+    try:
+        info = await redis.info("replication")
+    except (RedisError, OSError):
+        info = {}
+    topology["role"] = str(info.get("role", "unknown"))
+    replicas = info.get("connected_slaves")
+    topology["replicas"] = int(replicas) if isinstance(replicas, int) else None
+    log.info("redis topology: %s, role %s, %s replica(s) connected, changes wait for %d",
+             mode, topology["role"], topology["replicas"], wanted, extra={"redis_topology": topology})  # fmt: skip
+    if wanted == 0 and persistence != "aof":
+        topology["warning"] = (
+            "an acknowledged change can be lost: Redis writes no AOF and redis.min_replicas_acked is 0 "
+            "(a restart or failover forgets the latest changes)"
+        )
+    elif isinstance(topology["replicas"], int) and topology["replicas"] < wanted:
+        topology["warning"] = (
+            f"{topology['replicas']} Redis replica(s) connected, fewer than redis.min_replicas_acked ({wanted}): "
+            "every change will answer 503 until enough replicas are in sync"
+        )
+    if "warning" in topology:
+        log.warning("redis: %s", topology["warning"])
+    return topology
 
 
 async def check_persistence(redis: Redis) -> Persistence:
@@ -96,11 +130,15 @@ async def serve(
     _stop_on_signals(stop)
     if config_path is not None:  # until the replica is up, a SIGHUP must not kill the process
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, log.info, "SIGHUP before start: ignored")
-    async with embedded_or_external(config) as url:
-        redis, listener = redis_client(url), listen_client(url)
+    async with embedded_or_external(config) as target:
+        log.info("redis: %s", target.describe())
+        redis, listener = target.command_client(), target.listen_client()
+        writer = target.writer_client() if config.redis.min_replicas_acked > 0 else None
         try:
-            await _serve_replica(config, config_path, redis, listener, reuse_port, stop)
+            await _serve_replica(config, config_path, redis, listener, reuse_port, stop, writer)
         finally:
+            if writer is not None:
+                await writer.aclose()
             await listener.aclose()
             await redis.aclose()
 
@@ -124,11 +162,18 @@ def reload_routes(replica: Replica, config_path: str) -> bool:
 
 
 async def _serve_replica(
-    config: Config, config_path: str | None, redis: Redis, listener: Redis, reuse_port: bool, stop: asyncio.Event
+    config: Config,
+    config_path: str | None,
+    redis: Redis,
+    listener: Redis,
+    reuse_port: bool,
+    stop: asyncio.Event,
+    writer: Redis | None = None,
 ) -> None:
-    replica = build(config, redis, listener)
+    replica = build(config, redis, listener, writer=writer)
     replica.api.persistence = await check_persistence(redis)
     log.info("redis persistence: %s", replica.api.persistence)
+    replica.api.topology = await check_topology(redis, config, replica.api.persistence)
     drain = config.lifecycle.drain_seconds
     # The proxy's shutdown: stop accepting, close idle keep-alive connections, let
     # in-flight requests finish for up to `drain` seconds, then close the upstream pool.
@@ -169,7 +214,7 @@ async def _serve_replica(
 
 
 def _log_start(config: Config, replica: Replica) -> None:
-    mode = "embedded" if config.redis.embedded else "external"
+    mode = "embedded" if config.redis.embedded else "sentinel" if config.redis.sentinel else "external"
     log.info(
         "gateway listening: proxy %s:%d, admin %s:%d, %d route(s), redis %s, replica %s, event loop %s",
         config.listen.host, config.listen.port, config.admin.listen.host, config.admin.listen.port,
@@ -198,8 +243,11 @@ async def supervise_workers(config: Config, config_path: str, workers: int, log_
                 proc.send_signal(signal.SIGHUP)
 
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, forward_hangup)
-    async with embedded_or_external(config) as url:
-        env = dict(os.environ, GATEWAY_REDIS_URL=url)
+    async with embedded_or_external(config) as target:
+        # The workers find an embedded Redis by its URL; any other they find as the config says.
+        env = dict(os.environ)
+        if config.redis.embedded and target.url is not None:
+            env["GATEWAY_REDIS_URL"] = target.url
         argv = [sys.executable, "-m", "gateway", "serve", "--config", config_path, "--worker", *log_args]
 
         async def start(index: int) -> asyncio.subprocess.Process:
