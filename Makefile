@@ -37,6 +37,8 @@ lint: install
 # parallel, two pytest-xdist workers per CPU (addopts in pyproject.toml; `pytest -n 0` runs it serially).
 test: install redis deploy-tools lint
 	@bash scripts/ensure-verify-proxies.sh
+	@bash scripts/ensure-console-browser.sh
+	@bash scripts/ensure-schemathesis.sh
 	$(VENV)/bin/pytest
 	$(MAKE) --no-print-directory test-lowest
 
@@ -78,4 +80,4 @@ bench-verify: install redis
 	$(PY) benchmarks/verify.py
 
 clean:
-	rm -rf $(VENV) $(LOWEST) .venv-tools .gateway-data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LOWEST) .venv-tools .venv-schemathesis artifacts .gateway-data .pytest_cache .mypy_cache .ruff_cache

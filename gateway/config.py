@@ -80,10 +80,22 @@ class AdminToken:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsoleConfig:
+    """The operator console on the admin listener (spec 11): its sessions."""
+
+    enabled: bool = True
+    secure_cookies: bool = False  # the session cookie is Secure anyway when the request came over TLS
+    idle_timeout_seconds: float = 900.0  # a session unused this long is gone
+    absolute_timeout_seconds: float = 8 * 3600.0  # and every session ends this long after sign-in
+    max_sessions_per_token: int = 20  # more sign-ins with one token end its oldest sessions
+
+
+@dataclass(frozen=True, slots=True)
 class AdminConfig:
     listen: Listen
     tokens: tuple[AdminToken, ...]
     propagation_timeout_seconds: float = 1.0
+    console: ConsoleConfig = ConsoleConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +303,8 @@ ENV_OVERRIDES: Final[dict[str, tuple[str, ...]]] = {
     "GATEWAY_ADMIN_LISTEN_PORT": ("admin", "listen", "port"),
     "GATEWAY_ADMIN_TOKENS": ("admin", "tokens"),
     "GATEWAY_ADMIN_PROPAGATION_TIMEOUT_SECONDS": ("admin", "propagation_timeout_seconds"),
+    "GATEWAY_ADMIN_CONSOLE_ENABLED": ("admin", "console", "enabled"),
+    "GATEWAY_ADMIN_CONSOLE_SECURE_COOKIES": ("admin", "console", "secure_cookies"),
     "GATEWAY_REDIS_URL": ("redis", "url"),
     "GATEWAY_REDIS_PASSWORD": ("redis", "password"),
     "GATEWAY_REDIS_MIN_REPLICAS_ACKED": ("redis", "min_replicas_acked"),
@@ -805,8 +819,19 @@ class _Verify(_Schema):
 
 
 class _Admin(_Schema):
-    nested = ("listen", "tokens")
+    nested = ("listen", "tokens", "console")
     propagation_timeout_seconds = _Field(_number, 1.0, _between(0, 30))
+
+
+_CONSOLE: Final = ConsoleConfig()
+
+
+class _Console(_Schema):
+    enabled = _Field(_flag, _CONSOLE.enabled)
+    secure_cookies = _Field(_flag, _CONSOLE.secure_cookies)
+    idle_timeout_seconds = _Field(_number, _CONSOLE.idle_timeout_seconds, _between(1, 86400))
+    absolute_timeout_seconds = _Field(_number, _CONSOLE.absolute_timeout_seconds, _between(1, 7 * 86400))
+    max_sessions_per_token = _Field(_integer, _CONSOLE.max_sessions_per_token, _between(1, 1000))
 
 
 class _Token(_Schema):
@@ -1138,9 +1163,27 @@ class _Validator:
             self.bad(
                 "admin.listen.port", port, "must differ from listen.port: the admin API never shares the proxy port"
             )
-        if listen is None or not s.ok:
+        console = self.console(s.table.get("console"))
+        if listen is None or not s.ok or console is None:
             return None
-        return AdminConfig(listen, tokens, s.get(_Admin.propagation_timeout_seconds))
+        return AdminConfig(listen, tokens, s.get(_Admin.propagation_timeout_seconds), console)
+
+    def console(self, raw: object) -> ConsoleConfig | None:
+        s = self.open(raw, "admin.console", _Console)
+        idle, absolute = s.peek(_Console.idle_timeout_seconds), s.peek(_Console.absolute_timeout_seconds)
+        if idle is not None and absolute is not None and idle > absolute:
+            rule = "must not exceed admin.console.absolute_timeout_seconds"
+            self.bad("admin.console.idle_timeout_seconds", idle, rule)
+            return None
+        if not s.ok:
+            return None
+        return ConsoleConfig(
+            enabled=s.get(_Console.enabled),
+            secure_cookies=s.get(_Console.secure_cookies),
+            idle_timeout_seconds=s.get(_Console.idle_timeout_seconds),
+            absolute_timeout_seconds=s.get(_Console.absolute_timeout_seconds),
+            max_sessions_per_token=s.get(_Console.max_sessions_per_token),
+        )
 
     def tokens(self, raw: object) -> tuple[AdminToken, ...]:
         if not _is_list(raw):

@@ -55,6 +55,8 @@ ErrorCode = Literal[
     "store_unavailable",
     "not_ready",
     "reenable_not_allowed",
+    # operator console (HTML pages show the code and words; gateway/console)
+    "csrf_rejected",
 ]
 
 
@@ -110,6 +112,9 @@ KINDS: Final[dict[ErrorCode, ErrorKind]] = {
     "not_ready": ErrorKind(503, "Service Unavailable", "The gateway cannot serve authenticated traffic yet"),
     "reenable_not_allowed": ErrorKind(
         409, "Conflict", "This gateway does not allow re-enabling a disabled key (keys.allow_reenable is false)"
+    ),
+    "csrf_rejected": ErrorKind(
+        403, "Forbidden", "The form's CSRF token is missing or wrong, or it came from another site; reload and retry"
     ),
 }
 

@@ -1,6 +1,6 @@
 """`make run`: the gateway on config/gateway.yaml with embedded Redis and a demo upstream.
 
-Prints a fresh demo admin token, a freshly created demo key and the curl lines
+Prints the operator console's URL, a fresh demo admin token, a freshly created demo key and the curl lines
 that show 200, 401 missing_key, disable, and 403 key_disabled. With --check it
 runs those steps itself and exits 0 when every answer is the expected one.
 """
@@ -101,6 +101,7 @@ def main() -> int:
         print(
             f"""
 gateway is running: proxy {proxy}, admin {admin}, embedded Redis in ./.gateway-data
+operator console:              {admin}/  (sign in with the demo admin token)
 demo admin token (role admin): {token}
 demo API key (id {key_id}):    {key}
 
@@ -140,6 +141,9 @@ def check(proxy: str, admin: str, token: str, key: str, key_id: str) -> int:
         ("disable", http("POST", f"{admin}/v1/keys/{key_id}/disable", token, {"reason": "demo"}), 200, None),
         ("disabled key", http("GET", f"{proxy}/demo/hello", key), 403, "key_disabled"),
     ]
+    with urllib.request.urlopen(f"{admin}/sign-in", timeout=5) as page:  # noqa: S310 - loopback http only
+        console = (page.status, {} if b'name="token"' in page.read() else {"error": {"code": "no sign-in form"}})
+    steps.append(("console sign-in page", console, 200, None))
     failed = 0
     for name, (status, body), want_status, want_code in steps:
         code = body.get("error", {}).get("code")

@@ -16,6 +16,7 @@ PACKAGE = ROOT / "gateway"
 LAYERS: list[set[str]] = [
     {"gateway.cli"},
     {"gateway.runtime"},
+    {"gateway.console"},
     {"gateway.admin", "gateway.verify", "gateway.webhooks"},  # independent of each other
     {"gateway.proxy"},
     {"gateway.coherence"},

@@ -64,4 +64,5 @@ def test_the_demo_shows_200_401_disable_and_403_on_the_shipped_config(tmp_path: 
         "ok  no key: 401 missing_key",
         "ok  disable: 200 ",
         "ok  disabled key: 403 key_disabled",
+        "ok  console sign-in page: 200 ",
     ]

@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from gateway import errors
 from gateway.admin import bodies
 from gateway.admin.auth import MAX_ADMIN_TOKEN_LENGTH, Principal, Throttled, TokenVerifier
-from gateway.coherence.propagation import Propagator
+from gateway.coherence.propagation import Propagation, Propagator
 from gateway.config import KeysConfig
 from gateway.errors import Denial
 from gateway.h1.headers import trusted_peer
@@ -64,6 +64,45 @@ NOT_DURABLE_DETAIL: Final = (
 )
 
 
+class Forbidden(Exception):
+    """The caller's role is below what the action needs: 403 insufficient_permissions."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__(role)
+        self.role = role
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who asks, from where, under which request id: all an action needs of its HTTP request. The
+    JSON API and the console (gateway/console) build one each and call the same actions below,
+    which check the role again themselves, so neither can do what the other would refuse."""
+
+    principal: Principal
+    remote: str | None
+    request_id: str
+
+    def need(self, role: str) -> None:
+        if not self.principal.may(role):
+            raise Forbidden(role)
+
+
+@dataclass(frozen=True, slots=True)
+class Changed:
+    """A change in force: the record after it and how it propagated."""
+
+    record: KeyRecord
+    propagation: Propagation
+
+
+@dataclass(frozen=True, slots=True)
+class Rotated:
+    new: KeyRecord
+    old: KeyRecord
+    plaintext: str = field(repr=False)
+    propagation: Propagation
+
+
 def requires(role: str) -> Callable[[Action], Callable[[AdminApi, web.Request], Awaitable[web.StreamResponse]]]:
     """Authenticate the caller and check their role before the action runs."""
 
@@ -78,6 +117,9 @@ def requires(role: str) -> Callable[[Action], Callable[[AdminApi, web.Request], 
                 return errors.render(denial, request_id)
             try:
                 return await action(self, request, principal, request_id)
+            except Forbidden as exc:
+                denial = Denial("insufficient_permissions", f"This action requires the {exc.role} role")
+                return errors.render(denial, request_id)
             except bodies.BadInput as exc:
                 return errors.render(Denial("invalid_request", str(exc)), request_id)
             except Refused as exc:
@@ -206,17 +248,11 @@ class AdminApi:
 
     @requires("developer")
     async def create(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
-        now = time.time()
-        spec = bodies.create(await self._body(request, empty_ok=True), now)
-        record, plaintext = self._new_record(spec, now)
-        action = "import" if spec.is_import else "create"
-        audit = self._audit(request, principal, action, record.id, request_id)
-        async with self.propagator.announce() as announcement:
-            if not await self.store.insert(record, [audit], announcement):
-                return errors.render(Denial("key_exists", status=409), request_id)
-            self.metrics.admin_changes.labels(action).inc()
-            # A replica where a client tried an imported key before may cache "unknown key".
-            await announcement.confirmed()
+        spec = bodies.create(await self._body(request, empty_ok=True), time.time())
+        created = await self.create_key(Caller(principal, request.remote, request_id), spec)
+        if created is None:
+            return errors.render(Denial("key_exists", status=409), request_id)
+        record, plaintext = created
         body = record.public()
         if plaintext is not None:
             body["key"] = plaintext
@@ -349,19 +385,101 @@ class AdminApi:
     async def disable(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
         key_id = self._key_id(request)
         why = bodies.reason(await self._body(request, empty_ok=True))
-
-        def change(r: KeyRecord) -> KeyRecord:
-            if r.revoked or not r.enabled:
-                return r  # idempotent: already refused everywhere
-            return r.bump(enabled=False, disabled_at=time.time(), disabled_by=principal.name, disabled_reason=why)
-
-        audit = self._audit(request, principal, "disable", key_id, request_id, why)
-        return await self._change(key_id, change, [audit], request_id)
+        changed = await self.disable_key(Caller(principal, request.remote, request_id), key_id, why)
+        return self._changed(changed, request_id)
 
     @requires("developer")
     async def enable(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
         key_id = self._key_id(request)
         bodies.reason(await self._body(request, empty_ok=True))
+        changed = await self.enable_key(Caller(principal, request.remote, request_id), key_id)
+        return self._changed(changed, request_id)
+
+    @requires("admin")
+    async def revoke(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
+        key_id = self._key_id(request)
+        why = bodies.reason(await self._body(request, empty_ok=True))
+        changed = await self.revoke_key(Caller(principal, request.remote, request_id), key_id, why)
+        return self._changed(changed, request_id)
+
+    @requires("developer")
+    async def rotate(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
+        key_id = self._key_id(request)
+        grace = bodies.grace_seconds(await self._body(request, empty_ok=True))
+        rotated = await self.rotate_key(Caller(principal, request.remote, request_id), key_id, grace)
+        if rotated is None:
+            return self._not_found(request_id)
+        body = rotated.new.public()
+        body["key"] = rotated.plaintext
+        body["rotated_from"] = {"id": rotated.old.id, "expires_at": keys.rfc3339(rotated.old.expires_at)}
+        body["propagation"] = rotated.propagation.public()
+        return json_response(body, request_id, status=201)
+
+    async def _change(
+        self, key_id: str, change: Callable[[KeyRecord], KeyRecord], audits: list[AuditEntry], request_id: str
+    ) -> web.Response:
+        return self._changed(await self._apply(key_id, change, audits), request_id)
+
+    def _changed(self, changed: Changed | None, request_id: str) -> web.Response:
+        if changed is None:
+            return self._not_found(request_id)
+        body = changed.record.public()
+        body["propagation"] = changed.propagation.public()
+        return json_response(body, request_id)
+
+    async def _apply(
+        self, key_id: str, change: Callable[[KeyRecord], KeyRecord], audits: list[AuditEntry]
+    ) -> Changed | None:
+        """The change written, announced and confirmed; None when no key has this id."""
+        async with self.propagator.announce() as announcement:
+            outcome = await self.store.update(key_id, change, audits, announcement)
+            if outcome is None:
+                return None
+            before, after, _ = outcome
+            if after is not before:  # counted only when something was written
+                self.metrics.admin_changes.labels(audits[0].action).inc()
+            else:
+                # A repeat wrote nothing; announce anyway, so the answer still
+                # means that no replica's cache holds the key.
+                await self.store.announce(announcement, [(after.hash, after.version)])
+            propagation = await announcement.confirmed()
+        return Changed(after, propagation)
+
+    # actions: the service layer the JSON handlers above and the console call ----------------
+
+    def _audit_by(self, caller: Caller, action: str, key_id: str, reason: str | None = None,
+                  **detail: Any) -> AuditEntry:  # fmt: skip
+        p = caller.principal
+        return AuditEntry(actor=p.name, action=action, key_id=key_id, remote=caller.remote, reason=reason,
+                          request_id=caller.request_id, detail=detail or None)  # fmt: skip
+
+    async def create_key(self, caller: Caller, spec: bodies.CreateKey) -> tuple[KeyRecord, str | None] | None:
+        """The new record and, for a generated key, its plaintext (once); None when the key exists."""
+        caller.need("developer")
+        record, plaintext = self._new_record(spec, time.time())
+        action = "import" if spec.is_import else "create"
+        audit = self._audit_by(caller, action, record.id)
+        async with self.propagator.announce() as announcement:
+            if not await self.store.insert(record, [audit], announcement):
+                return None
+            self.metrics.admin_changes.labels(action).inc()
+            # A replica where a client tried an imported key before may cache "unknown key".
+            await announcement.confirmed()
+        return record, plaintext
+
+    async def disable_key(self, caller: Caller, key_id: str, why: str | None) -> Changed | None:
+        caller.need("developer")
+        name = caller.principal.name
+
+        def change(r: KeyRecord) -> KeyRecord:
+            if r.revoked or not r.enabled:
+                return r  # idempotent: already refused everywhere
+            return r.bump(enabled=False, disabled_at=time.time(), disabled_by=name, disabled_reason=why)
+
+        return await self._apply(key_id, change, [self._audit_by(caller, "disable", key_id, why)])
+
+    async def enable_key(self, caller: Caller, key_id: str) -> Changed | None:
+        caller.need("developer")
         allow = self.keys_config.allow_reenable
 
         def change(r: KeyRecord) -> KeyRecord:
@@ -373,29 +491,24 @@ class AdminApi:
                 raise Refused("reenable_not_allowed")
             return r.bump(enabled=True, disabled_at=None, disabled_by=None, disabled_reason=None)
 
-        audit = self._audit(request, principal, "enable", key_id, request_id)
-        return await self._change(key_id, change, [audit], request_id)
+        return await self._apply(key_id, change, [self._audit_by(caller, "enable", key_id)])
 
-    @requires("admin")
-    async def revoke(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
-        key_id = self._key_id(request)
-        why = bodies.reason(await self._body(request, empty_ok=True))
+    async def revoke_key(self, caller: Caller, key_id: str, why: str | None) -> Changed | None:
+        caller.need("admin")
+        name = caller.principal.name
 
         def change(r: KeyRecord) -> KeyRecord:
             if r.revoked:
                 return r
             now = time.time()
-            return r.bump(enabled=False, revoked=True, revoked_at=now, revoked_by=principal.name,
-                          disabled_at=r.disabled_at or now, disabled_by=r.disabled_by or principal.name,
+            return r.bump(enabled=False, revoked=True, revoked_at=now, revoked_by=name,
+                          disabled_at=r.disabled_at or now, disabled_by=r.disabled_by or name,
                           disabled_reason=why if why is not None else r.disabled_reason)  # fmt: skip
 
-        audit = self._audit(request, principal, "revoke", key_id, request_id, why)
-        return await self._change(key_id, change, [audit], request_id)
+        return await self._apply(key_id, change, [self._audit_by(caller, "revoke", key_id, why)])
 
-    @requires("developer")
-    async def rotate(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
-        key_id = self._key_id(request)
-        grace = bodies.grace_seconds(await self._body(request, empty_ok=True))
+    async def rotate_key(self, caller: Caller, key_id: str, grace: int) -> Rotated | None:
+        caller.need("developer")
         now = time.time()
         new_id = keys.new_id()
         plaintext: str = ""
@@ -425,52 +538,38 @@ class AdminApi:
             )  # fmt: skip
 
         audits = [
-            self._audit(request, principal, "rotate", key_id, request_id, new_key_id=new_id, grace_seconds=grace),
-            self._audit(request, principal, "create", new_id, request_id, rotated_from=key_id),
+            self._audit_by(caller, "rotate", key_id, new_key_id=new_id, grace_seconds=grace),
+            self._audit_by(caller, "create", new_id, rotated_from=key_id),
         ]
         async with self.propagator.announce() as announcement:
             outcome = await self.store.update(key_id, change, audits, announcement, also_insert=successor)
             if outcome is None:
-                return self._not_found(request_id)
+                return None
             self.metrics.admin_changes.labels("rotate").inc()
             propagation = await announcement.confirmed()
         _, after, inserted = outcome
         assert inserted is not None
-        body = inserted.public()
-        body["key"] = plaintext
-        body["rotated_from"] = {"id": after.id, "expires_at": keys.rfc3339(after.expires_at)}
-        body["propagation"] = propagation.public()
-        return json_response(body, request_id, status=201)
+        return Rotated(inserted, after, plaintext, propagation)
 
-    async def _change(
-        self, key_id: str, change: Callable[[KeyRecord], KeyRecord], audits: list[AuditEntry], request_id: str
-    ) -> web.Response:
-        async with self.propagator.announce() as announcement:
-            outcome = await self.store.update(key_id, change, audits, announcement)
-            if outcome is None:
-                return self._not_found(request_id)
-            before, after, _ = outcome
-            if after is not before:  # counted only when something was written
-                self.metrics.admin_changes.labels(audits[0].action).inc()
-            else:
-                # A repeat wrote nothing; announce anyway, so the answer still
-                # means that no replica's cache holds the key.
-                await self.store.announce(announcement, [(after.hash, after.version)])
-            propagation = await announcement.confirmed()
-        body = after.public()
-        body["propagation"] = propagation.public()
-        return json_response(body, request_id)
+    async def key_record(self, caller: Caller, key_id: str) -> KeyRecord | Unreadable | None:
+        caller.need("viewer")
+        return await self.store.record_by_id(key_id)
 
-    @requires("admin")
-    async def audit(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
-        query = bodies.audit_query(request.query)
+    async def audit_page(self, caller: Caller, query: bodies.AuditQuery) -> tuple[list[dict[str, Any]], str | None]:
+        """Audit entries newest first and the next page's cursor (BadInput for a foreign cursor)."""
+        caller.need("admin")
         context = query.key_id or ""
         try:
             after = self._cursors.audit_id(query.cursor, context) if query.cursor else None
         except BadCursor:
             raise bodies.BadInput("cursor: must be a cursor this API returned for the same query") from None
         entries, last_id = await self.store.audit(key_id=query.key_id, cursor=after, limit=query.limit)
-        next_cursor = self._cursors.audit(last_id, context) if last_id is not None else None
+        return entries, self._cursors.audit(last_id, context) if last_id is not None else None
+
+    @requires("admin")
+    async def audit(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
+        query = bodies.audit_query(request.query)
+        entries, next_cursor = await self.audit_page(Caller(principal, request.remote, request_id), query)
         return json_response({"entries": entries, "next_cursor": next_cursor}, request_id)
 
     # probes ---------------------------------------------------------------------

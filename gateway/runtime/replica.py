@@ -25,6 +25,7 @@ from gateway.coherence.propagation import Propagator
 from gateway.coherence.replicas import Registry
 from gateway.coherence.subscriber import Subscriber
 from gateway.config import Config
+from gateway.console.app import mount as mount_console
 from gateway.h1.client import Forwarder
 from gateway.h1.server import Server
 from gateway.keytable.cache import KeyCache
@@ -160,6 +161,8 @@ def build(
         trusted_proxies=config.trusted_proxies,
     )
     admin_app = build_admin_app(api)
+    if config.admin.console.enabled:
+        mount_console(admin_app, api, config.admin.console)
     verifier = verify_server = None
     if config.verify is not None:
         verifier = Verifier(RouteTable(config.routes_for("verify")), lookup, config.keys, metrics,
