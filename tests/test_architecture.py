@@ -18,6 +18,7 @@ LAYERS: list[set[str]] = [
     {"gateway.runtime"},
     {"gateway.admin", "gateway.verify"},  # independent of each other
     {"gateway.proxy"},
+    {"gateway.usage"},
     {"gateway.coherence"},
     {"gateway.h1", "gateway.keytable"},  # independent of each other
     {"gateway.routing"},

@@ -23,7 +23,7 @@ import hmac
 import re
 import struct
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -127,13 +127,20 @@ class KeyStore:
         return None if raw is None else _decoded(key_id, raw)
 
     async def page(
-        self, *, owner: str | None, enabled: bool | None, cursor: int, limit: int
+        self,
+        *,
+        owner: str | None,
+        enabled: bool | None,
+        cursor: int,
+        limit: int,
+        keep: Callable[[list[str]], Awaitable[list[bool]]] | None = None,
     ) -> tuple[list[KeyRecord | Unreadable], int | None]:
         """One page in creation order; the next cursor or None at the end.
 
         A record that does not decode (written by hand, or by a version with other rules)
         is listed as `Unreadable` rather than failing the page; it matches no `enabled`
-        filter, since its state is unknown. An id whose record is gone is skipped.
+        filter, since its state is unknown. An id whose record is gone is skipped. `keep`, when
+        given, is asked about each batch of ids and lists only those it answers True for.
         """
         index = self._owner(owner) if owner is not None else self.prefix + "ids"
         out: list[KeyRecord | Unreadable] = []
@@ -148,9 +155,10 @@ class KeyStore:
             present = [(i, as_text(h)) for i, h in zip(ids, hashes, strict=True) if h is not None]
             raws = await self.redis.mget([self._k(h) for _, h in present]) if present else []
             by_id = {i: raw for (i, _), raw in zip(present, raws, strict=True)}
+            kept = await keep(ids) if keep is not None else None
             for n, key_id in enumerate(ids, start=1):
                 raw = by_id.get(key_id)
-                if raw is not None:
+                if raw is not None and (kept is None or kept[n - 1]):
                     record = _decoded(key_id, raw)
                     wanted = enabled is None if isinstance(record, Unreadable) else enabled in (None, record.enabled)
                     if wanted:
@@ -271,6 +279,12 @@ class KeyStore:
                     return before, after, inserted
                 except WatchError:
                     continue
+
+    async def append_audit(self, entries: list[AuditEntry]) -> None:
+        """Audit entries that go with no change of a record (a policy's report, gateway/usage)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            self._queue_audit(pipe, entries)
+            await pipe.execute()
 
     def _queue_insert(self, pipe: Any, record: KeyRecord) -> None:
         pipe.set(self._k(record.hash), record.to_json())

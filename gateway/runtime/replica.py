@@ -35,6 +35,10 @@ from gateway.keytable.store import KeyStore
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.routing import RouteTable
+from gateway.usage.counter import Counter
+from gateway.usage.flusher import Flusher
+from gateway.usage.policies import PolicyEngine
+from gateway.usage.store import UsageStore
 from gateway.verify.verifier import ERROR_BODY_HEADER, Verifier
 
 
@@ -56,13 +60,16 @@ class Replica:
     admin_app: web.Application
     verifier: Verifier | None = None  # with verify_server: the verify listener (config `verify`), when configured
     verify_server: Server | None = None
+    usage: Flusher | None = None  # per-key usage counting and the policies (gateway/usage/)
 
     def reload_routes(self, new: Config) -> list[str]:
         """Swap in `new`'s routes (SIGHUP); returns the sections that changed but need a restart."""
         self.proxy.routes = RouteTable(new.routes_for("proxy"))
         if self.verifier is not None:
             self.verifier.routes = RouteTable(new.routes_for("verify"))
-        self.config = dataclasses.replace(self.config, routes=new.routes)
+        self.config = dataclasses.replace(self.config, routes=new.routes, policies=new.policies)
+        if self.usage is not None:
+            self.usage.engine.policies = new.policies
         return [name for name in _RESTART_SECTIONS if getattr(self.config, name) != getattr(new, name)]
 
     @contextlib.asynccontextmanager
@@ -70,9 +77,13 @@ class Replica:
         """The subscriber runs (and the replica is in the live set) and the upstream pool is open inside this block."""
         await self.proxy.forwarder.start()
         task = asyncio.get_running_loop().create_task(self.subscriber.run(), name="invalidation-subscriber")
+        if self.usage is not None:
+            self.usage.start()
         try:
             yield
         finally:
+            if self.usage is not None:  # the last write (and its policies) while still subscribed
+                await self.usage.stop()
             await _cancel(task)
             await self.proxy.forwarder.close()
             with contextlib.suppress(Exception):
@@ -81,7 +92,7 @@ class Replica:
 
 # What a reload does not apply: listeners, Redis, cache, keys, admin, logging and lifecycle need a restart.
 _RESTART_SECTIONS = ("listen", "admin", "redis", "cache", "keys", "logging", "lifecycle", "limits", "trusted_proxies",
-                     "verify")  # fmt: skip
+                     "verify", "usage")  # fmt: skip
 
 
 async def _cancel(task: asyncio.Task[None], seconds: float = 5.0) -> None:
@@ -133,8 +144,13 @@ def build(config: Config, redis: Redis, listen_redis: Redis, *, replica_id: str 
         table=store.hashes,
     )
 
+    counter = Counter(config.usage.max_keys, config.usage.max_addresses, config.trusted_proxies)
+    usage_store = UsageStore(redis, prefix)
+    engine = PolicyEngine(usage_store, store, propagator, metrics, replica_id, config.policies)
+    usage = Flusher(counter, usage_store, engine, metrics, config.usage.flush_seconds)
     forwarder = Forwarder()
-    proxy = Proxy(RouteTable(config.routes_for("proxy")), lookup, config.keys, metrics, forwarder=forwarder)
+    proxy = Proxy(RouteTable(config.routes_for("proxy")), lookup, config.keys, metrics, forwarder=forwarder,
+                  usage=counter)  # fmt: skip
     proxy_server = Server(proxy.handle, proxy.refused, limits=config.limits, trusted_proxies=config.trusted_proxies)
 
     api = AdminApi(
@@ -145,17 +161,19 @@ def build(config: Config, redis: Redis, listen_redis: Redis, *, replica_id: str 
         config.keys,
         metrics,
         trusted_proxies=config.trusted_proxies,
+        usage=usage_store,
+        usage_flush_seconds=usage.interval,
     )
     admin_app = build_admin_app(api)
     verifier = verify_server = None
     if config.verify is not None:
         verifier = Verifier(RouteTable(config.routes_for("verify")), lookup, config.keys, metrics,
-                            path_prefix=config.verify.path_prefix)  # fmt: skip
+                            path_prefix=config.verify.path_prefix, usage=counter)  # fmt: skip
         verify_server = Server(verifier.handle, verifier.refused, limits=config.limits,
                                trusted_proxies=config.trusted_proxies, body_header=ERROR_BODY_HEADER)  # fmt: skip
     gates = [gate for gate in (proxy, verifier) if gate is not None]
     metrics.inflight.set_function(lambda: sum(gate.inflight for gate in gates))
     return Replica(
         replica_id, config, store, cache, coherence, lookup, propagator, subscriber, registry, metrics, api,
-        proxy, proxy_server, admin_app, verifier, verify_server,
+        proxy, proxy_server, admin_app, verifier, verify_server, usage,
     )  # fmt: skip

@@ -1,0 +1,201 @@
+"""Per-key usage (spec 10) in one process against a real redis-server: the counter's bounds, the
+flush and what the admin API reads of it, the request path writing nothing to Redis, the
+configuration of `usage:` and `policies:`, and a policy's report, dry run and exemption after a
+re-enable. The three-process tests are in tests/test_usage_replicas.py."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+from redis.asyncio import Redis
+
+from gateway.usage.counter import Counter
+from tests.conftest import Gateway
+
+WRITES = {"set", "hset", "hincrby", "pfadd", "zadd", "expire", "expireat", "eval", "evalsha", "xadd", "incr",
+          "incrby", "del", "publish", "hmset", "setex", "pexpire", "multi", "exec"}  # fmt: skip
+
+
+def asker(remote: str | None, *, trusted: bool = False, xff: str | None = None) -> Any:
+    headers: CIMultiDict[str] = CIMultiDict()
+    if xff is not None:
+        headers["X-Forwarded-For"] = xff
+    return SimpleNamespace(remote=remote, trusted=trusted, headers=CIMultiDictProxy(headers))
+
+
+# the counter, alone --------------------------------------------------------------------
+
+
+def test_counter_counts_outcomes_last_use_and_addresses() -> None:
+    c = Counter()
+    c.count("key_a", "forwarded", asker("10.0.0.1"), "api")
+    c.count("key_a", "forwarded", asker("10.0.0.2"), "api")
+    c.count("key_a", "insufficient_permissions", asker("10.0.0.2"), "billing")
+    c.count("key_b", "key_disabled", asker("10.0.0.3"), "api")
+    (batch,) = c.take()
+    a, b = batch.tallies["key_a"], batch.tallies["key_b"]
+    assert a.outcomes == {"forwarded": 2, "insufficient_permissions": 1}
+    assert a.addresses == {"10.0.0.1", "10.0.0.2"}
+    assert (a.last_ip, a.last_route) == ("10.0.0.2", "billing")
+    assert abs(a.last_at - time.time()) < 5
+    assert b.outcomes == {"key_disabled": 1}
+    assert batch.minute == int(time.time() // 60) or batch.minute == int(time.time() // 60) - 1
+    assert c.take() == []  # taken: the counter starts afresh
+
+
+def test_counter_bounds_keys_and_addresses_per_interval() -> None:
+    c = Counter(max_keys=2, max_addresses=3)
+    for i in range(5):
+        c.count("key_a", "forwarded", asker(f"10.0.0.{i}"), "api")
+    c.count("key_b", "forwarded", asker("10.0.1.1"), "api")
+    c.count("key_c", "forwarded", asker("10.0.1.1"), "api")  # a third key: past max_keys
+    c.count("key_a", "forwarded", asker("10.0.0.1"), "api")  # a key already counted goes on being counted
+    assert (c.untracked, c.addresses_dropped) == (1, 2)
+    (batch,) = c.take()
+    assert set(batch.tallies) == {"key_a", "key_b"}
+    assert batch.tallies["key_a"].outcomes == {"forwarded": 6}
+    assert len(batch.tallies["key_a"].addresses) == 3
+    c.count("key_c", "forwarded", asker("10.0.1.1"), "api")  # a new interval: room again
+    assert set(c.take()[0].tallies) == {"key_c"}
+
+
+def test_counter_keeps_each_minute_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1_800_000_030.0]
+    monkeypatch.setattr("gateway.usage.counter.time.time", lambda: now[0])
+    c = Counter()
+    c.count("key_a", "forwarded", asker("10.0.0.1"), "api")
+    now[0] += 60
+    c.count("key_a", "forwarded", asker("10.0.0.1"), "api")
+    c.count("key_a", "forwarded", asker("10.0.0.1"), "api")
+    first, second = c.take()
+    assert (first.minute, second.minute) == (30_000_000, 30_000_001)
+    assert (first.tallies["key_a"].outcomes, second.tallies["key_a"].outcomes) == ({"forwarded": 1}, {"forwarded": 2})
+
+
+def test_counter_behind_a_trusted_proxy_takes_the_forwarded_client() -> None:
+    import ipaddress
+
+    c = Counter(trusted_proxies=(ipaddress.ip_network("10.9.0.0/16"),))
+    c.count("key_a", "forwarded", asker("10.9.0.1", trusted=True, xff="6.6.6.6, 203.0.113.7, 10.9.0.5"), "api")
+    c.count("key_a", "forwarded", asker("198.51.100.1", xff="6.6.6.6"), "api")  # untrusted: its header is not believed
+    (batch,) = c.take()
+    assert batch.tallies["key_a"].addresses == {"203.0.113.7", "198.51.100.1"}
+
+
+# flush and the admin API -------------------------------------------------------------
+
+
+async def traffic(gw: Gateway, key: str, plan: dict[str, int]) -> None:
+    """`plan`: path -> how many requests (sequential, on the session's keep-alive connections)."""
+    for path, n in plan.items():
+        for _ in range(n):
+            async with await gw.call("GET", path, key=key) as r:
+                await r.read()
+
+
+async def usage(gw: Gateway, key_id: str, window: str = "1h", token: str = "viewer") -> tuple[int, Any]:
+    async with await gw.admin_call("GET", f"/v1/keys/{key_id}/usage?window={window}", token=token) as r:
+        return r.status, await r.json()
+
+
+async def test_counts_reach_the_usage_api_after_a_flush(gateway_factory: Callable[..., Any]) -> None:
+    gw: Gateway = await gateway_factory(**{"usage.flush_seconds": 300})
+    key = await gw.create_key(name="u", owner="acme")
+    other = await gw.create_key(name="v", owner="acme")
+    await traffic(gw, key["key"], {"/api/a": 5, "/billing/x": 3})
+    await traffic(gw, other["key"], {"/api/b": 2})
+    status, before = await usage(gw, key["id"])
+    assert status == 200 and before["totals"]["requests"] == 0  # nothing written yet: no write per request
+    assert await gw.replica.usage.flush() == 2  # type: ignore[union-attr]
+    status, body = await usage(gw, key["id"])
+    assert status == 200, body
+    assert body["totals"] == {"requests": 8, "outcomes": {"forwarded": 5, "insufficient_permissions": 3}}
+    assert body["distinct_addresses"] == 1
+    assert body["bucket_seconds"] == 60 and len(body["buckets"]) == 60
+    assert sum(b["requests"] for b in body["buckets"]) == 8
+    assert body["last_used_ip"] == "127.0.0.1" and body["last_used_route"] == "billing"
+    for window, unit, count in (("24h", 3600, 24), ("30d", 86400, 30)):
+        status, wide = await usage(gw, key["id"], window)
+        assert (wide["bucket_seconds"], len(wide["buckets"])) == (unit, count)
+        assert wide["totals"] == body["totals"] and wide["distinct_addresses"] == 1
+    # The record shows its last use; a key never used shows null.
+    unused = await gw.create_key(name="w", owner="acme")
+    async with await gw.admin_call("GET", f"/v1/keys/{key['id']}", token="viewer") as r:
+        shown = await r.json()
+    assert shown["last_used_ip"] == "127.0.0.1" and shown["last_used_at"] is not None
+    async with await gw.admin_call("GET", f"/v1/keys/{unused['id']}", token="viewer") as r:
+        assert (await r.json())["last_used_at"] is None
+    # unused_since: keys not used since then (never used included).
+    async with await gw.admin_call("GET", "/v1/keys?unused_since=30d&limit=100", token="viewer") as r:
+        listed = await r.json()
+    assert [k["id"] for k in listed["keys"]] == [unused["id"]]
+    async with await gw.admin_call("GET", "/v1/keys?limit=100", token="viewer") as r:
+        every = {k["id"]: k for k in (await r.json())["keys"]}
+    assert every[other["id"]]["last_used_ip"] == "127.0.0.1" and every[unused["id"]]["last_used_at"] is None
+    future = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
+    async with await gw.admin_call("GET", f"/v1/keys?unused_since={future}&limit=100", token="viewer") as r:
+        assert len((await r.json())["keys"]) == 3
+
+
+async def test_usage_api_checks_its_input(gw: Gateway) -> None:
+    key = await gw.create_key(name="u")
+    for query in ("window=2h", "window=1h&x=1"):
+        async with await gw.admin_call("GET", f"/v1/keys/{key['id']}/usage?{query}", token="viewer") as r:
+            assert r.status == 400 and (await r.json())["error"]["code"] == "invalid_request"
+    async with await gw.admin_call("GET", "/v1/keys/key_00000000000000000000/usage", token="viewer") as r:
+        assert r.status == 404
+    async with await gw.admin_call("GET", f"/v1/keys/{key['id']}/usage", token=None) as r:
+        assert r.status == 401
+    async with await gw.admin_call("GET", "/v1/keys?unused_since=lately", token="viewer") as r:
+        assert r.status == 400 and "unused_since" in (await r.json())["error"]["detail"]
+
+
+async def commandstats(redis: Redis) -> dict[str, int]:
+    info = await redis.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in info.items()}
+
+
+async def test_no_redis_write_on_the_request_path(gateway_factory: Callable[..., Any], redis: Redis) -> None:
+    gw: Gateway = await gateway_factory(**{"usage.flush_seconds": 300})
+    key = await gw.create_key(name="u")
+    await traffic(gw, key["key"], {"/api/warm": 1})  # the key in cache
+    await gw.replica.usage.flush()  # type: ignore[union-attr]
+    before = await commandstats(redis)
+    await traffic(gw, key["key"], {"/api/burst": 200, "/billing/no": 50})
+    after = await commandstats(redis)
+    changed = {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
+    assert not WRITES & set(changed), changed  # 250 requests, no write (the subscriber's PINGs may run)
+    assert await gw.replica.usage.flush() == 1  # type: ignore[union-attr]
+    flushed = await commandstats(redis)
+    assert flushed.get("eval", 0) - after.get("eval", 0) == 1  # one script call writes the key's interval
+    _, body = await usage(gw, key["id"])
+    assert body["totals"]["requests"] == 251
+
+
+async def test_verifier_decisions_are_counted(gateway_factory: Callable[..., Any]) -> None:
+    gw: Gateway = await gateway_factory(
+        **{
+            "usage.flush_seconds": 300,
+            "verify": {"listen": {"host": "127.0.0.1", "port": 0}},
+            "trusted_proxies": ["127.0.0.0/8"],
+            "routes": [
+                {"name": "v", "path_prefix": "/v", "mode": "verify"},
+                {"name": "api", "path_prefix": "/api", "upstream": "http://127.0.0.1:1"},
+            ],
+        }
+    )
+    key = await gw.create_key(name="u")
+    for _ in range(3):
+        headers = {"Authorization": f"Bearer {key['key']}", "X-Original-Method": "GET", "X-Original-URI": "/v/x",
+                   "X-Forwarded-For": "198.51.100.9"}  # fmt: skip
+        async with gw.session.get(gw.verify_url + "/", headers=headers) as r:
+            assert r.status == 200, await r.text()
+    await gw.replica.usage.flush()  # type: ignore[union-attr]
+    _, body = await usage(gw, key["id"])
+    assert body["totals"] == {"requests": 3, "outcomes": {"verified": 3}}
+    assert body["last_used_ip"] == "198.51.100.9"
