@@ -5,6 +5,7 @@ re-enable. The three-process tests are in tests/test_usage_replicas.py."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -14,6 +15,7 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 from redis.asyncio import Redis
 
+from gateway import config as config_mod
 from gateway.usage.counter import Counter
 from tests.conftest import Gateway
 
@@ -199,3 +201,96 @@ async def test_verifier_decisions_are_counted(gateway_factory: Callable[..., Any
     _, body = await usage(gw, key["id"])
     assert body["totals"] == {"requests": 3, "outcomes": {"verified": 3}}
     assert body["last_used_ip"] == "198.51.100.9"
+
+
+# policies --------------------------------------------------------------------------------
+
+
+async def audit(gw: Gateway, key_id: str) -> list[dict[str, Any]]:
+    async with await gw.admin_call("GET", f"/v1/audit?key_id={key_id}", token="admin") as r:
+        assert r.status == 200
+        entries: list[dict[str, Any]] = (await r.json())["entries"]
+        return entries
+
+
+def policy(**fields: Any) -> dict[str, Any]:
+    return {"name": "busy", "rule": "requests", "above": 3, "window": "10m", **fields}
+
+
+async def test_dry_run_reports_once_and_changes_nothing(gateway_factory: Callable[..., Any]) -> None:
+    gw: Gateway = await gateway_factory(**{"usage.flush_seconds": 300, "policies": [policy(dry_run=True)]})
+    key = await gw.create_key(name="u")
+    await traffic(gw, key["key"], {"/api/a": 5})
+    await gw.replica.usage.flush()  # type: ignore[union-attr]
+    await traffic(gw, key["key"], {"/api/a": 5})  # still matching: reported once a window only
+    await gw.replica.usage.flush()  # type: ignore[union-attr]
+    async with await gw.call("GET", "/api/after", key=key["key"]) as r:
+        assert r.status == 200  # nothing changed
+    entries = await audit(gw, key["id"])
+    matches = [e for e in entries if e["action"] == "policy_match"]
+    assert [e["action"] for e in entries] == ["policy_match", "create"]
+    (match,) = matches
+    assert match["actor"] == "policy:busy"
+    assert match["detail"]["value"] == 5 and match["detail"]["dry_run"] is True
+    assert match["reason"] == "policy busy: 5 requests in 10m, above 3"
+    metrics = gw.replica.metrics.render().decode()
+    assert 'gateway_policy_matches_total{outcome="dry_run",policy="busy"} 1.0' in metrics
+
+
+async def test_report_action_reports(gateway_factory: Callable[..., Any]) -> None:
+    rule = policy(name="probe", rule="refusals", code="insufficient_permissions", above=2, action="report")
+    gw: Gateway = await gateway_factory(**{"usage.flush_seconds": 300, "policies": [rule]})
+    key = await gw.create_key(name="u")
+    await traffic(gw, key["key"], {"/api/a": 10, "/billing/x": 2})
+    await gw.replica.usage.flush()  # type: ignore[union-attr]
+    assert [e["action"] for e in await audit(gw, key["id"])] == ["create"]  # 2 is not above 2
+    await traffic(gw, key["key"], {"/billing/x": 1})
+    await gw.replica.usage.flush()  # type: ignore[union-attr]
+    (match, _create) = await audit(gw, key["id"])
+    assert (match["action"], match["actor"], match["detail"]["value"]) == ("policy_match", "policy:probe", 3)
+    assert match["detail"]["code"] == "insufficient_permissions"
+
+
+async def test_disable_once_and_a_reenabled_key_is_exempt_for_the_window(
+    gateway_factory: Callable[..., Any],
+) -> None:
+    prefix = f"pol{time.time_ns()}:"
+    overrides = {"usage.flush_seconds": 300, "policies": [policy()], "redis.prefix": prefix}
+    a: Gateway = await gateway_factory(**overrides)
+    b: Gateway = await gateway_factory(**overrides)  # a second replica on the same key table
+    key = await a.create_key(name="u")
+    await traffic(a, key["key"], {"/api/a": 2})
+    await traffic(b, key["key"], {"/api/b": 2})  # 4 in all: neither replica alone is above 3
+    # Both replicas write and judge at the same moment: exactly one acts.
+    await asyncio.gather(a.replica.usage.flush(), b.replica.usage.flush())  # type: ignore[union-attr]
+    entries = await audit(a, key["id"])
+    disables = [e for e in entries if e["action"] == "disable"]
+    assert len(disables) == 1, entries
+    assert disables[0]["actor"] == "policy:busy" and disables[0]["detail"]["value"] == 4
+    assert disables[0]["reason"] == "policy busy: 4 requests in 10m, above 3"
+    for gw in (a, b):  # refused on both: the disable went through the confirmed propagation
+        async with await gw.call("GET", "/api/x", key=key["key"]) as r:
+            assert r.status == 403 and (await r.json())["error"]["code"] == "key_disabled"
+    async with await a.admin_call("GET", f"/v1/keys/{key['id']}", token="viewer") as r:
+        record = await r.json()
+    assert (record["enabled"], record["disabled_by"]) == (False, "policy:busy")
+    async with await a.admin_call("POST", f"/v1/keys/{key['id']}/enable", token="developer", json={}) as r:
+        assert r.status == 200
+    await traffic(a, key["key"], {"/api/a": 10})
+    await asyncio.gather(a.replica.usage.flush(), b.replica.usage.flush())  # type: ignore[union-attr]
+    async with await b.call("GET", "/api/x", key=key["key"]) as r:
+        assert r.status == 200  # not disabled again in the same window
+    assert [e["action"] for e in await audit(a, key["id"])] == ["enable", "disable", "create"]
+
+
+async def test_policies_reload_with_the_routes(gateway_factory: Callable[..., Any]) -> None:
+    gw: Gateway = await gateway_factory(**{"usage.flush_seconds": 300})
+    assert gw.replica.usage is not None and gw.replica.usage.engine.policies == ()
+    assert gw.replica.usage.interval == 300
+    new = config_mod.parse(
+        "routes: [{name: api, path_prefix: /api, upstream: 'http://127.0.0.1:1'}]\n"
+        "policies: [{name: p, rule: requests, above: 1, window: 1m}]\n"
+    )
+    gw.replica.reload_routes(new)  # what SIGHUP does (runtime/serve.py)
+    assert [p.name for p in gw.replica.usage.engine.policies] == ["p"]
+    assert gw.replica.usage.interval == 5.0  # with policies, at most 5 s between flushes
