@@ -6,21 +6,21 @@ re-enable. The three-process tests are in tests/test_usage_replicas.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
+import socket
+import threading
 import time
 from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
-from redis.asyncio import Redis
 
 from gateway import config as config_mod
 from gateway.usage.counter import Counter
-from tests.conftest import Gateway
-
-WRITES = {"set", "hset", "hincrby", "pfadd", "zadd", "expire", "expireat", "eval", "evalsha", "xadd", "incr",
-          "incrby", "del", "publish", "hmset", "setex", "pexpire", "multi", "exec"}  # fmt: skip
+from tests.conftest import Gateway, RedisProcess
 
 
 def asker(remote: str | None, *, trusted: bool = False, xff: str | None = None) -> Any:
@@ -157,24 +157,65 @@ async def test_usage_api_checks_its_input(gw: Gateway) -> None:
         assert r.status == 400 and "unused_since" in (await r.json())["error"]["detail"]
 
 
-async def commandstats(redis: Redis) -> dict[str, int]:
-    info = await redis.info("commandstats")
-    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in info.items()}
+class Monitor:
+    """Every command Redis runs while it is open (MONITOR on a raw socket, in a thread), with the
+    commands scripts run inside; `writes()` those that change data, as (command, first key)."""
+
+    WRITES: ClassVar = {"set", "hset", "hincrby", "pfadd", "zadd", "expire", "expireat", "pexpire", "xadd", "del",
+                        "hdel", "zrem", "zremrangebyscore", "incr", "incrby", "hmset", "setex", "publish"}  # fmt: skip
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.sock.sendall(b"MONITOR\r\n")
+        self.lines: list[bytes] = []
+        self._buffer = b""
+        assert self.sock.recv(5) == b"+OK\r\n"
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := self.sock.recv(65536):
+                self._buffer += chunk
+                *lines, self._buffer = self._buffer.split(b"\r\n")
+                self.lines.extend(lines)
+
+    def close(self) -> list[tuple[str, str]]:
+        time.sleep(0.2)  # what Redis ran before the close reaches us
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.thread.join(timeout=5)
+        commands = []
+        for line in self.lines:
+            args = re.findall(rb'"((?:[^"\\]|\\.)*)"', line)
+            if args:
+                commands.append((args[0].decode().lower(), args[1].decode(errors="replace") if len(args) > 1 else ""))
+        return commands
+
+    @classmethod
+    def writes(cls, commands: list[tuple[str, str]], prefix: str) -> list[tuple[str, str]]:
+        """The writes, but for the live-replica registry's heartbeat (a ZADD on P replicas, by time)."""
+        return [(c, k) for c, k in commands if c in cls.WRITES and (c, k) != ("zadd", prefix + "replicas")]
 
 
-async def test_no_redis_write_on_the_request_path(gateway_factory: Callable[..., Any], redis: Redis) -> None:
+async def test_no_redis_write_on_the_request_path(
+    gateway_factory: Callable[..., Any], redis_server: RedisProcess
+) -> None:
     gw: Gateway = await gateway_factory(**{"usage.flush_seconds": 300})
     key = await gw.create_key(name="u")
     await traffic(gw, key["key"], {"/api/warm": 1})  # the key in cache
     await gw.replica.usage.flush()  # type: ignore[union-attr]
-    before = await commandstats(redis)
+    monitor = Monitor(redis_server.port)
     await traffic(gw, key["key"], {"/api/burst": 200, "/billing/no": 50})
-    after = await commandstats(redis)
-    changed = {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
-    assert not WRITES & set(changed), changed  # 250 requests, no write (the subscriber's PINGs may run)
+    during = monitor.close()
+    prefix = gw.replica.config.redis.prefix
+    assert Monitor.writes(during, prefix) == []  # 250 requests, not one write
+    monitor = Monitor(redis_server.port)
     assert await gw.replica.usage.flush() == 1  # type: ignore[union-attr]
-    flushed = await commandstats(redis)
-    assert flushed.get("eval", 0) - after.get("eval", 0) == 1  # one script call writes the key's interval
+    flush = monitor.close()
+    assert [c for c, _ in flush if c in ("eval", "evalsha")] == ["eval"]  # one script call writes the interval
+    assert {k for c, k in Monitor.writes(flush, prefix)} >= {prefix + "u:seen", prefix + "u:last"}
     _, body = await usage(gw, key["id"])
     assert body["totals"]["requests"] == 251
 
