@@ -1,11 +1,13 @@
 """Usage in Redis: the names, the buckets and how long each is kept (the only module that knows them).
 
 Every name is under `redis.prefix` (P); `<id>` is a key's id, `<m>`, `<h>`, `<d>` are the minute,
-hour and day numbers since the epoch (UTC), `<b>` a block of 32 days (`<d> // 32`).
+hour and day numbers since the epoch (UTC), `<t>` a block of 20 minutes (`<m> // 20`), `<b>` a
+block of 32 days (`<d> // 32`). A hash holds so few buckets that it stays a Redis listpack (at
+most 128 fields: 20 minutes of up to 6 outcomes), a quarter of the memory of a hash table.
 
-  P u:m:<id>:<h>    hash "<m>:<outcome>" -> count: counts per minute, one hash an hour   kept 1 day
-  P u:h:<id>:<d>    hash "<h>:<outcome>" -> count: counts per hour, one hash a day       kept 31 days
-  P u:d:<id>:<b>    hash "<d>:<outcome>" -> count: counts per day, one hash 32 days      kept 366 days
+  P u:m:<id>:<t>    hash "<m % 20>:<outcome>" -> count: per minute, one hash 20 minutes   kept 1 day
+  P u:h:<id>:<d>    hash "<h % 24>:<outcome>" -> count: per hour, one hash a day          kept 31 days
+  P u:d:<id>:<b>    hash "<d % 32>:<outcome>" -> count: per day, one hash 32 days         kept 366 days
   P u:am:<id>:<m>   HyperLogLog of the client addresses of that minute                  kept 1 hour
   P u:ah:<id>:<h>   HyperLogLog of the client addresses of that hour                    kept 25 hours
   P u:ad:<id>:<d>   HyperLogLog of the client addresses of that day                     kept 31 days
@@ -25,6 +27,7 @@ MINUTE: Final = 60
 HOUR: Final = 3600
 DAY: Final = 86400
 BLOCK_DAYS: Final = 32
+BLOCK_MINUTES: Final = 20
 
 # How long past the end of its period each kind of bucket is kept (seconds).
 KEEP_MINUTES: Final = DAY
@@ -42,8 +45,8 @@ WINDOWS: Final[tuple[Window, ...]] = ("1h", "24h", "30d")
 class Names:
     prefix: str
 
-    def minutes(self, key_id: str, hour: int) -> str:
-        return f"{self.prefix}u:m:{key_id}:{hour}"
+    def minutes(self, key_id: str, block: int) -> str:
+        return f"{self.prefix}u:m:{key_id}:{block}"
 
     def hours(self, key_id: str, day: int) -> str:
         return f"{self.prefix}u:h:{key_id}:{day}"
@@ -107,15 +110,16 @@ for _, it in ipairs(items) do
   local hour = math.floor(minute / 60)
   local day = math.floor(minute / 1440)
   local block = math.floor(day / {BLOCK_DAYS})
-  local km = p .. 'u:m:' .. id .. ':' .. hour
+  local mblock = math.floor(minute / {BLOCK_MINUTES})
+  local km = p .. 'u:m:' .. id .. ':' .. mblock
   local kh = p .. 'u:h:' .. id .. ':' .. day
   local kd = p .. 'u:d:' .. id .. ':' .. block
   for outcome, n in pairs(outcomes) do
-    redis.call('HINCRBY', km, minute .. ':' .. outcome, n)
-    redis.call('HINCRBY', kh, hour .. ':' .. outcome, n)
-    redis.call('HINCRBY', kd, day .. ':' .. outcome, n)
+    redis.call('HINCRBY', km, (minute - mblock * {BLOCK_MINUTES}) .. ':' .. outcome, n)
+    redis.call('HINCRBY', kh, (hour - day * 24) .. ':' .. outcome, n)
+    redis.call('HINCRBY', kd, (day - block * {BLOCK_DAYS}) .. ':' .. outcome, n)
   end
-  redis.call('EXPIREAT', km, (hour + 1) * {HOUR} + {KEEP_MINUTES})
+  redis.call('EXPIREAT', km, (mblock + 1) * {BLOCK_MINUTES * MINUTE} + {KEEP_MINUTES})
   redis.call('EXPIREAT', kh, (day + 1) * {DAY} + {KEEP_HOURS})
   redis.call('EXPIREAT', kd, (block + 1) * {BLOCK_DAYS * DAY} + {KEEP_DAYS})
   if #addrs > 0 then

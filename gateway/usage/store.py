@@ -141,8 +141,8 @@ class UsageStore:
         addresses of those buckets (one PFCOUNT over their HyperLogLogs). One pipeline."""
         names = self.names
         unit = span.unit
-        # The hashes holding the buckets: one an hour (minutes), a day (hours), 32 days (days).
-        per = {MINUTE: 60, HOUR: 24}.get(unit, layout.BLOCK_DAYS)
+        # The hashes holding the buckets: one per 20 minutes (minutes), a day (hours), 32 days (days).
+        per = {MINUTE: layout.BLOCK_MINUTES, HOUR: 24}.get(unit, layout.BLOCK_DAYS)
         containers = sorted({b // per for b in buckets})
         name: Callable[[str, int], str] = {MINUTE: names.minutes, HOUR: names.hours}.get(unit, names.days)
         hll = {MINUTE: names.minute_addresses, HOUR: names.hour_addresses}.get(unit, names.day_addresses)
@@ -159,11 +159,11 @@ class UsageStore:
         low, high = buckets[0], buckets[-1]
         for _key_id in key_ids:
             per_bucket: dict[int, dict[str, int]] = {}
-            for _c in containers:
+            for c in containers:
                 for field, value in cast(dict[bytes | str, bytes | str], replies[i]).items():
-                    bucket_text, _, outcome = as_text(field).partition(":")
+                    offset, _, outcome = as_text(field).partition(":")
                     try:
-                        bucket, n = int(bucket_text), int(value)
+                        bucket, n = c * per + int(offset), int(value)
                     except ValueError:
                         continue
                     if low <= bucket <= high:
