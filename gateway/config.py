@@ -783,6 +783,7 @@ class _Validator:
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems
         self.admin_port: int | None = None  # for the check across listeners
+        self.max_addresses: int | None = _USAGE.max_addresses  # for the policies' check
 
     def bad(self, path: str, value: object, rule: str) -> None:
         self.problems.append(Problem(path, value, rule))
@@ -820,7 +821,7 @@ class _Validator:
         trusted = self.trusted_proxies(raw.get("trusted_proxies"))
         verify = self.verify(raw.get("verify"), {"listen.port": port, "admin.listen.port": self.admin_port})
         usage = self.usage(raw.get("usage"))
-        policies = self.policies(raw.get("policies"), usage)
+        policies = self.policies(raw.get("policies"))
         for i, route in enumerate(routes):
             if route.mode == "verify" and verify is None and "verify" not in raw:
                 self.bad(
@@ -834,11 +835,12 @@ class _Validator:
 
     def usage(self, raw: object) -> UsageConfig | None:
         s = self.open(raw, "usage", _Usage)
+        self.max_addresses = s.peek(_Usage.max_addresses)
         if not s.ok:
             return None
         return UsageConfig(s.get(_Usage.flush_seconds), s.get(_Usage.max_keys), s.get(_Usage.max_addresses))
 
-    def policies(self, raw: object, usage: UsageConfig | None) -> tuple[Policy, ...]:
+    def policies(self, raw: object) -> tuple[Policy, ...]:
         if raw is None:
             return ()
         if not _is_list(raw):
@@ -864,8 +866,9 @@ class _Validator:
             if rule in ("distinct_addresses", "requests") and "code" in item:
                 self.bad(f"{path}.code", item["code"], "only rule: refusals counts a code")
                 continue
-            if rule == "distinct_addresses" and usage and above is not None and above >= usage.max_addresses:
-                self.bad(f"{path}.above", above, f"must be below usage.max_addresses ({usage.max_addresses}): "
+            limit = self.max_addresses
+            if rule == "distinct_addresses" and limit is not None and above is not None and above >= limit:
+                self.bad(f"{path}.above", above, f"must be below usage.max_addresses ({limit}): "
                          "a replica remembers at most that many addresses per key per flush")  # fmt: skip
                 continue
             if s.ok and name is not None and rule is not None:

@@ -335,3 +335,70 @@ async def test_policies_reload_with_the_routes(gateway_factory: Callable[..., An
     gw.replica.reload_routes(new)  # what SIGHUP does (runtime/serve.py)
     assert [p.name for p in gw.replica.usage.engine.policies] == ["p"]
     assert gw.replica.usage.interval == 5.0  # with policies, at most 5 s between flushes
+
+
+# configuration ---------------------------------------------------------------------------
+
+ROUTES = "routes: [{name: api, path_prefix: /api, upstream: 'http://127.0.0.1:1'}]\n"
+
+
+def test_usage_and_policies_config_defaults_and_values() -> None:
+    cfg = config_mod.parse(ROUTES)
+    assert cfg.usage == config_mod.UsageConfig(10.0, 100_000, 1_000) and cfg.policies == ()
+    cfg = config_mod.parse(
+        ROUTES + "usage: {flush_seconds: 2, max_keys: 50, max_addresses: 20}\n"
+        "policies:\n"
+        "  - {name: leaked, rule: distinct_addresses, above: 19, window: 10m}\n"
+        "  - {name: probing, rule: refusals, code: insufficient_permissions, above: 5, window: 2h,"
+        " action: report, dry_run: true}\n",
+        environ={"GATEWAY_USAGE_FLUSH_SECONDS": "3"},
+    )
+    assert cfg.usage == config_mod.UsageConfig(3.0, 50, 20)
+    assert cfg.policies == (
+        config_mod.Policy("leaked", "distinct_addresses", 19, 600),
+        config_mod.Policy("probing", "refusals", 5, 7200, "report", True, "insufficient_permissions"),
+    )
+
+
+def test_policy_problems_are_reported_together_with_their_paths() -> None:
+    with pytest.raises(config_mod.ConfigError) as exc:
+        config_mod.parse(
+            ROUTES + "usage: {flush_seconds: 0, max_addresses: 100}\n"
+            "policies:\n"
+            "  - {name: a, rule: distinct_addresses, above: 100, window: 10m}\n"
+            "  - {name: a, rule: refusals, above: 1, window: 90m, action: nuke, secret: x}\n"
+            "  - {name: c, rule: requests, code: key_disabled, above: 1, window: 1h}\n"
+            "  - {name: d, rule: refusals, code: teapot, above: -1, window: 25h}\n"
+            "  - just a string\n"
+        )
+    lines = str(exc.value).splitlines()
+    assert lines == [
+        "<config>: usage.flush_seconds: 0: must be between 0.05 and 300",
+        "<config>: policies[0].above: 100: must be below usage.max_addresses (100): "
+        "a replica remembers at most that many addresses per key per flush",
+        "<config>: policies[1].secret: (value not shown): unknown key (allowed: above, action, code, dry_run, name, "
+        "rule, window)",
+        "<config>: policies[1].window: '90m': must be a window such as 10m or 1h: 1m to 60m, or 1h to 24h",
+        "<config>: policies[1].action: 'nuke': must be one of: disable, report",
+        "<config>: policies[1].name: 'a': duplicate policy name",
+        "<config>: policies[1].code: (absent): is required with rule: refusals (the refusal code counted)",
+        "<config>: policies[2].code: 'key_disabled': only rule: refusals counts a code",
+        "<config>: policies[3].above: -1: must be between 0 and 1e+12",
+        "<config>: policies[3].window: '25h': must be a window such as 10m or 1h: 1m to 60m, or 1h to 24h",
+        "<config>: policies[3].code: 'teapot': must be one of: key_disabled, key_revoked, key_expired, "
+        "insufficient_permissions, upstream_unavailable, upstream_timeout, rate_limited, usage_exceeded",
+        "<config>: policies[4]: 'str': must be a mapping",
+    ]
+
+
+async def test_sighup_reload_applies_the_file_s_policies(gateway_factory: Callable[..., Any], tmp_path: Any) -> None:
+    from gateway.runtime import serve
+
+    gw: Gateway = await gateway_factory(**{"usage.flush_seconds": 300})
+    path = tmp_path / "gateway.yaml"
+    path.write_text(ROUTES + "policies: [{name: p, rule: requests, above: 1, window: 1m}]\n")
+    assert serve.reload_routes(gw.replica, str(path))
+    assert gw.replica.usage is not None and [p.name for p in gw.replica.usage.engine.policies] == ["p"]
+    path.write_text(ROUTES + "policies: [{name: p, rule: requests, above: -5, window: 1m}]\n")
+    assert not serve.reload_routes(gw.replica, str(path))  # rejected: the running policies stay
+    assert [p.above for p in gw.replica.usage.engine.policies] == [1]
