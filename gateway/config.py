@@ -49,6 +49,8 @@ RouteMode: TypeAlias = Literal["proxy", "verify"]
 LogLevel: TypeAlias = Literal["debug", "info", "warning", "error"]
 LogFormat: TypeAlias = Literal["json", "text"]
 DisabledStatus: TypeAlias = Literal[401, 403]
+PolicyRule: TypeAlias = Literal["distinct_addresses", "refusals", "requests"]
+PolicyAction: TypeAlias = Literal["disable", "report"]
 
 _ROLES: Final[tuple[Role, ...]] = ("viewer", "developer", "admin")
 ROLES: Final[tuple[str, ...]] = _ROLES  # admin/auth.py ranks roles (str) by their position here
@@ -57,6 +59,11 @@ ROUTE_MODES: Final[tuple[RouteMode, ...]] = ("proxy", "verify")
 LOG_LEVELS: Final[tuple[LogLevel, ...]] = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final[tuple[LogFormat, ...]] = ("json", "text")
 DISABLED_STATUSES: Final[tuple[DisabledStatus, ...]] = (401, 403)
+POLICY_RULES: Final[tuple[PolicyRule, ...]] = ("distinct_addresses", "refusals", "requests")
+POLICY_ACTIONS: Final[tuple[PolicyAction, ...]] = ("disable", "report")
+# The refusals a policy can count: those given once the key is known (gateway/usage counts per key).
+POLICY_CODES: Final = ("key_disabled", "key_revoked", "key_expired", "insufficient_permissions",
+                       "upstream_unavailable", "upstream_timeout", "rate_limited", "usage_exceeded")  # fmt: skip
 
 METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 _ROUTE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -239,6 +246,28 @@ class WebhooksConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UsageConfig:
+    """Per-key usage counting (spec 10, gateway/usage/): aggregated in memory, written in batches."""
+
+    flush_seconds: float = 10.0  # one pipelined write per replica this often (at most 5 s with policies)
+    max_keys: int = 100_000  # keys counted per flush interval; requests of further keys are not counted per key
+    max_addresses: int = 1_000  # distinct client addresses remembered per key per flush interval
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A rule over a key's usage in a window (spec 10): crossed, the key is disabled or reported."""
+
+    name: str
+    rule: PolicyRule
+    above: int  # the rule is crossed when the measured value is greater than this
+    window_seconds: int  # whole minutes up to an hour, or whole hours up to a day
+    action: PolicyAction = "disable"
+    dry_run: bool = False  # report what it would have done, change nothing
+    code: str | None = None  # the refusal code counted, with rule: refusals
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: Listen
     admin: AdminConfig
@@ -254,6 +283,8 @@ class Config:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     verify: VerifyConfig | None = None  # None: no verify listener
     webhooks: WebhooksConfig | None = None  # None: no webhooks
+    usage: UsageConfig = UsageConfig()
+    policies: tuple[Policy, ...] = ()  # reloaded on SIGHUP
 
     def routes_for(self, mode: RouteMode) -> tuple[Route, ...]:
         return tuple(route for route in self.routes if route.mode == mode)
@@ -337,6 +368,9 @@ ENV_OVERRIDES: Final[dict[str, tuple[str, ...]]] = {
     "GATEWAY_TRUSTED_PROXIES": ("trusted_proxies",),
     "GATEWAY_VERIFY_LISTEN_HOST": ("verify", "listen", "host"),
     "GATEWAY_VERIFY_LISTEN_PORT": ("verify", "listen", "port"),
+    "GATEWAY_USAGE_FLUSH_SECONDS": ("usage", "flush_seconds"),
+    "GATEWAY_USAGE_MAX_KEYS": ("usage", "max_keys"),
+    "GATEWAY_USAGE_MAX_ADDRESSES": ("usage", "max_addresses"),
 }
 # Values that are secrets: never echoed in a problem report.
 _SECRET_PATHS: Final = {
@@ -770,6 +804,18 @@ def _check_path_prefix(v: str) -> str | None:
     return None
 
 
+def _window(v: object) -> int | _Broken:
+    """A policy's window in seconds: "<n>m" (1 to 60 minutes) or "<n>h" (1 to 24 hours)."""
+    rule = "must be a window such as 10m or 1h: 1m to 60m, or 1h to 24h"
+    match = re.fullmatch(r"([0-9]{1,3})([mh])", v) if isinstance(v, str) else None
+    if match is None:
+        return _Broken(rule)
+    n, unit = int(match[1]), match[2]
+    if not (1 <= n <= 60 if unit == "m" else 1 <= n <= 24):
+        return _Broken(rule)
+    return n * (60 if unit == "m" else 3600)
+
+
 def _check_verify_prefix(v: str) -> str | None:
     return None if v == "" else _check_path_prefix(v)
 
@@ -791,11 +837,12 @@ def _check_upstream(v: str) -> str | None:
 
 _LOGGING: Final = LoggingConfig()
 _LIMITS: Final = LimitsConfig()
+_USAGE: Final = UsageConfig()
 
 
 class _Root(_Schema):
     nested = ("listen", "admin", "redis", "cache", "keys", "routes", "logging", "lifecycle", "limits",
-              "trusted_proxies", "verify", "webhooks")  # fmt: skip
+              "trusted_proxies", "verify", "webhooks", "usage", "policies")  # fmt: skip
 
 
 class _Listen(_Schema):
@@ -891,6 +938,22 @@ class _Limits(_Schema):
     max_connections = _Field(_integer, _LIMITS.max_connections, _between(1, 1_000_000))
     body_timeout_seconds = _Field(_number, _LIMITS.body_timeout_seconds, _between(0.1, 3600))
     keepalive_seconds = _Field(_number, _LIMITS.keepalive_seconds, _between(0.1, 3600))
+
+
+class _Usage(_Schema):
+    flush_seconds = _Field(_number, _USAGE.flush_seconds, _between(0.05, 300))
+    max_keys = _Field(_integer, _USAGE.max_keys, _between(1, 10_000_000))
+    max_addresses = _Field(_integer, _USAGE.max_addresses, _between(1, 100_000))
+
+
+class _Policy(_Schema):
+    name = _required(_string, _check_name)
+    rule: _Field[PolicyRule, Never] = _required(_choice(_string, POLICY_RULES))
+    above = _required(_integer, _between(0, 10**12))
+    window = _required(_window)
+    code = _Field(_choice(_string, POLICY_CODES), None)
+    action: _Field[PolicyAction, PolicyAction] = _Field(_choice(_string, POLICY_ACTIONS), "disable")
+    dry_run = _Field(_flag, False)
 
 
 class _Route(_Schema):
@@ -1003,6 +1066,7 @@ class _Validator:
         self.problems = problems
         self.admin_port: int | None = None  # for the check across listeners
         self.environ: Mapping[str, str] = environ or {}  # for webhooks.endpoints[].secret_env
+        self.max_addresses: int | None = _USAGE.max_addresses  # for the policies' check
 
     def bad(self, path: str, value: object, rule: str) -> None:
         self.problems.append(Problem(path, value, rule))
@@ -1040,6 +1104,8 @@ class _Validator:
         trusted = self.trusted_proxies(raw.get("trusted_proxies"))
         verify = self.verify(raw.get("verify"), {"listen.port": port, "admin.listen.port": self.admin_port})
         webhooks = self.webhooks(raw.get("webhooks"))
+        usage = self.usage(raw.get("usage"))
+        policies = self.policies(raw.get("policies"))
         for i, route in enumerate(routes):
             if route.mode == "verify" and verify is None and "verify" not in raw:
                 self.bad(
@@ -1047,9 +1113,9 @@ class _Validator:
                 )
         if self.problems:
             return None
-        assert listen and admin and redis and cache and keys and logs and lifecycle and limits
+        assert listen and admin and redis and cache and keys and logs and lifecycle and limits and usage
         return Config(listen, admin, redis, cache, keys, routes, source, logs, lifecycle, limits, trusted, verify,
-                      webhooks=webhooks)  # fmt: skip
+                      webhooks=webhooks, usage=usage, policies=policies)  # fmt: skip
 
     def webhooks(self, raw: object) -> WebhooksConfig | None:
         if raw is None:
@@ -1136,6 +1202,50 @@ class _Validator:
         if key is None:
             self.bad(f"{where}.{source}", _SECRET if source == "secret" else value, rule)
         return key
+
+
+    def usage(self, raw: object) -> UsageConfig | None:
+        s = self.open(raw, "usage", _Usage)
+        self.max_addresses = s.peek(_Usage.max_addresses)
+        if not s.ok:
+            return None
+        return UsageConfig(s.get(_Usage.flush_seconds), s.get(_Usage.max_keys), s.get(_Usage.max_addresses))
+
+    def policies(self, raw: object) -> tuple[Policy, ...]:
+        if raw is None:
+            return ()
+        if not _is_list(raw):
+            self.bad("policies", type(raw).__name__, "must be a list of {name, rule, above, window, action}")
+            return ()
+        out: list[Policy] = []
+        names: set[str] = set()
+        for i, item in enumerate(raw):
+            path = f"policies[{i}]"
+            if not _is_table(item):
+                self.bad(path, type(item).__name__, "must be a mapping")
+                continue
+            s = self.open(item, path, _Policy)
+            name, rule, code = s.peek(_Policy.name), s.peek(_Policy.rule), s.peek(_Policy.code)
+            above = s.peek(_Policy.above)
+            if name is not None:
+                if name in names:
+                    self.bad(f"{path}.name", name, "duplicate policy name")
+                names.add(name)
+            if rule == "refusals" and "code" not in item:
+                self.bad(f"{path}.code", _ABSENT, "is required with rule: refusals (the refusal code counted)")
+                continue
+            if rule in ("distinct_addresses", "requests") and "code" in item:
+                self.bad(f"{path}.code", item["code"], "only rule: refusals counts a code")
+                continue
+            limit = self.max_addresses
+            if rule == "distinct_addresses" and limit is not None and above is not None and above >= limit:
+                self.bad(f"{path}.above", above, f"must be below usage.max_addresses ({limit}): "
+                         "a replica remembers at most that many addresses per key per flush")  # fmt: skip
+                continue
+            if s.ok and name is not None and rule is not None:
+                out.append(Policy(name, rule, s.get(_Policy.above), s.get(_Policy.window), s.get(_Policy.action),
+                                  s.get(_Policy.dry_run), code))  # fmt: skip
+        return tuple(out)
 
     def verify(self, raw: object, other_ports: dict[str, int | None]) -> VerifyConfig | None:
         if raw is None:

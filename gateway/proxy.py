@@ -34,6 +34,7 @@ from gateway.keytable.lookup import AuthUnavailable, KeyLookup
 from gateway.keytable.record import KeyRecord, decide, digest
 from gateway.metrics import Metrics
 from gateway.routing import RouteTable, Target, UnsafePath, encode, split_target, upstream_path
+from gateway.usage.counter import Counter
 
 access = logging.getLogger("gateway.access")
 log = logging.getLogger("gateway")
@@ -74,6 +75,7 @@ class Gate:
     keys: KeysConfig
     metrics: Metrics
     inflight: int = field(default=0, init=False)
+    usage: Counter | None = field(default=None, kw_only=True)  # per-key usage (gateway/usage/), in memory
 
     async def handle(self, request: Request) -> None:
         self.inflight += 1
@@ -163,6 +165,8 @@ class Gate:
     def _record(self, exchange: Exchange, code: Outcome, status: int) -> None:
         # Metric labels are route names and codes only: never the path, a header or the key.
         self.metrics.request(exchange.route, code)
+        if self.usage is not None and exchange.record is not None and exchange.request is not None:
+            self.usage.count(exchange.record.id, code, exchange.request, exchange.route)
         if not access.isEnabledFor(logging.INFO):
             return
         # The log line names the key by its id, never the key; the path is the normalised

@@ -19,6 +19,7 @@ LAYERS: list[set[str]] = [
     {"gateway.console"},
     {"gateway.admin", "gateway.verify", "gateway.webhooks"},  # independent of each other
     {"gateway.proxy"},
+    {"gateway.usage"},
     {"gateway.coherence"},
     {"gateway.h1", "gateway.keytable"},  # independent of each other
     {"gateway.routing"},

@@ -27,6 +27,8 @@ from gateway.keytable.lease import Coherence
 from gateway.keytable.record import KeyRecord
 from gateway.keytable.store import AuditEntry, BadCursor, CursorCodec, KeyStore, NotDurable, Refused, Unreadable
 from gateway.metrics import CONTENT_TYPE, Metrics
+from gateway.usage.layout import WINDOWS
+from gateway.usage.store import UsageStore, last_use_fields
 
 log = logging.getLogger("gateway.admin")
 
@@ -163,6 +165,8 @@ class AdminApi:
     # IMPORT_BATCH records (~50 ms of Redis), and a client's concurrent imports would otherwise queue
     # in Redis past the command timeout; here they wait for each other, not on a socket timeout.
     _import_writes: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
+    usage: UsageStore | None = None  # last use on the records, unused_since, GET /v1/keys/{id}/usage (spec 10)
+    usage_flush_seconds: float = 10.0  # how far behind real use the usage figures may be
 
     def __post_init__(self) -> None:
         if self.cursors is None:
@@ -351,18 +355,29 @@ class AdminApi:
     async def list_keys(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
         query = bodies.list_query(request.query)
         # A cursor is good for the query it was issued for: the same owner and enabled filter.
-        context = orjson.dumps([query.owner, query.enabled]).decode()
+        filters: list[object] = [query.owner, query.enabled]
+        if query.unused_since_text is not None:
+            filters.append(query.unused_since_text)  # and the unused_since filter, when given
+        context = orjson.dumps(filters).decode()
         try:
             position = self._cursors.keys_position(query.cursor, context) if query.cursor else 0
         except BadCursor:
             raise bodies.BadInput("cursor: must be a cursor this API returned for the same query") from None
+        keep = None
+        if query.unused_since is not None and self.usage is not None:
+            usage, since = self.usage, query.unused_since
+
+            async def keep(ids: list[str]) -> list[bool]:
+                return [not used for used in await usage.used_since(ids, since)]
+
         records, next_position = await self.store.page(
-            owner=query.owner, enabled=query.enabled, cursor=position, limit=query.limit
+            owner=query.owner, enabled=query.enabled, cursor=position, limit=query.limit, keep=keep
         )
+        last = await self._last_use(records)
         next_cursor = self._cursors.keys(next_position, context) if next_position is not None else None
         # Each record is encoded on its own, so one that cannot be (stored by an older version with
         # other bounds) is listed by its id instead of failing the whole page.
-        listed = b",".join(_encoded(record) for record in records)
+        listed = b",".join(_encoded(record, last) for record in records)
         payload = b'{"keys":[' + listed + b'],"next_cursor":' + orjson.dumps(next_cursor) + b"}"
         return web.Response(
             body=payload,
@@ -376,10 +391,40 @@ class AdminApi:
         if record is None:
             return self._not_found(request_id)
         return web.Response(
-            body=_encoded(record),
+            body=_encoded(record, await self._last_use([record])),
             content_type="application/json",
             headers={"X-Request-Id": request_id, "Cache-Control": "no-store"},
         )
+
+    async def _last_use(self, records: list[KeyRecord | Unreadable]) -> dict[str, dict[str, Any]] | None:
+        """`last_used_at` and `last_used_ip` for each record (spec 10), from the usage figures."""
+        if self.usage is None:
+            return None
+        ids = [r.id for r in records if isinstance(r, KeyRecord)]
+        found = await self.usage.last_use(ids)
+        return {key_id: last_use_fields(found.get(key_id)) for key_id in ids}
+
+    @requires("viewer")
+    async def usage_report(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
+        """GET /v1/keys/{id}/usage?window=1h|24h|30d: counts per minute, hour or day by outcome, the
+        distinct client addresses over the window, and the last use (spec 10)."""
+        key_id = self._key_id(request)
+        unknown = sorted(set(request.query) - {"window"})
+        if unknown:
+            raise bodies.BadInput(f"{unknown[0]}: unknown parameter (allowed: window)")
+        window = request.query.get("window", "24h")
+        if window not in WINDOWS:
+            raise bodies.BadInput("window: must be one of 1h, 24h, 30d")
+        if self.usage is None:
+            return errors.render(Denial("not_found", "Usage is not counted here"), request_id)
+        if await self.store.record_by_id(key_id) is None:
+            return self._not_found(request_id)
+        body = await self.usage.window(key_id, next(w for w in WINDOWS if w == window))
+        last = (await self.usage.last_use([key_id])).get(key_id)
+        body.update(last_use_fields(last))
+        body["last_used_route"] = last.route if last is not None else None
+        body["flush_seconds"] = self.usage_flush_seconds
+        return json_response(body, request_id)
 
     @requires("developer")
     async def disable(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
@@ -624,9 +669,12 @@ def client_address(
     return peer
 
 
-def _encoded(record: KeyRecord | Unreadable) -> bytes:
+def _encoded(record: KeyRecord | Unreadable, last_use: dict[str, dict[str, Any]] | None = None) -> bytes:
     try:
-        return orjson.dumps(record.public())
+        public = record.public()
+        if last_use is not None and record.id in last_use:
+            public.update(last_use[record.id])
+        return orjson.dumps(public)
     except orjson.JSONEncodeError:
         return orjson.dumps(Unreadable(record.id).public())
 
@@ -643,6 +691,7 @@ def routes(api: AdminApi) -> list[web.RouteDef]:
         web.post("/v1/keys/import", bound(AdminApi.import_keys)),
         web.get("/v1/keys", bound(AdminApi.list_keys), allow_head=False),
         web.get("/v1/keys/{key_id}", bound(AdminApi.show), allow_head=False),
+        web.get("/v1/keys/{key_id}/usage", bound(AdminApi.usage_report), allow_head=False),
         web.post("/v1/keys/{key_id}/disable", bound(AdminApi.disable)),
         web.post("/v1/keys/{key_id}/enable", bound(AdminApi.enable)),
         web.post("/v1/keys/{key_id}/revoke", bound(AdminApi.revoke)),

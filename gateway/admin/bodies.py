@@ -7,6 +7,7 @@ raises BadInput naming the field, the rule and never echoing a key.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -55,6 +56,8 @@ class ListQuery:
     enabled: bool | None
     cursor: str | None
     limit: int
+    unused_since: float | None = None  # epoch seconds: only keys not used since then (gateway/usage)
+    unused_since_text: str | None = None  # as given, for the cursor's context
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +226,7 @@ def _limit(query: Mapping[str, str], default: int, most: int) -> int:
 
 
 def list_query(query: Mapping[str, str]) -> ListQuery:
-    _only(query, {"owner", "enabled", "cursor", "limit"})
+    _only(query, {"owner", "enabled", "cursor", "limit", "unused_since"})
     enabled_raw = query.get("enabled")
     enabled: bool | None = None
     if enabled_raw is not None:
@@ -231,7 +234,27 @@ def list_query(query: Mapping[str, str]) -> ListQuery:
             raise BadInput("enabled: must be true or false")
         enabled = enabled_raw == "true"
     owner = _text(query, "owner") if query.get("owner") else None
-    return ListQuery(owner, enabled, query.get("cursor") or None, _limit(query, 20, 100))
+    since_text = query.get("unused_since") or None
+    since = unused_since(since_text) if since_text is not None else None
+    return ListQuery(owner, enabled, query.get("cursor") or None, _limit(query, 20, 100), since, since_text)
+
+
+_AGO = re.compile(r"([0-9]{1,5})([mhd])")
+_AGO_SECONDS: Final = {"m": 60, "h": 3600, "d": 86400}
+
+
+def unused_since(text: str) -> float:
+    """`unused_since=`: a span back from now (`30d`, `12h`, `90m`) or an RFC 3339 time, as epoch seconds."""
+    ago = _AGO.fullmatch(text)
+    if ago is not None:
+        return time.time() - int(ago[1]) * _AGO_SECONDS[ago[2]]
+    try:
+        at = datetime.fromisoformat(text.replace("Z", "+00:00")) if len(text) <= 40 else None
+    except ValueError:
+        at = None
+    if at is None or at.tzinfo is None:
+        raise BadInput("unused_since: must be a span such as 30d, 12h or 90m, or an RFC 3339 time with its offset")
+    return at.timestamp()
 
 
 def audit_query(query: Mapping[str, str]) -> AuditQuery:

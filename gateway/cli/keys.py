@@ -1,7 +1,8 @@
 """`gateway keys ...` and `gateway audit`: the operator CLI of spec 9, a client of the admin API.
 
     gateway keys create [--name N] [--owner O] [--scope S]... [--meta JSON] [--expires-at ISO] [--prefix P]
-    gateway keys list [--owner O] [--enabled | --disabled] [--limit N] [--cursor C]
+    gateway keys list [--owner O] [--enabled | --disabled] [--limit N] [--cursor C] [--unused-since 30d]
+    gateway keys usage ID [--window 1h|24h|30d]
     gateway keys show|enable ID
     gateway keys disable|revoke ID [--reason TEXT]
     gateway keys rotate ID [--grace-seconds N]
@@ -72,6 +73,7 @@ from yarl import URL
 
 from gateway.admin import bodies
 from gateway.cli import keyfile
+from gateway.cli.usage import usage_chart
 from gateway.keytable.credentials import VISIBLE_ASCII
 from gateway.keytable.record import KEY_ID
 
@@ -435,6 +437,8 @@ async def keys_list(args: argparse.Namespace) -> int:
         query["owner"] = args.owner
     if args.enabled is not None:
         query["enabled"] = "true" if args.enabled else "false"
+    if args.unused_since is not None:
+        query["unused_since"] = args.unused_since
     records: list[dict[str, Any]] = []
     cursor: str | None = args.cursor
     async with connect(args) as admin:
@@ -460,6 +464,22 @@ async def keys_show(args: argparse.Namespace) -> int:
         data = await admin.call("GET", f"/v1/keys/{key_id(args.id)}")
     emit(args, data, lambda: record_lines(data))
     return EXIT_OK
+
+
+async def keys_usage(args: argparse.Namespace) -> int:
+    async with connect(args) as admin:
+        data = await admin.call("GET", f"/v1/keys/{key_id(args.id)}/usage", query={"window": args.window},
+                                expect="key_id")  # fmt: skip
+    emit(args, data, lambda: usage_chart(data))
+    return EXIT_OK
+
+
+def _unused_since(text: str) -> str:
+    try:
+        bodies.unused_since(text)
+    except bodies.BadInput:
+        raise argparse.ArgumentTypeError("a span such as 30d, 12h or 90m, or an RFC 3339 time with offset") from None
+    return text
 
 
 def _change(action: str, with_reason: bool) -> Callable[[argparse.Namespace], Coroutine[Any, Any, int]]:
@@ -815,7 +835,14 @@ def register(sub: Any) -> None:
     state.add_argument("--disabled", dest="enabled", action="store_false", help="disabled keys only (revoked ones too)")
     lst.add_argument("--limit", type=_positive, metavar="N", help="at most N keys (default: every key)")
     lst.add_argument("--cursor", help="start where an earlier --limit stopped (its next_cursor)")
+    lst.add_argument("--unused-since", type=_unused_since, metavar="SPAN|TIME",
+                     help="only keys not used since: 30d, 12h, 90m or an RFC 3339 time (never used too)")  # fmt: skip
     lst.set_defaults(func=_run(keys_list))
+
+    use = keys_sub.add_parser("usage", parents=[common], help="a key's use: counts by outcome, addresses, last use")
+    use.add_argument("id")
+    use.add_argument("--window", choices=("1h", "24h", "30d"), default="24h", help="per minute, hour or day (24h)")
+    use.set_defaults(func=_run(keys_usage))
 
     show = keys_sub.add_parser("show", parents=[common], help="one key's record")
     show.add_argument("id")

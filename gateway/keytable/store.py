@@ -30,7 +30,7 @@ import hmac
 import re
 import struct
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -124,6 +124,7 @@ class KeyStore:
         self._read_by_id = redis.register_script(_READ_BY_ID)
         self._update = redis.register_script(_UPDATE)
         self._insert_many = redis.register_script(_INSERT_MANY)
+        self._append_audit = redis.register_script(_APPEND_AUDIT)
 
     @contextlib.asynccontextmanager
     async def _writing(self) -> AsyncIterator[Redis]:
@@ -189,13 +190,20 @@ class KeyStore:
         return None if raw is None else _decoded(key_id, raw)
 
     async def page(
-        self, *, owner: str | None, enabled: bool | None, cursor: int, limit: int
+        self,
+        *,
+        owner: str | None,
+        enabled: bool | None,
+        cursor: int,
+        limit: int,
+        keep: Callable[[list[str]], Awaitable[list[bool]]] | None = None,
     ) -> tuple[list[KeyRecord | Unreadable], int | None]:
         """One page in creation order; the next cursor or None at the end.
 
         A record that does not decode (written by hand, or by a version with other rules)
         is listed as `Unreadable` rather than failing the page; it matches no `enabled`
-        filter, since its state is unknown. An id whose record is gone is skipped.
+        filter, since its state is unknown. An id whose record is gone is skipped. `keep`, when
+        given, is asked about each batch of ids and lists only those it answers True for.
         """
         index = self._owner(owner) if owner is not None else self.prefix + "ids"
         out: list[KeyRecord | Unreadable] = []
@@ -210,9 +218,10 @@ class KeyStore:
             present = [(i, as_text(h)) for i, h in zip(ids, hashes, strict=True) if h is not None]
             raws = await self.redis.mget([self._k(h) for _, h in present]) if present else []
             by_id = {i: raw for (i, _), raw in zip(present, raws, strict=True)}
+            kept = await keep(ids) if keep is not None else None
             for n, key_id in enumerate(ids, start=1):
                 raw = by_id.get(key_id)
-                if raw is not None:
+                if raw is not None and (kept is None or kept[n - 1]):
                     record = _decoded(key_id, raw)
                     wanted = enabled is None if isinstance(record, Unreadable) else enabled in (None, record.enabled)
                     if wanted:
@@ -325,6 +334,10 @@ class KeyStore:
             _announced_with_live(announcer, reply[1])
             return before, after, inserted
 
+    async def append_audit(self, entries: list[AuditEntry]) -> None:
+        """Audit entries that go with no change of a record (a policy's report, gateway/usage)."""
+        await self._append_audit(args=[self.prefix, self._audit_args(entries)])
+
     def _record_args(self, record: KeyRecord) -> list[str | bytes]:
         """A record as _CREATE's and _UPDATE's insert() takes it."""
         return [record.hash, record.id, record.to_json(), repr(record.created_at), record.owner or ""]
@@ -418,6 +431,9 @@ audit(prefix, ARGV[7])
 return {1, announce_and_read(prefix, ARGV[8])}
 """
 )
+
+# Audit entries alone (no record changes): ARGV prefix, entries.
+_APPEND_AUDIT = _XADD_BOTH + _ANNOUNCE_LUA + "audit(ARGV[1], ARGV[2])\nreturn 1\n"
 
 # A record and its id, read together: ARGV prefix, id. nil when no such id.
 _READ_BY_ID = """

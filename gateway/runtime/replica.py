@@ -36,6 +36,10 @@ from gateway.keytable.store import Durability, KeyStore
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.routing import RouteTable
+from gateway.usage.counter import Counter
+from gateway.usage.flusher import Flusher
+from gateway.usage.policies import PolicyEngine
+from gateway.usage.store import UsageStore
 from gateway.verify.verifier import ERROR_BODY_HEADER, Verifier
 from gateway.webhooks.service import Webhooks
 
@@ -59,13 +63,16 @@ class Replica:
     verifier: Verifier | None = None  # with verify_server: the verify listener (config `verify`), when configured
     verify_server: Server | None = None
     webhooks: Webhooks | None = None  # config `webhooks`, when configured: its loops run inside running()
+    usage: Flusher | None = None  # per-key usage counting and the policies (gateway/usage/)
 
     def reload_routes(self, new: Config) -> list[str]:
         """Swap in `new`'s routes (SIGHUP); returns the sections that changed but need a restart."""
         self.proxy.routes = RouteTable(new.routes_for("proxy"))
         if self.verifier is not None:
             self.verifier.routes = RouteTable(new.routes_for("verify"))
-        self.config = dataclasses.replace(self.config, routes=new.routes)
+        self.config = dataclasses.replace(self.config, routes=new.routes, policies=new.policies)
+        if self.usage is not None:
+            self.usage.engine.policies = new.policies
         return [name for name in _RESTART_SECTIONS if getattr(self.config, name) != getattr(new, name)]
 
     @contextlib.asynccontextmanager
@@ -73,11 +80,15 @@ class Replica:
         """The subscriber runs (and the replica is in the live set) and the upstream pool is open inside this block."""
         await self.proxy.forwarder.start()
         task = asyncio.get_running_loop().create_task(self.subscriber.run(), name="invalidation-subscriber")
+        if self.usage is not None:
+            self.usage.start()
         try:
             if self.webhooks is not None:
                 await self.webhooks.start()
             yield
         finally:
+            if self.usage is not None:  # the last write (and its policies) while still subscribed
+                await self.usage.stop()
             if self.webhooks is not None:
                 await self.webhooks.stop()
             await _cancel(task)
@@ -88,7 +99,7 @@ class Replica:
 
 # What a reload does not apply: listeners, Redis, cache, keys, admin, logging and lifecycle need a restart.
 _RESTART_SECTIONS = ("listen", "admin", "redis", "cache", "keys", "logging", "lifecycle", "limits", "trusted_proxies",
-                     "verify", "webhooks")  # fmt: skip
+                     "verify", "webhooks", "usage")  # fmt: skip
 
 
 async def _cancel(task: asyncio.Task[None], seconds: float = 5.0) -> None:
@@ -147,8 +158,13 @@ def build(
         table=store.hashes,
     )
 
+    counter = Counter(config.usage.max_keys, config.usage.max_addresses, config.trusted_proxies)
+    usage_store = UsageStore(redis, prefix)
+    engine = PolicyEngine(usage_store, store, propagator, metrics, replica_id, config.policies)
+    usage = Flusher(counter, usage_store, engine, metrics, config.usage.flush_seconds)
     forwarder = Forwarder()
-    proxy = Proxy(RouteTable(config.routes_for("proxy")), lookup, config.keys, metrics, forwarder=forwarder)
+    proxy = Proxy(RouteTable(config.routes_for("proxy")), lookup, config.keys, metrics, forwarder=forwarder,
+                  usage=counter)  # fmt: skip
     proxy_server = Server(proxy.handle, proxy.refused, limits=config.limits, trusted_proxies=config.trusted_proxies)
 
     api = AdminApi(
@@ -159,6 +175,8 @@ def build(
         config.keys,
         metrics,
         trusted_proxies=config.trusted_proxies,
+        usage=usage_store,
+        usage_flush_seconds=usage.interval,
     )
     admin_app = build_admin_app(api)
     if config.admin.console.enabled:
@@ -166,7 +184,7 @@ def build(
     verifier = verify_server = None
     if config.verify is not None:
         verifier = Verifier(RouteTable(config.routes_for("verify")), lookup, config.keys, metrics,
-                            path_prefix=config.verify.path_prefix)  # fmt: skip
+                            path_prefix=config.verify.path_prefix, usage=counter)  # fmt: skip
         verify_server = Server(verifier.handle, verifier.refused, limits=config.limits,
                                trusted_proxies=config.trusted_proxies, body_header=ERROR_BODY_HEADER)  # fmt: skip
     webhooks = Webhooks(config.webhooks, store, metrics, replica_id) if config.webhooks is not None else None
@@ -174,5 +192,5 @@ def build(
     metrics.inflight.set_function(lambda: sum(gate.inflight for gate in gates))
     return Replica(
         replica_id, config, store, cache, coherence, lookup, propagator, subscriber, registry, metrics, api,
-        proxy, proxy_server, admin_app, verifier, verify_server, webhooks,
+        proxy, proxy_server, admin_app, verifier, verify_server, webhooks, usage,
     )  # fmt: skip
