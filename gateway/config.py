@@ -1203,7 +1203,6 @@ class _Validator:
             self.bad(f"{where}.{source}", _SECRET if source == "secret" else value, rule)
         return key
 
-
     def usage(self, raw: object) -> UsageConfig | None:
         s = self.open(raw, "usage", _Usage)
         self.max_addresses = s.peek(_Usage.max_addresses)
