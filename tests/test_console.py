@@ -431,6 +431,22 @@ class RecordingUsage:
         }
 
 
+async def test_the_key_page_shows_the_keys_real_usage_after_a_flush(gw: Gateway, browsers: Any) -> None:
+    """The running gateway counts usage (gateway/usage): the panel shows what the proxy served."""
+    key = await gw.create_key(name="used", owner="u")
+    b = await signed_in(browsers, gw.tokens.viewer)
+    _, page, _ = await b.get(f"/keys/{key['id']}?window=1h")
+    assert 'id="usage-title"' in page and "0 requests" in page
+    for _ in range(3):
+        async with await gw.call("GET", "/api/used", key=key["key"]) as r:
+            assert r.status == 200
+    assert gw.replica.usage is not None
+    assert await gw.replica.usage.flush() >= 1
+    _, page, _ = await b.get(f"/keys/{key['id']}?window=1h")
+    assert "3 requests" in page
+    assert "Unused since" in (await b.get("/keys"))[1]
+
+
 async def test_the_usage_panel_appears_only_with_a_usage_reader(gw: Gateway, browsers: Any) -> None:
     from aiohttp.test_utils import TestServer
 
@@ -439,16 +455,23 @@ async def test_the_usage_panel_appears_only_with_a_usage_reader(gw: Gateway, bro
     from gateway.console.app import mount
 
     key = await gw.create_key(name="used", owner="u")
-    b = await signed_in(browsers, gw.tokens.viewer)
-    _, page, _ = await b.get(f"/keys/{key['id']}")
-    assert 'id="usage-title"' not in page and "Unused since" not in (await b.get("/keys"))[1]
-
+    bare = build_admin_app(gw.replica.api)
+    mount(bare, gw.replica.api, ConsoleConfig(), usage=None)
     reader = RecordingUsage()
     app = build_admin_app(gw.replica.api)
     mount(app, gw.replica.api, ConsoleConfig(), usage=reader)
-    server = TestServer(app, host="127.0.0.1")
+    server, without = TestServer(app, host="127.0.0.1"), TestServer(bare, host="127.0.0.1")
     await server.start_server()
+    await without.start_server()
     try:
+        plain = Browser(gw)
+        plain.gw = type("G", (), {"admin_url": f"http://127.0.0.1:{without.port}"})()  # type: ignore[assignment]
+        try:
+            assert (await plain.sign_in(gw.tokens.viewer))[0] == 303
+            _, page, _ = await plain.get(f"/keys/{key['id']}")
+            assert 'id="usage-title"' not in page and "Unused since" not in (await plain.get("/keys"))[1]
+        finally:
+            await plain.close()
         other = Browser(gw)
         other.gw = type("G", (), {"admin_url": f"http://127.0.0.1:{server.port}"})()  # type: ignore[assignment]
         try:
@@ -466,6 +489,7 @@ async def test_the_usage_panel_appears_only_with_a_usage_reader(gw: Gateway, bro
             await other.close()
     finally:
         await server.close()
+        await without.close()
 
 
 # configuration ------------------------------------------------------------------------------

@@ -173,6 +173,45 @@ def _schemas() -> dict[str, Any]:
                 "state": {"type": "string", "enum": ["active", "disabled", "revoked", "expired", "unreadable"]},
                 "unreadable": {"type": "boolean"},
                 "detail": {"type": "string"},
+                "last_used_at": time,
+                "last_used_ip": _nullable({"type": "string"}),
+            },
+        },
+        "Usage": {
+            "type": "object",
+            "description": "A key's usage over a window (spec 10), summed over every replica's flushes",
+            "required": ["key_id", "window", "bucket_seconds", "from", "to", "totals", "distinct_addresses", "buckets"],
+            "properties": {
+                "key_id": {"type": "string", "pattern": KEY_ID_PATTERN},
+                "window": {"type": "string", "enum": ["1h", "24h", "30d"]},
+                "bucket_seconds": {"type": "integer", "minimum": 1},
+                "from": {"type": "string", "format": "date-time"},
+                "to": {"type": "string", "format": "date-time"},
+                "totals": {
+                    "type": "object",
+                    "required": ["requests", "outcomes"],
+                    "properties": {
+                        "requests": {"type": "integer", "minimum": 0},
+                        "outcomes": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
+                    },
+                },
+                "distinct_addresses": {"type": "integer", "minimum": 0},
+                "buckets": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["start", "requests", "outcomes"],
+                        "properties": {
+                            "start": {"type": "string", "format": "date-time"},
+                            "requests": {"type": "integer", "minimum": 0},
+                            "outcomes": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
+                        },
+                    },
+                },
+                "last_used_at": time,
+                "last_used_ip": _nullable({"type": "string"}),
+                "last_used_route": _nullable({"type": "string"}),
+                "flush_seconds": {"type": "number", "minimum": 0},
             },
         },
         "Propagation": {
@@ -307,6 +346,13 @@ def document() -> dict[str, Any]:
                 parameters=[
                     {"name": "owner", "in": "query", "schema": {"type": "string", "maxLength": bodies.MAX_TEXT}},
                     {"name": "enabled", "in": "query", "schema": {"type": "string", "enum": ["true", "false"]}},
+                    {
+                        "name": "unused_since",
+                        "in": "query",
+                        "schema": {"type": "string", "maxLength": 64},
+                        "description": "Only keys not used since then (spec 10): a span back from now (30d, 12h, "
+                        "90m) or an RFC 3339 time with its offset",
+                    },
                     cursor,
                     {"name": "limit", "in": "query", "schema": limit, "description": "1 to 100 (default 20)"},
                 ],
@@ -337,6 +383,18 @@ def document() -> dict[str, Any]:
                 {"200": _json(_ref("Key"), "The record"), **_errors(404)},
                 role="viewer",
                 parameters=[_key_param()],
+            ),
+        },
+        "/v1/keys/{key_id}/usage": {
+            "get": _operation(
+                "One key's usage (spec 10): counts per minute (1h), hour (24h) or day (30d) by outcome, the "
+                "distinct client addresses over the window and the last use; as of the replicas' last flush",
+                {"200": _json(_ref("Usage"), "The key's usage over the window"), **_errors(404)},
+                role="viewer",
+                parameters=[
+                    _key_param(),
+                    {"name": "window", "in": "query", "schema": {"type": "string", "enum": ["1h", "24h", "30d"]}},
+                ],
             ),
         },
         "/v1/keys/{key_id}/disable": {"post": _change("Disable a key (idempotent)", "developer", _ref("Reason"))},

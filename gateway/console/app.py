@@ -575,8 +575,15 @@ def _chart(usage: Mapping[str, Any]) -> dict[str, Any]:
     for bucket in buckets if isinstance(buckets, list) else []:
         if not isinstance(bucket, Mapping):
             continue
-        counts = bucket.get("counts") or {}
-        total = sum(v for v in counts.values() if isinstance(v, int)) if isinstance(counts, Mapping) else 0
+        requests = bucket.get("requests")  # gateway/usage/store.py's window(): requests and outcomes
+        counts = bucket.get("outcomes") or bucket.get("counts") or {}
+        total = (
+            requests
+            if isinstance(requests, int)
+            else sum(v for v in counts.values() if isinstance(v, int))
+            if isinstance(counts, Mapping)
+            else 0
+        )
         totals.append((str(bucket.get("start") or bucket.get("at") or ""), total))
     peak = max((t for _, t in totals), default=0) or 1
     width = 600 / max(1, len(totals))

@@ -180,7 +180,7 @@ def build(
     )
     admin_app = build_admin_app(api)
     if config.admin.console.enabled:
-        mount_console(admin_app, api, config.admin.console)
+        mount_console(admin_app, api, config.admin.console, usage=usage_store)
     verifier = verify_server = None
     if config.verify is not None:
         verifier = Verifier(RouteTable(config.routes_for("verify")), lookup, config.keys, metrics,

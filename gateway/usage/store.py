@@ -15,7 +15,7 @@ from gateway.keytable.record import rfc3339
 from gateway.keytable.store import as_text
 from gateway.usage import layout
 from gateway.usage.counter import Batch
-from gateway.usage.layout import HOUR, MINUTE, SPANS, Names, Span, Window
+from gateway.usage.layout import HOUR, MINUTE, SPANS, WINDOWS, Names, Span, Window
 
 CHUNK = 500  # keys one script call writes: Redis runs a script alone, so each stays short
 
@@ -114,6 +114,13 @@ class UsageStore:
             "distinct_addresses": distinct[0],
             "buckets": series,
         }
+
+    async def usage(self, key_id: str, window: str) -> dict[str, Any]:
+        """`window` as the console names it (gateway/console: UsageReader): 1h, 24h or 30d."""
+        chosen = next((w for w in WINDOWS if w == window), None)
+        if chosen is None:
+            raise ValueError(f"window: must be one of {', '.join(WINDOWS)}")
+        return await self.window(key_id, chosen)
 
     async def measure(self, key_ids: Sequence[str], policy: Policy, now: float) -> list[int]:
         """Each key's value of a policy's rule over its window, summed over every replica's flushes."""
