@@ -20,6 +20,7 @@ LAYERS: list[set[str]] = [
     {"gateway.proxy"},
     {"gateway.coherence"},
     {"gateway.h1", "gateway.keytable"},  # independent of each other
+    {"gateway.ratelimit"},
     {"gateway.routing"},
     {"gateway.config", "gateway.errors", "gateway.metrics", "gateway.logs"},
 ]

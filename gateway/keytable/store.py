@@ -187,8 +187,15 @@ class KeyStore:
 
     # writes ---------------------------------------------------------------
 
-    async def insert(self, record: KeyRecord, audit: list[AuditEntry], announcer: Announcer) -> bool:
-        """Add a new record; False when a key with the same hash already exists."""
+    async def insert(
+        self,
+        record: KeyRecord,
+        audit: list[AuditEntry],
+        announcer: Announcer,
+        also: Callable[[Any], None] | None = None,
+    ) -> bool:
+        """Add a new record; False when a key with the same hash already exists. `also` queues more
+        commands into the same transaction (a new key's credit balance: ratelimit/store.py)."""
         hk = self._k(record.hash)
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
@@ -198,6 +205,8 @@ class KeyStore:
                         return False
                     pipe.multi()  # type: ignore[no-untyped-call]
                     self._queue_insert(pipe, record)
+                    if also is not None:
+                        also(pipe)
                     self._queue_audit(pipe, audit)
                     # A negative answer cached anywhere for this hash must go too.
                     self._queue_announce(pipe, announcer, [(record.hash, record.version)])
@@ -235,12 +244,14 @@ class KeyStore:
         announcer: Announcer,
         *,
         also_insert: Callable[[KeyRecord], KeyRecord] | None = None,
+        also: Callable[[Any, KeyRecord, KeyRecord], None] | None = None,
     ) -> tuple[KeyRecord, KeyRecord, KeyRecord | None] | None:
         """Apply `change` to a record atomically: (before, after, inserted) or None if no such id.
 
         `change` may raise Refused, or return the record unchanged for a no-op
         (nothing is written, audited or announced). `also_insert` builds a new
-        record from the changed one, written in the same transaction (rotate).
+        record from the changed one, written in the same transaction (rotate). `also(pipe, before,
+        after)` queues more commands into that transaction (a PATCH's credits: ratelimit/store.py).
         """
         raw_hash = await self.redis.get(self._id(key_id))
         if raw_hash is None:
@@ -261,6 +272,8 @@ class KeyStore:
                     inserted = also_insert(after) if also_insert is not None else None
                     pipe.multi()  # type: ignore[no-untyped-call]
                     pipe.set(hk, after.to_json())
+                    if also is not None:
+                        also(pipe, before, after)
                     changed = [(after.hash, after.version)]
                     if inserted is not None:
                         self._queue_insert(pipe, inserted)

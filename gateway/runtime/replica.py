@@ -34,6 +34,8 @@ from gateway.keytable.lookup import KeyLookup
 from gateway.keytable.store import KeyStore
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
+from gateway.ratelimit.limiter import LEASE_SHARE, STORE_TIMEOUT, Limiter
+from gateway.ratelimit.store import RateStore
 from gateway.routing import RouteTable
 from gateway.verify.verifier import ERROR_BODY_HEADER, Verifier
 
@@ -56,6 +58,7 @@ class Replica:
     admin_app: web.Application
     verifier: Verifier | None = None  # with verify_server: the verify listener (config `verify`), when configured
     verify_server: Server | None = None
+    limiter: Limiter | None = None  # rate limits and credits (gateway/ratelimit/), shared by proxy and verifier
 
     def reload_routes(self, new: Config) -> list[str]:
         """Swap in `new`'s routes (SIGHUP); returns the sections that changed but need a restart."""
@@ -75,6 +78,8 @@ class Replica:
         finally:
             await _cancel(task)
             await self.proxy.forwarder.close()
+            if self.limiter is not None:
+                await self.limiter.close()  # the unspent slices go back to the window's budget
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.registry.leave(), 1.0)
 
@@ -133,8 +138,12 @@ def build(config: Config, redis: Redis, listen_redis: Redis, *, replica_id: str 
         table=store.hashes,
     )
 
+    rates = RateStore(redis, prefix, timeout=STORE_TIMEOUT, share=LEASE_SHARE)
+    metrics.watch_ratelimit(rates)
+    limiter = Limiter(rates, metrics)
     forwarder = Forwarder()
-    proxy = Proxy(RouteTable(config.routes_for("proxy")), lookup, config.keys, metrics, forwarder=forwarder)
+    proxy = Proxy(RouteTable(config.routes_for("proxy")), lookup, config.keys, metrics, forwarder=forwarder,
+                  limiter=limiter)  # fmt: skip
     proxy_server = Server(proxy.handle, proxy.refused, limits=config.limits, trusted_proxies=config.trusted_proxies)
 
     api = AdminApi(
@@ -145,17 +154,18 @@ def build(config: Config, redis: Redis, listen_redis: Redis, *, replica_id: str 
         config.keys,
         metrics,
         trusted_proxies=config.trusted_proxies,
+        rates=rates,
     )
     admin_app = build_admin_app(api)
     verifier = verify_server = None
     if config.verify is not None:
         verifier = Verifier(RouteTable(config.routes_for("verify")), lookup, config.keys, metrics,
-                            path_prefix=config.verify.path_prefix)  # fmt: skip
+                            path_prefix=config.verify.path_prefix, limiter=limiter)  # fmt: skip
         verify_server = Server(verifier.handle, verifier.refused, limits=config.limits,
                                trusted_proxies=config.trusted_proxies, body_header=ERROR_BODY_HEADER)  # fmt: skip
     gates = [gate for gate in (proxy, verifier) if gate is not None]
     metrics.inflight.set_function(lambda: sum(gate.inflight for gate in gates))
     return Replica(
         replica_id, config, store, cache, coherence, lookup, propagator, subscriber, registry, metrics, api,
-        proxy, proxy_server, admin_app, verifier, verify_server,
+        proxy, proxy_server, admin_app, verifier, verify_server, limiter,
     )  # fmt: skip
