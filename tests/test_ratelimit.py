@@ -25,9 +25,11 @@ from redis.asyncio import Redis
 
 from gateway import config as config_mod
 from gateway.admin import bodies
+from gateway.cli import keys as operator_cli
 from gateway.ratelimit.limiter import LEASE_SHARE
 from gateway.ratelimit.policy import parse_spec, refusal_headers
 from tests.conftest import Gateway, RedisProcess, free_port
+from tests.test_cli import on, token  # noqa: F401 - `token` is a fixture
 
 Start = Callable[..., Awaitable[Gateway]]
 
@@ -409,3 +411,42 @@ def test_limit_specs_and_headers() -> None:
     }
     with pytest.raises(bodies.BadInput):
         bodies.credits({"remaining": True}, patch=False)
+
+
+# the CLI ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("token")  # GATEWAY_ADMIN_TOKEN holds the admin token
+async def test_cli_keys_update_sets_limits_and_credits_in_force_on_the_next_request(
+    gateway_factory: Start, counter: tuple[Counter, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    upstream, url = counter
+    gw = await gateway_factory(routes=routes(url))
+    created = await gw.create_key(name="cli")
+    run = await on(gw, capsys, "keys", "update", created["id"], "--limit", "2/1h", "--credits", "1000", "--json")
+    assert run.code == 0, run.err
+    data = run.json()
+    assert data["ratelimits"] == [{"name": "default", "limit": 2, "window_seconds": 3600, "on_store_error": "deny"}]
+    assert data["credits"] == {"remaining": 1000, "refill": None} and data["propagation"]["confirmed"] == 1
+    assert [(await status_of(gw, created["key"]))[:2] for _ in range(3)] == [(200, None)] * 2 + [(429, "rate_limited")]
+    run = await on(gw, capsys, "keys", "update", created["id"], "--limit", "hourly=10/1h", "--limit", "daily=20/1d",
+                   "--on-store-error", "allow", "--add-credits", "-998", "--refill", "50/1d")  # fmt: skip
+    assert run.code == 0, run.err
+    lines = dict(line.split(":", 1) for line in run.out.splitlines())
+    assert lines["ratelimits"].strip() == (
+        "hourly=10/3600s (allow on store error), daily=20/86400s (allow on store error)"
+    )
+    assert lines["credits"].strip() == "0 left, refilled to 50 every 86400 s"  # 1000 - 2 spent - 998
+    assert lines["propagation"].strip().startswith("confirmed by 1/1")
+    assert (await status_of(gw, created["key"]))[:2] == (429, "usage_exceeded")
+    assert upstream.received == 2
+    for argv, message in (
+        (["--limit", "100"], "--limit: '100': a rate limit is LIMIT/WINDOW"),
+        (["--limit", "5/2d"], "the window must be from 1 s to 1 day"),
+        (["--refill", "x"], "--refill:"),
+        (["--no-credits", "--credits", "5"], "--no-credits: not with"),
+        ([], "nothing to change"),
+    ):
+        run = await on(gw, capsys, "keys", "update", created["id"], *argv)
+        assert run.code == operator_cli.EXIT_USAGE, (argv, run.err)
+        assert message in run.error_line, run.err
