@@ -9,10 +9,11 @@ Redis time, the same clock on this machine): admitted (what the upstream receive
 limit, and how much of the limit had been admitted when the first 429 of the window answered.
 Then credits: a key with 100 credits, 1,000 requests at once over the 3 replicas.
 
-Then the hot-path cost, in this process against the same Redis: the proxy's rate-limit step
-(`Gate._spend`) for a key without limits vs a key with a limit spent from a leased slice (median
-over interleaved rounds, with the range), and the per-request Redis path (a key with credits:
-one script call per request, batched per event-loop turn) sequential and 64 at a time.
+Then the cost: the CPU one gateway process spends per proxied request (read from /proc) for a
+key without limits, a key with a limit spent from leased slices, and a key with credits (one
+Redis script call a request, batched per event-loop turn), in interleaved rounds (median, range);
+and, in this process against the same Redis, the proxy's rate-limit step alone (`Gate._spend`)
+for the same three kinds of key.
 
     .venv/bin/python benchmarks/ratelimit.py [--quick] [--clients 4] [--concurrency 24]
 
@@ -331,6 +332,55 @@ async def credits(session: aiohttp.ClientSession, cluster: Cluster, clients: int
 # the hot path's cost ------------------------------------------------------------------------------------
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) the process has used, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def gateway_cpu(session: aiohttp.ClientSession, cluster: Cluster, rounds: int, count: int) -> dict[str, Any]:
+    """CPU of replica 0's process per proxied request, for three kinds of key, interleaved rounds."""
+    keys = {
+        "no limit": await create_key(session, cluster, {"name": "cpu plain"}),
+        "leased limit": await create_key(
+            session,
+            cluster,
+            {"name": "cpu limit", "ratelimits": [{"name": "d", "limit": 10**9, "window_seconds": 86400}]},
+        ),
+        "credits (Redis a request)": await create_key(
+            session, cluster, {"name": "cpu credits", "credits": {"remaining": 10**12}}
+        ),
+    }
+    url = cluster.nodes[0][0] + "/api/cpu/x"
+    pid = cluster.procs[0].pid
+    samples: dict[str, list[float]] = {name: [] for name in keys}
+    connector = aiohttp.TCPConnector(limit=16)
+    async with aiohttp.ClientSession(connector=connector) as load:
+
+        async def send(key: str, n: int) -> None:
+            headers = {"Authorization": f"Bearer {key}"}
+
+            async def worker(share: int) -> None:
+                for _ in range(share):
+                    async with load.get(url, headers=headers) as r:
+                        await r.read()
+                        assert r.status == 200, r.status
+
+            await asyncio.gather(*(worker(n // 16) for _ in range(16)))
+
+        for key in keys.values():
+            await send(key, 320)  # warm: cached key, leased slice, pooled connections
+        order = list(keys)
+        for r in range(rounds):
+            for name in order[r % 3 :] + order[: r % 3]:
+                before = process_cpu(pid)
+                await send(keys[name], count)
+                samples[name].append((process_cpu(pid) - before) / (count // 16 * 16) * 1e6)
+    async with session.delete(f"http://127.0.0.1:{cluster.upstream_port}/stats/cpu") as r:
+        await r.read()
+    return {name: (statistics.median(v), min(v), max(v)) for name, v in samples.items()}
+
+
 async def hot_path(redis_url: str, rounds: int, calls: int) -> dict[str, Any]:
     """`Gate._spend` as the proxy calls it: a key without limits, a key whose limit is spent from a
     leased slice, and a key with credits (every request asks Redis), against the benchmark's Redis."""
@@ -413,6 +463,7 @@ async def run(cluster: Cluster, args: argparse.Namespace) -> int:
                 rows.append(row)
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
         passed, refused, received = await credits(session, cluster, args.clients)
+        cpu = await gateway_cpu(session, cluster, args.cpu_rounds, args.cpu_requests)
     hot = await hot_path(cluster.redis_url, args.rounds, args.calls)
 
     print()
@@ -425,6 +476,12 @@ async def run(cluster: Cluster, args: argparse.Namespace) -> int:
     print(f"Credits: 1,000 concurrent requests over {REPLICAS} replicas against 100 credits: "
           f"{passed} passed (upstream received {received}), {refused} refused 429 usage_exceeded "
           f"-> {'exactly 100' if ok_credits else 'NOT exactly 100'}")  # fmt: skip
+    print()
+    base = cpu["no limit"][0]
+    print(f"Gateway CPU per proxied request (replica 0's process, 16 keep-alive connections, median of "
+          f"{args.cpu_rounds} interleaved rounds of {args.cpu_requests:,} requests, range):")  # fmt: skip
+    for name, (median, low, high) in cpu.items():
+        print(f"  {name:<26} {median:6.1f} us  ({low:.1f}..{high:.1f})  x{median / base:.2f}")
     print()
     lo, hi = hot["added_range_us"]
     print(f"Hot path (Gate._spend, median of {hot['rounds']} interleaved rounds of {hot['calls_per_round']:,} calls):")
@@ -453,10 +510,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=24, help="connections a client process (24)")
     parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds of the hot-path benchmark (9)")
     parser.add_argument("--calls", type=int, default=20_000, help="calls a hot-path round (20,000)")
+    parser.add_argument("--cpu-rounds", type=int, default=5, help="interleaved rounds of the CPU measure (5)")
+    parser.add_argument("--cpu-requests", type=int, default=3200, help="requests a CPU round and kind of key (3,200)")
     parser.add_argument("--quick", action="store_true", help="one window a row, fewer hot-path rounds")
     args = parser.parse_args()
     if args.quick:
-        args.windows, args.rounds, args.calls = 1, 5, 5000
+        args.windows, args.rounds, args.calls, args.cpu_rounds, args.cpu_requests = 1, 5, 5000, 3, 1600
     cluster = Cluster()
     try:
         code = asyncio.run(run(cluster, args))

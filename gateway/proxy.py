@@ -228,10 +228,10 @@ class Proxy(Gate):
             path += "?" + target.query
         sent = time.perf_counter()
         try:
-            for _attempt in range(_DECISIONS):
+            for attempt in range(_DECISIONS):
                 if key_hash is not None:
                     record = await self._decide(exchange, route, key_hash)
-                    if record is None or (_attempt == 0 and not await self._spend(exchange, route, record)):
+                    if record is None or (attempt == 0 and not await self._spend(exchange, route, record)):
                         return
                     admit = self._fresh_decision()
                     sent = time.perf_counter()

@@ -11,12 +11,13 @@ Across replicas, without a Redis round trip per request where the limit allows i
 per (key, limit), a slice of the current window's budget leased from Redis (store._TAKE), and
 spends it locally. A slice is never more than what the window has left (so the slices of all
 replicas never add up to more than the limit) and never more than LEASE_SHARE of the limit divided
-among the live replicas (so what all replicas hold unspent is at most LEASE_SHARE of the limit,
+among the live replicas plus one (one more for a replica serving outside the live set: starting, or
+resubscribing) (so what all replicas hold unspent is at most LEASE_SHARE of the limit,
 which is why no request is refused before 1 - LEASE_SHARE of the limit was used). A replica tops
 its slice up in the background when half of it is spent (one top-up in flight per slice), gives
 back what it holds after IDLE_RETURN seconds without use, and drops it when its window ends.
-A limit whose share is under 1 request (limit * LEASE_SHARE / replicas < 1: under 375 a window
-with 3 replicas) has no slices: each request asks Redis. Credits are always asked of Redis, so N
+A limit whose share is under 1 request (limit * LEASE_SHARE / (replicas + 1) < 1: under 500 a
+window with 3 replicas) has no slices: each request asks Redis. Credits are always asked of Redis, so N
 credits admit exactly N requests. Once Redis says a window is used up, the replica refuses
 locally until the window ends (its slice empty), with no Redis call per refused request.
 

@@ -11,9 +11,10 @@ limits it grants `need` (0 or 1) plus up to `extra` (a lease for the replica to 
 grants nothing to any of them when one cannot give `need`; then it takes the request's `cost` from
 the credit balance, or nothing when too few are left (the limits' grants are then not made either).
 A lease is never more than the window has left, so the grants of every replica together never
-exceed the limit, and never more than `share` of the limit divided among the live replicas (the
-sorted set P replicas of coherence/replicas.py), so what all replicas hold unspent is at most that
-share of the limit. `_RELEASE` gives back what a replica did not spend.
+exceed the limit, and never more than `share` of the limit divided among the live replicas plus
+one (the sorted set P replicas of coherence/replicas.py; the one more is a replica serving outside
+that set: starting, or resubscribing), so what all replicas hold unspent is at most that share of
+the limit. `_RELEASE` gives back what a replica did not spend.
 
 Calls are batched: every take submitted during one turn of the event loop goes to Redis in one
 EVALSHA (up to BATCH ops; more in one pipeline), bounded by `timeout`. A batch that fails or times
@@ -93,7 +94,7 @@ for op = 1, tonumber(ARGV[3]) do
   for j = 1, n do
     local l = limits[j]
     local granted = 0
-    local cap = math.floor(l[2] * share / live)
+    local cap = math.floor(l[2] * share / (live + 1))
     if verdict == 1 then
       local extra = math.min(l[4], cap, l[5] - l[3])
       if extra < 0 then extra = 0 end
