@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -450,3 +451,19 @@ async def test_cli_keys_update_sets_limits_and_credits_in_force_on_the_next_requ
         run = await on(gw, capsys, "keys", "update", created["id"], *argv)
         assert run.code == operator_cli.EXIT_USAGE, (argv, run.err)
         assert message in run.error_line, run.err
+
+
+async def test_a_bulk_import_takes_limits_but_refuses_credits_per_line(gw: Gateway) -> None:
+    limit = {"name": "m", "limit": 1, "window_seconds": 3600}
+    key = "imported_" + os.urandom(12).hex()
+    lines = [
+        {"key": key, "ratelimits": [limit]},
+        {"key": "imported_" + os.urandom(12).hex(), "credits": {"remaining": 5}},
+    ]
+    body = b"".join(orjson.dumps(line) + b"\n" for line in lines)
+    async with await gw.admin_call("POST", "/v1/keys/import", token="developer", data=body) as r:
+        assert r.status == 200
+        results = [orjson.loads(line) for line in (await r.read()).splitlines()]
+    assert results[0]["result"] == "imported"
+    assert results[1]["result"] == "rejected" and "credits: not in a bulk import" in results[1]["detail"]
+    assert [(await status_of(gw, key))[:2] for _ in range(2)] == [(200, None), (429, "rate_limited")]

@@ -285,6 +285,8 @@ class AdminApi:
                 spec = bodies.create(bodies.parse_json_object(raw, empty_ok=False), now)
                 if not spec.is_import:
                     raise bodies.BadInput("key, key_sha256: each line imports a key: give one of them")
+                if spec.credits is not None:  # a balance is written per key, not in a batch's script
+                    raise bodies.BadInput("credits: not in a bulk import; set them with PATCH /v1/keys/{id}")
             except bodies.BadInput as exc:
                 results[line_no] = {
                     "line": line_no,
