@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 from gateway import config as config_mod
 from gateway.admin import bodies
 from gateway.cli import keys as operator_cli
-from gateway.ratelimit.limiter import LEASE_SHARE
+from gateway.ratelimit.limiter import IDLE_RETURN, LEASE_SHARE, SWEEP_EVERY
 from gateway.ratelimit.policy import parse_spec, refusal_headers
 from tests.conftest import Gateway, RedisProcess, free_port
 from tests.test_cli import on, token  # noqa: F401 - `token` is a fixture
@@ -467,3 +467,24 @@ async def test_a_bulk_import_takes_limits_but_refuses_credits_per_line(gw: Gatew
     assert results[0]["result"] == "imported"
     assert results[1]["result"] == "rejected" and "credits: not in a bulk import" in results[1]["detail"]
     assert [(await status_of(gw, key))[:2] for _ in range(2)] == [(200, None), (429, "rate_limited")]
+
+
+async def test_a_replica_gives_back_an_idle_slice_and_the_window_counts_only_what_was_spent(
+    gateway_factory: Start, counter: tuple[Counter, str], redis: Redis
+) -> None:
+    _, url = counter
+    gw = await gateway_factory(routes=routes(url))
+    prefix = gw.replica.config.redis.prefix
+    limit = {"name": "h", "limit": 100_000, "window_seconds": 3600}
+    idle = await gw.create_key(ratelimits=[limit])
+    busy = await gw.create_key(ratelimits=[limit])
+    assert (await status_of(gw, idle["key"]))[0] == 200
+    leased = (await counters(redis, prefix, idle["id"]))["h"]
+    # One replica live (plus one): a slice of up to 0.8% of 100,000 / 2 = 400 besides the request's own.
+    assert 1 < leased <= 401
+    await asyncio.sleep(IDLE_RETURN + SWEEP_EVERY)  # the slice idles past IDLE_RETURN
+    assert (await status_of(gw, busy["key"]))[0] == 200  # a request's check sweeps idle slices
+    deadline = time.monotonic() + 5
+    while (await counters(redis, prefix, idle["id"]))["h"] != 1:
+        assert time.monotonic() < deadline, "the idle slice was not given back"
+        await asyncio.sleep(0.02)
