@@ -192,6 +192,7 @@ async def test_a_route_cost_and_default_limit_apply_to_each_key(
 # the answer at the boundary ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_headers_at_the_boundary_and_the_next_window_admits_again(
     gateway_factory: Start, counter: tuple[Counter, str], redis: Redis
 ) -> None:
@@ -225,6 +226,7 @@ async def test_headers_at_the_boundary_and_the_next_window_admits_again(
 # accuracy with leased slices ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_two_replicas_sharing_a_limit_with_slices_admit_at_most_the_limit_and_refuse_late(
     gateway_factory: Start, counter: tuple[Counter, str], redis: Redis
 ) -> None:
@@ -299,12 +301,14 @@ async def _store_error_case(gateway_factory: Start, counter: tuple[Counter, str]
         own.kill()
 
 
+@pytest.mark.slow
 async def test_on_store_error_deny_and_allow_with_redis_killed(
     gateway_factory: Start, counter: tuple[Counter, str], tmp_path: Path
 ) -> None:
     await _store_error_case(gateway_factory, counter, tmp_path, "killed")
 
 
+@pytest.mark.slow
 async def test_on_store_error_deny_and_allow_with_redis_hung(
     gateway_factory: Start, counter: tuple[Counter, str], tmp_path: Path
 ) -> None:
@@ -469,6 +473,7 @@ async def test_a_bulk_import_takes_limits_but_refuses_credits_per_line(gw: Gatew
     assert [(await status_of(gw, key))[:2] for _ in range(2)] == [(200, None), (429, "rate_limited")]
 
 
+@pytest.mark.slow
 async def test_a_replica_gives_back_an_idle_slice_and_the_window_counts_only_what_was_spent(
     gateway_factory: Start, counter: tuple[Counter, str], redis: Redis
 ) -> None:
