@@ -65,7 +65,8 @@ class _Bucket:
     counter: str  # the Redis counter's base name (store.counter)
     limit: RateLimit
     index: int = -1  # the window the slice belongs to (Redis's index); -1 before the first answer
-    ends: float = 0.0  # monotonic time by which that window has certainly ended (from a send time)
+    ends: float = 0.0  # monotonic time before which that window has certainly not ended (from a send time)
+    resets: float = 0.0  # monotonic time by which it has certainly ended (from a reply): Retry-After's
     tokens: int = 0  # the slice: leased, unspent
     cap: int = 0  # the largest slice Redis grants now (0: every request asks Redis)
     exhausted: bool = False  # Redis said the window has nothing left
@@ -102,7 +103,9 @@ class Limiter:
                 taken.append((bucket, bucket.index))
             elif bucket.exhausted:
                 self._refund(taken)
-                return Denial("rate_limited", headers=refusal_headers([(bucket.limit, 0, (bucket.ends - now) * 1000)]))
+                return Denial(
+                    "rate_limited", headers=refusal_headers([(bucket.limit, 0, (bucket.resets - now) * 1000)])
+                )
             else:
                 asks.append(bucket)
         if not asks and pay is None:
@@ -180,6 +183,7 @@ class Limiter:
             bucket.index = index
             bucket.tokens = 0
             bucket.ends = sent + reset_ms / 1000  # from the send: never later than Redis's own end
+            bucket.resets = self.clock() + reset_ms / 1000  # from the reply: never earlier
         elif index < bucket.index:
             return  # an answer about a window that is over: its grant is worth nothing
         bucket.tokens += extra
