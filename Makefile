@@ -72,7 +72,7 @@ bench: install redis
 
 # Rate limits across 3 replicas (spec 12): admitted per window vs the limit for 10 to 10,000 a window,
 # even and 90/10 load, the first 429 point, 100 credits under 1,000 concurrent requests, and the
-# hot-path cost of a limit (about 4 min; `--quick` about 2; prints a table, exits 1 on a miss).
+# hot-path cost of a limit (about 4.5 min; `--quick` about 2.5; prints a table, exits 1 on a miss).
 bench-ratelimit: install redis
 	$(PY) benchmarks/ratelimit.py
 

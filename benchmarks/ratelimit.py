@@ -378,7 +378,12 @@ async def gateway_cpu(session: aiohttp.ClientSession, cluster: Cluster, rounds: 
                 samples[name].append((process_cpu(pid) - before) / (count // 16 * 16) * 1e6)
     async with session.delete(f"http://127.0.0.1:{cluster.upstream_port}/stats/cpu") as r:
         await r.read()
-    return {name: (statistics.median(v), min(v), max(v)) for name, v in samples.items()}
+    base = samples["no limit"]
+    out: dict[str, Any] = {}
+    for name, v in samples.items():
+        ratios = [x / b for x, b in zip(v, base, strict=True)]  # each round against its own baseline
+        out[name] = (statistics.median(v), min(v), max(v), statistics.median(ratios), min(ratios), max(ratios))
+    return out
 
 
 async def hot_path(redis_url: str, rounds: int, calls: int) -> dict[str, Any]:
@@ -456,32 +461,34 @@ async def run(cluster: Cluster, args: argparse.Namespace) -> int:
         for _, admin in cluster.nodes:
             await wait_ready(session, admin + "/readyz")
         rows: list[Row] = []
-        for limit in WINDOWS:
+        for limit in WINDOWS if not args.cost_only else ():
             for spread in SPREADS:
                 row = await accuracy(session, cluster, limit, spread, args.windows, args.clients, args.concurrency)
                 row.first_429 = await first_refusal(session, cluster, limit, spread)
                 rows.append(row)
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
-        passed, refused, received = await credits(session, cluster, args.clients)
+        passed, refused, received = (100, 900, 100) if args.cost_only else await credits(session, cluster, args.clients)
         cpu = await gateway_cpu(session, cluster, args.cpu_rounds, args.cpu_requests)
     hot = await hot_path(cluster.redis_url, args.rounds, args.calls)
 
-    print()
-    print(f"Rate-limit accuracy: {REPLICAS} replicas, one Redis, {args.clients} client processes x "
-          f"{args.concurrency} connections, {args.windows} whole window(s) a row")  # fmt: skip
-    print()
-    print(table(rows))
-    print()
     ok_credits = passed == 100 and received == 100 and refused == 900
-    print(f"Credits: 1,000 concurrent requests over {REPLICAS} replicas against 100 credits: "
-          f"{passed} passed (upstream received {received}), {refused} refused 429 usage_exceeded "
-          f"-> {'exactly 100' if ok_credits else 'NOT exactly 100'}")  # fmt: skip
+    if not args.cost_only:
+        print()
+        print(f"Rate-limit accuracy: {REPLICAS} replicas, one Redis, {args.clients} client processes x "
+              f"{args.concurrency} connections, {args.windows} whole window(s) a row")  # fmt: skip
+        print()
+        print(table(rows))
+        print()
+        print(f"Credits: 1,000 concurrent requests over {REPLICAS} replicas against 100 credits: "
+              f"{passed} passed (upstream received {received}), {refused} refused 429 usage_exceeded "
+              f"-> {'exactly 100' if ok_credits else 'NOT exactly 100'}")  # fmt: skip
     print()
     base = cpu["no limit"][0]
     print(f"Gateway CPU per proxied request (replica 0's process, 16 keep-alive connections, median of "
           f"{args.cpu_rounds} interleaved rounds of {args.cpu_requests:,} requests, range):")  # fmt: skip
-    for name, (median, low, high) in cpu.items():
-        print(f"  {name:<26} {median:6.1f} us  ({low:.1f}..{high:.1f})  x{median / base:.2f}")
+    for name, (median, low, high, ratio, rlow, rhigh) in cpu.items():
+        print(f"  {name:<26} {median:6.1f} us  ({low:.1f}..{high:.1f});  vs no limit in the same round: "
+              f"x{ratio:.2f} ({rlow:.2f}..{rhigh:.2f}), +{median - base:.1f} us")  # fmt: skip
     print()
     lo, hi = hot["added_range_us"]
     print(f"Hot path (Gate._spend, median of {hot['rounds']} interleaved rounds of {hot['calls_per_round']:,} calls):")
@@ -510,8 +517,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=24, help="connections a client process (24)")
     parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds of the hot-path benchmark (9)")
     parser.add_argument("--calls", type=int, default=20_000, help="calls a hot-path round (20,000)")
-    parser.add_argument("--cpu-rounds", type=int, default=5, help="interleaved rounds of the CPU measure (5)")
-    parser.add_argument("--cpu-requests", type=int, default=3200, help="requests a CPU round and kind of key (3,200)")
+    parser.add_argument("--cpu-rounds", type=int, default=7, help="interleaved rounds of the CPU measure (7)")
+    parser.add_argument("--cpu-requests", type=int, default=4000, help="requests a CPU round and kind of key (4,000)")
+    parser.add_argument("--cost-only", action="store_true", help="only the cost figures (no accuracy table)")
     parser.add_argument("--quick", action="store_true", help="one window a row, fewer hot-path rounds")
     args = parser.parse_args()
     if args.quick:
