@@ -10,7 +10,10 @@ disable), and N credits admit exactly N requests however many replicas serve the
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +23,18 @@ import aiohttp
 import pytest
 
 from tests.conftest import AdminTokens
-from tests.test_replicas import Cluster, EchoHandler, redis_process, running_cluster, serving
+from tests.test_replicas import (
+    Cluster,
+    EchoHandler,
+    gateway_config,
+    metric,
+    redis_process,
+    running_cluster,
+    serving,
+    start_gateway,
+    stop_gateway,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -120,3 +134,54 @@ async def test_n_credits_admit_exactly_n_requests_over_three_replicas_under_1000
         assert CountingHandler.received - before == credits  # what the upstream received
         status, shown = cluster.nodes[1].admin("GET", f"/v1/keys/{created['id']}", role="viewer")
         assert status == 200 and shown["credits"]["remaining"] == 0
+
+
+def test_on_store_error_in_a_gateway_process_with_redis_hung_then_killed(
+    tmp_path: Path, counting_upstream: str, admin_tokens: AdminTokens
+) -> None:
+    """One `gateway serve` process whose cache may serve stale entries for a minute, so the key
+    decision passes without Redis and the rate-limit step is what decides: `deny` and credits answer
+    503 ratelimit_unavailable, `allow` forwards, each decision counted; first with Redis frozen
+    (SIGSTOP: a Redis that hangs), then with Redis killed."""
+    with redis_process(tmp_path / "redis") as server:
+        raw = gateway_config(counting_upstream, admin_tokens, server.url, "rlerr:")
+        raw["cache"]["serve_stale_seconds"] = 60
+        node = start_gateway(tmp_path, "alone", raw, admin_tokens)
+        try:
+            wait_ready(node)
+            limit = {"name": "m", "limit": 100, "window_seconds": 3600}
+            keys = {
+                "deny": node.admin("POST", "/v1/keys", {"ratelimits": [limit]})[1]["key"],
+                "allow": node.admin("POST", "/v1/keys", {"ratelimits": [{**limit, "on_store_error": "allow"}]})[1][
+                    "key"
+                ],
+                "credits": node.admin("POST", "/v1/keys", {"credits": {"remaining": 100}})[1]["key"],
+            }
+            for fault in ("hung", "killed"):
+                wait_ready(node)  # subscribed again (after SIGCONT): its cache was cleared, so fill it
+                for key in keys.values():
+                    assert node.proxy(key) == (200, None)
+                before = CountingHandler.received
+                assert server.proc is not None
+                if fault == "hung":
+                    os.kill(server.proc.pid, signal.SIGSTOP)
+                else:
+                    server.kill()
+                try:
+                    started = time.monotonic()
+                    got = {name: node.proxy(key) for name, key in keys.items()}
+                    assert time.monotonic() - started < 15  # each a few seconds at most, never hung
+                finally:
+                    if fault == "hung":
+                        os.kill(server.proc.pid, signal.SIGCONT)
+                assert got == {
+                    "deny": (503, "ratelimit_unavailable"),
+                    "allow": (200, None),
+                    "credits": (503, "ratelimit_unavailable"),
+                }, fault
+                assert CountingHandler.received - before == 1  # only `allow` reached the upstream
+            text = node.metrics()
+            assert metric(text, 'gateway_ratelimit_store_error_decisions_total{decision="denied",route="api"}') == 4
+            assert metric(text, 'gateway_ratelimit_store_error_decisions_total{decision="allowed",route="api"}') == 2
+        finally:
+            stop_gateway(node)
