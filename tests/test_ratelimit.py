@@ -31,6 +31,7 @@ from gateway.ratelimit.limiter import IDLE_RETURN, LEASE_SHARE, SWEEP_EVERY
 from gateway.ratelimit.policy import parse_spec, refusal_headers
 from tests.conftest import Gateway, RedisProcess, free_port
 from tests.test_cli import on, token  # noqa: F401 - `token` is a fixture
+from tests.test_verify import ask, error_of, verify_gateway
 
 Start = Callable[..., Awaitable[Gateway]]
 
@@ -493,3 +494,22 @@ async def test_a_replica_gives_back_an_idle_slice_and_the_window_counts_only_wha
     while (await counters(redis, prefix, idle["id"]))["h"] != 1:
         assert time.monotonic() < deadline, "the idle slice was not given back"
         await asyncio.sleep(0.02)
+
+
+async def test_the_verify_listener_checks_limits_and_credits_too(
+    gateway_factory: Start, counter: tuple[Counter, str]
+) -> None:
+    _, url = counter
+    gw = await verify_gateway(
+        gateway_factory, url, routes=[{"name": "v-api", "path_prefix": "/api", "mode": "verify", "cost": 2}]
+    )
+    limited = await gw.create_key(ratelimits=[{"name": "m", "limit": 2, "window_seconds": 3600}])
+    paid = await gw.create_key(credits={"remaining": 3})
+    got = [await ask(gw, "GET", "/api/x", key=limited["key"]) for _ in range(3)]
+    assert [g[0] for g in got] == [200, 200, 429]
+    assert error_of(*got[2]) == "rate_limited"
+    assert got[2][1]["RateLimit-Policy"] == '"m";q=2;w=3600' and got[2][1]["Retry-After"]
+    got = [await ask(gw, "GET", "/api/x", key=paid["key"]) for _ in range(2)]
+    assert [g[0] for g in got] == [200, 429] and error_of(*got[1]) == "usage_exceeded"
+    async with await gw.admin_call("GET", f"/v1/keys/{paid['id']}", token="viewer") as r:
+        assert (await r.json())["credits"]["remaining"] == 1  # cost 2: one question paid, one refused
