@@ -332,6 +332,7 @@ async def test_patch_refuses_bad_input_and_changes_nothing(gw: Gateway) -> None:
         ({"ratelimits": [{"name": "x", "limit": 5, "window_seconds": 60}] * 2}, "duplicate"),
         ({"credits": {"remaining": -1}}, "credits.remaining"),
         ({"credits": {"remaining": 1, "add": 1}}, "not both"),
+        ({"credits": {}}, "give remaining, add or refill"),
         ({"credits": {"refill": {"amount": 5}}}, "credits.refill"),
         ({"key": "x"}, "unknown field"),
         ({}, "at least one field"),

@@ -207,6 +207,8 @@ def credits(value: object, *, patch: bool) -> Credits | None:
         raise BadInput(f"credits: unknown field(s) {', '.join(unknown)[:100]} (allowed: {', '.join(sorted(allowed))})")
     if "remaining" in value and "add" in value:
         raise BadInput("credits: give remaining (set the balance) or add (change it), not both")
+    if not value:
+        raise BadInput("credits: give remaining, add or refill (or null to remove the credits)")
     remaining = value.get("remaining")
     if remaining is not None:
         remaining = _whole(remaining, "credits.remaining", 0, MAX_CREDITS)
