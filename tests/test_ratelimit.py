@@ -514,3 +514,21 @@ async def test_the_verify_listener_checks_limits_and_credits_too(
     assert [g[0] for g in got] == [200, 429] and error_of(*got[1]) == "usage_exceeded"
     async with await gw.admin_call("GET", f"/v1/keys/{paid['id']}", token="viewer") as r:
         assert (await r.json())["credits"]["remaining"] == 1  # cost 2: one question paid, one refused
+
+
+@pytest.mark.slow
+async def test_credits_refill_to_their_amount_each_interval(
+    gateway_factory: Start, counter: tuple[Counter, str]
+) -> None:
+    upstream, url = counter
+    gw = await gateway_factory(routes=routes(url))
+    created = await gw.create_key(credits={"remaining": 1, "refill": {"amount": 2, "interval": 2}})
+    assert created["credits"] == {"remaining": 1, "refill": {"amount": 2, "interval": 2}}
+    key = created["key"]
+    first = [await status_of(gw, key) for _ in range(2)]
+    assert [f[:2] for f in first] == [(200, None), (429, "usage_exceeded")]
+    wait = int(first[1][2]["Retry-After"])
+    assert 1 <= wait <= 2  # the next refill, never short of it
+    await asyncio.sleep(wait + 0.05)
+    assert [(await status_of(gw, key))[:2] for _ in range(3)] == [(200, None)] * 2 + [(429, "usage_exceeded")]
+    assert upstream.received == 3
