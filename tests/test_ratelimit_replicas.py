@@ -16,6 +16,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,6 @@ from tests.test_replicas import (
     metric,
     redis_process,
     running_cluster,
-    serving,
     start_gateway,
     stop_gateway,
     wait_ready,
@@ -48,10 +48,25 @@ class CountingHandler(EchoHandler):
             CountingHandler.received += 1
 
 
+class Backlogged(ThreadingHTTPServer):
+    """http.server with room for a burst: its default listen backlog (5) drops the connections of
+    100 requests forwarded at once, and the gateway then answers 504 for the upstream."""
+
+    request_queue_size = 1024
+    daemon_threads = True
+
+
 @pytest.fixture(scope="module")
 def counting_upstream() -> Iterator[str]:
-    with serving(CountingHandler) as url:
-        yield url
+    server = Backlogged(("127.0.0.1", 0), CountingHandler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=15)
 
 
 @pytest.fixture(scope="module")
