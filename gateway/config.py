@@ -51,6 +51,7 @@ LogFormat: TypeAlias = Literal["json", "text"]
 DisabledStatus: TypeAlias = Literal[401, 403]
 PolicyRule: TypeAlias = Literal["distinct_addresses", "refusals", "requests"]
 PolicyAction: TypeAlias = Literal["disable", "report"]
+OnStoreError: TypeAlias = Literal["deny", "allow"]  # a rate limit's answer while Redis cannot be reached (spec 12)
 
 _ROLES: Final[tuple[Role, ...]] = ("viewer", "developer", "admin")
 ROLES: Final[tuple[str, ...]] = _ROLES  # admin/auth.py ranks roles (str) by their position here
@@ -64,6 +65,7 @@ POLICY_ACTIONS: Final[tuple[PolicyAction, ...]] = ("disable", "report")
 # The refusals a policy can count: those given once the key is known (gateway/usage counts per key).
 POLICY_CODES: Final = ("key_disabled", "key_revoked", "key_expired", "insufficient_permissions",
                        "upstream_unavailable", "upstream_timeout", "rate_limited", "usage_exceeded")  # fmt: skip
+ON_STORE_ERRORS: Final[tuple[OnStoreError, ...]] = ("deny", "allow")
 
 METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 _ROUTE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -155,6 +157,24 @@ class KeysConfig:
 
 DEFAULT_MAX_BODY_BYTES: Final = 10 * 1024 * 1024
 
+# Rate limits (spec 12; gateway/ratelimit/): the bounds a limit must keep, in a route and in a key record.
+RATELIMIT_NAME_RULE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # safe in a header's sf-string
+MAX_RATELIMIT: Final = 1_000_000_000  # requests a window
+MAX_WINDOW_SECONDS: Final = 86_400  # windows from 1 s to 1 day
+MAX_RATELIMITS: Final = 10  # limits on one key or one route
+MAX_COST: Final = 1_000_000  # credits one request may cost
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most `limit` requests in each window of `window_seconds` (windows aligned to Redis time), for
+    one key; `on_store_error` decides a request that needs Redis while Redis cannot answer."""
+
+    name: str
+    limit: int
+    window_seconds: int
+    on_store_error: OnStoreError = "deny"
+
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -171,6 +191,10 @@ class Route:
     # proxy: the gateway forwards what passes; verify: the verify listener answers another proxy's
     # question about a request (nginx auth_request, Caddy forward_auth, ...) and forwards nothing.
     mode: RouteMode = "proxy"
+    # Rate limits applied to each key on this route (a key's own limit of the same name takes its
+    # place), and the credits a request here costs (spec 12).
+    ratelimits: tuple[RateLimit, ...] = ()
+    cost: int = 1
 
     @property
     def requires_key(self) -> bool:
@@ -576,6 +600,47 @@ def _scopes(v: object) -> tuple[str, ...] | _Broken:
     return scopes
 
 
+def ratelimit_problem(item: object) -> RateLimit | str:
+    """One rate limit `{name, limit, window_seconds, on_store_error}` (a route's in the file, a key's in
+    the admin API), or the rule it breaks."""
+    if not _is_table(item):
+        return "each must be a mapping {name, limit, window_seconds, on_store_error}"
+    unknown = sorted(str(k) for k in item if k not in ("name", "limit", "window_seconds", "on_store_error"))
+    if unknown:
+        return f"unknown key(s) {', '.join(unknown)[:100]} (allowed: name, limit, window_seconds, on_store_error)"
+    name, limit, window = item.get("name"), item.get("limit"), item.get("window_seconds")
+    on_error = item.get("on_store_error", "deny")
+    if not isinstance(name, str) or not RATELIMIT_NAME_RULE.fullmatch(name):
+        return "name: must be 1-64 letters, digits, '_', '.', '-'"
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_RATELIMIT:
+        return f"limit: must be a whole number from 1 to {MAX_RATELIMIT}"
+    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= MAX_WINDOW_SECONDS:
+        return f"window_seconds: must be a whole number of seconds from 1 to {MAX_WINDOW_SECONDS}"
+    if on_error not in ON_STORE_ERRORS:
+        return "on_store_error: must be one of: " + ", ".join(ON_STORE_ERRORS)
+    return RateLimit(name, limit, window, "allow" if on_error == "allow" else "deny")
+
+
+def ratelimits_problem(v: object) -> tuple[RateLimit, ...] | str:
+    """A list of rate limits with distinct names, or the rule it breaks (naming the item)."""
+    if not _is_list(v) or len(v) > MAX_RATELIMITS:
+        return f"must be a list of at most {MAX_RATELIMITS} rate limits"
+    out: list[RateLimit] = []
+    for i, item in enumerate(v):
+        got = ratelimit_problem(item)
+        if isinstance(got, str):
+            return f"[{i}] {got}"
+        if any(other.name == got.name for other in out):
+            return f"[{i}] name: duplicate rate limit name"
+        out.append(got)
+    return tuple(out)
+
+
+def _ratelimits(v: object) -> tuple[RateLimit, ...] | _Broken:
+    got = ratelimits_problem(v)
+    return _Broken(got) if isinstance(got, str) else got
+
+
 class _Required:
     """The default of a key that must be given."""
 
@@ -968,6 +1033,8 @@ class _Route(_Schema):
     timeout_seconds = _Field(_number, 30.0, _between(0.001, 3600))
     forward_authorization = _Field(_flag, False)
     max_body_bytes = _Field(_integer, DEFAULT_MAX_BODY_BYTES, _between(0, MAX_SAFE_LENGTH))
+    ratelimits: _Field[tuple[RateLimit, ...], tuple[RateLimit, ...]] = _Field(_ratelimits, ())
+    cost = _Field(_integer, 1, _between(0, MAX_COST))
 
 
 def _webhook_events(v: object) -> frozenset[str] | _Broken:
@@ -1465,6 +1532,9 @@ class _Validator:
         if auth == "none" and scopes:
             self.bad(f"{path}.scopes", raw.get("scopes"), "a public route (auth: none) cannot require scopes")
             return None
+        if auth == "none" and raw.get("ratelimits"):
+            self.bad(f"{path}.ratelimits", _NOT_SHOWN, "a public route (auth: none) has no key to limit")
+            return None
         mode = s.peek(_Route.mode)
         if mode == "verify":
             # What only forwarding uses has no meaning here: refused rather than silently ignored.
@@ -1490,4 +1560,6 @@ class _Validator:
             forward_authorization=s.get(_Route.forward_authorization),
             max_body_bytes=s.get(_Route.max_body_bytes),
             mode=s.get(_Route.mode),
+            ratelimits=s.get(_Route.ratelimits),
+            cost=s.get(_Route.cost),
         )

@@ -46,6 +46,10 @@ ErrorCode = Literal[
     "headers_too_large",
     "too_many_requests",
     "internal_error",
+    # rate limits and credits (spec 12)
+    "rate_limited",
+    "usage_exceeded",
+    "ratelimit_unavailable",
     # admin API
     "missing_token",
     "invalid_token",
@@ -96,6 +100,13 @@ KINDS: Final[dict[ErrorCode, ErrorKind]] = {
     ),
     "too_many_requests": ErrorKind(429, "Too Many Requests", "Too many failed attempts; retry later"),
     "internal_error": ErrorKind(500, "Internal Server Error", "The gateway failed to handle this request"),
+    "rate_limited": ErrorKind(
+        429, "Too Many Requests", "A rate limit of this API key is used up for now; retry after the time given"
+    ),
+    "usage_exceeded": ErrorKind(429, "Too Many Requests", "The credits of this API key are used up"),
+    "ratelimit_unavailable": ErrorKind(
+        503, "Service Unavailable", "The rate limit of this API key cannot be checked now; try again shortly"
+    ),
     # admin API
     "missing_token": ErrorKind(
         401, "Unauthorized", "The admin API requires a token in the Authorization header: Bearer <token>"

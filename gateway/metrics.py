@@ -95,6 +95,30 @@ class _KnownCollector(Collector):
         )
 
 
+class RateStats(Protocol):
+    """What the rate-limit store counts (gateway.ratelimit.store.RateStore)."""
+
+    round_trips: int
+    ops: int
+
+
+class _RateCollector(Collector):
+    def __init__(self, store: RateStats) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "gateway_ratelimit_redis_round_trips",
+            "Batches of rate-limit and credit checks sent to Redis (one round trip each)",
+            value=self.store.round_trips,
+        )
+        yield CounterMetricFamily(
+            "gateway_ratelimit_redis_ops",
+            "Rate-limit and credit checks sent to Redis (requests without a local slice, and slice top-ups)",
+            value=self.store.ops,
+        )
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -205,11 +229,21 @@ class Metrics:
             ["endpoint"],
             registry=self.registry,
         )
+        self.ratelimit_store_error_decisions = Counter(
+            "gateway_ratelimit_store_error_decisions",
+            "Requests decided by a rate limit's on_store_error because Redis failed or did not answer "
+            "in time, by route and decision (denied: 503 ratelimit_unavailable; allowed: passed unchecked)",
+            ["route", "decision"],
+            registry=self.registry,
+        )
         self._request_children: dict[tuple[str, str], Counter] = {}
         self._upstream_children: dict[str, Histogram] = {}
 
     def watch_cache(self, cache: CacheStats) -> None:
         self.registry.register(_CacheCollector(cache))
+
+    def watch_ratelimit(self, store: RateStats) -> None:
+        self.registry.register(_RateCollector(store))
 
     def watch_known(self, known: KnownStats) -> None:
         self.registry.register(_KnownCollector(known))

@@ -1,6 +1,6 @@
 """The proxy's request path, top to bottom (spec 5, 6).
 
-    target -> route -> method -> credential -> key lookup -> decision -> forward
+    target -> route -> method -> credential -> key lookup -> decision -> rate limits and credits -> forward
 
 Every step before `forward` either passes or returns a Denial, which one
 renderer turns into the JSON error. No path that returns a Denial forwards.
@@ -33,6 +33,7 @@ from gateway.keytable.lease import IN_FLIGHT_MARGIN
 from gateway.keytable.lookup import AuthUnavailable, KeyLookup
 from gateway.keytable.record import KeyRecord, decide, digest
 from gateway.metrics import Metrics
+from gateway.ratelimit.limiter import Limiter
 from gateway.routing import RouteTable, Target, UnsafePath, encode, split_target, upstream_path
 from gateway.usage.counter import Counter
 
@@ -76,6 +77,7 @@ class Gate:
     metrics: Metrics
     inflight: int = field(default=0, init=False)
     usage: Counter | None = field(default=None, kw_only=True)  # per-key usage (gateway/usage/), in memory
+    limiter: Limiter | None = field(default=None, kw_only=True)  # spec 12; None: no limits are checked
 
     async def handle(self, request: Request) -> None:
         self.inflight += 1
@@ -143,6 +145,17 @@ class Gate:
             self._deny(exchange, refusal)
             return None
         return record
+
+    async def _spend(self, exchange: Exchange, route: Route, record: KeyRecord) -> bool:
+        """rate limits and credits (gateway/ratelimit/), once per request after its key decision: True
+        when it may pass (its share taken); False when it was refused (and answered), taking nothing."""
+        if self.limiter is None or not (record.ratelimits or route.ratelimits or record.credits):
+            return True
+        denial = await self.limiter.check(route, record.id, record.ratelimits, record.credits)
+        if denial is not None:
+            self._deny(exchange, denial)
+            return False
+        return True
 
     def refused(self, request_id: str, remote: str | None, code: ErrorCode = "invalid_request") -> None:
         """A request the listener refused before any handler saw it (400 invalid_request, 408
@@ -219,10 +232,10 @@ class Proxy(Gate):
             path += "?" + target.query
         sent = time.perf_counter()
         try:
-            for _attempt in range(_DECISIONS):
+            for attempt in range(_DECISIONS):
                 if key_hash is not None:
                     record = await self._decide(exchange, route, key_hash)
-                    if record is None:
+                    if record is None or (attempt == 0 and not await self._spend(exchange, route, record)):
                         return
                     admit = self._fresh_decision()
                     sent = time.perf_counter()

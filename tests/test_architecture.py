@@ -22,6 +22,7 @@ LAYERS: list[set[str]] = [
     {"gateway.usage"},
     {"gateway.coherence"},
     {"gateway.h1", "gateway.keytable"},  # independent of each other
+    {"gateway.ratelimit"},
     {"gateway.routing"},
     {"gateway.config", "gateway.errors", "gateway.metrics", "gateway.logs"},
 ]

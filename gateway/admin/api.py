@@ -7,7 +7,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
 import orjson
@@ -25,8 +25,19 @@ from gateway.keytable import record as keys
 from gateway.keytable.credentials import REPEATED_DETAIL, VISIBLE_ASCII, NoBearer, bearer_token
 from gateway.keytable.lease import Coherence
 from gateway.keytable.record import KeyRecord
-from gateway.keytable.store import AuditEntry, BadCursor, CursorCodec, KeyStore, NotDurable, Refused, Unreadable
+from gateway.keytable.store import (
+    AuditEntry,
+    BadCursor,
+    CursorCodec,
+    KeyStore,
+    NotDurable,
+    Refused,
+    SideEffects,
+    Unreadable,
+)  # fmt: skip
 from gateway.metrics import CONTENT_TYPE, Metrics
+from gateway.ratelimit.policy import MAX_CREDITS, CreditPolicy
+from gateway.ratelimit.store import RateStore
 from gateway.usage.layout import WINDOWS
 from gateway.usage.store import UsageStore, last_use_fields
 
@@ -167,6 +178,8 @@ class AdminApi:
     _import_writes: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
     usage: UsageStore | None = None  # last use on the records, unused_since, GET /v1/keys/{id}/usage (spec 10)
     usage_flush_seconds: float = 10.0  # how far behind real use the usage figures may be
+    # Credit balances (spec 12): written in a change's transaction, read for the record's answer.
+    rates: RateStore | None = None
 
     def __post_init__(self) -> None:
         if self.cursors is None:
@@ -248,6 +261,12 @@ class AdminApi:
             expires_at=spec.expires_at,
             imported=spec.is_import,
         )
+        if spec.ratelimits or spec.credits is not None:
+            credit_policy = None
+            if spec.credits is not None:
+                amount, interval = spec.credits.refill or (None, None)
+                credit_policy = CreditPolicy(record.id, amount, interval)
+            record = replace(record, ratelimits=spec.ratelimits, credits=credit_policy)
         return record, plaintext
 
     @requires("developer")
@@ -257,7 +276,7 @@ class AdminApi:
         if created is None:
             return errors.render(Denial("key_exists", status=409), request_id)
         record, plaintext = created
-        body = record.public()
+        body = await self._shown(record)
         if plaintext is not None:
             body["key"] = plaintext
         return json_response(body, request_id, status=201)
@@ -328,6 +347,8 @@ class AdminApi:
                 spec = bodies.create(bodies.parse_json_object(raw, empty_ok=False), now)
                 if not spec.is_import:
                     raise bodies.BadInput("key, key_sha256: each line imports a key: give one of them")
+                if spec.credits is not None:  # a balance is written per key, not in a batch's script
+                    raise bodies.BadInput("credits: not in a bulk import; set them with PATCH /v1/keys/{id}")
             except bodies.BadInput as exc:
                 results[line_no] = {
                     "line": line_no,
@@ -390,6 +411,10 @@ class AdminApi:
         record = await self.store.record_by_id(self._key_id(request))
         if record is None:
             return self._not_found(request_id)
+        if isinstance(record, KeyRecord) and record.credits is not None:
+            body = await self._shown(record)
+            body.update(((await self._last_use([record])) or {}).get(record.id, {}))
+            return json_response(body, request_id)
         return web.Response(
             body=_encoded(record, await self._last_use([record])),
             content_type="application/json",
@@ -504,8 +529,16 @@ class AdminApi:
         record, plaintext = self._new_record(spec, time.time())
         action = "import" if spec.is_import else "create"
         audit = self._audit_by(caller, action, record.id)
+        balance = spec.credits.remaining if spec.credits is not None else None
+        rates = self.rates
+
+        def credit_balance(effects: SideEffects) -> None:  # in the create's script: never a key without it
+            assert rates is not None and balance is not None
+            rates.queue_set_credits(effects, record.id, balance)
+
+        also = credit_balance if balance is not None else None
         async with self.propagator.announce() as announcement:
-            if not await self.store.insert(record, [audit], announcement):
+            if not await self.store.insert(record, [audit], announcement, also):
                 return None
             self.metrics.admin_changes.labels(action).inc()
             # A replica where a client tried an imported key before may cache "unknown key".
@@ -579,7 +612,7 @@ class AdminApi:
                 id=new_id, hash=keys.digest(plaintext), name=old.name, owner=old.owner,
                 scopes=old.scopes, meta=old.meta, start=keys.start_of(plaintext),
                 prefix=old.prefix or keys.DEFAULT_PREFIX, created_at=now,
-                expires_at=original_expiry,
+                expires_at=original_expiry, ratelimits=old.ratelimits, credits=old.credits,
             )  # fmt: skip
 
         audits = [
@@ -599,6 +632,78 @@ class AdminApi:
     async def key_record(self, caller: Caller, key_id: str) -> KeyRecord | Unreadable | None:
         caller.need("viewer")
         return await self.store.record_by_id(key_id)
+
+    @property
+    def _rates(self) -> RateStore:
+        if self.rates is None:
+            raise RuntimeError("the admin API was built without the rate-limit store")
+        return self.rates
+
+    async def _shown(self, record: KeyRecord) -> dict[str, Any]:
+        """The record's public view, with its credit balance read from Redis (spec 12)."""
+        body = record.public()
+        if record.credits is not None:
+            (remaining,) = await self._rates.remaining([record.credits.pool])
+            body["credits"] = record.credits.public(remaining)
+        return body
+
+    @requires("developer")
+    async def update(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
+        """PATCH /v1/keys/{id} (spec 12): name, meta, scopes, expires_at, ratelimits, credits (set the
+        balance, add to it, change the refill, or null to remove them). Written, audited and announced
+        like every change, and answered once every live replica has evicted the key, so the next
+        request anywhere sees the new limits; a credit balance is in Redis, in force at once."""
+        key_id = self._key_id(request)
+        spec = bodies.update(await self._body(request, empty_ok=False), time.time())
+        rates = self._rates
+
+        def change(r: KeyRecord) -> KeyRecord:
+            if r.revoked:
+                raise Refused("key_revoked", "A revoked key cannot be changed")
+            fields = dict(spec.fields)
+            if spec.credits_given:
+                credit = spec.credits
+                if credit is None:
+                    fields["credits"] = None
+                else:
+                    policy = r.credits or CreditPolicy(r.id)
+                    if credit.refill_given:
+                        amount, interval = credit.refill or (None, None)
+                        policy = replace(policy, refill_amount=amount, refill_interval=interval)
+                    fields["credits"] = policy
+            return r.bump(**fields)  # always written: a credits-only change is announced and audited too
+
+        def also(pipe: SideEffects, before: KeyRecord, after: KeyRecord) -> None:
+            credit = spec.credits
+            if not spec.credits_given:
+                return
+            if credit is None or after.credits is None:
+                if before.credits is not None:
+                    rates.queue_drop_credits(pipe, before.credits.pool)
+                return
+            pool = after.credits.pool
+            if credit.remaining is not None:
+                rates.queue_set_credits(pipe, pool, credit.remaining)
+            elif credit.add is not None:
+                rates.queue_add_credits(pipe, pool, credit.add, MAX_CREDITS)
+            elif before.credits is None:  # credits given for the first time without a balance: 0, or a refill's
+                rates.queue_set_credits(pipe, pool, after.credits.refill_amount or 0)
+
+        detail: dict[str, Any] = {"fields": sorted([*spec.fields, *(["credits"] if spec.credits_given else [])])}
+        if spec.credits is not None and spec.credits.remaining is not None:
+            detail["credits_set"] = spec.credits.remaining
+        if spec.credits is not None and spec.credits.add is not None:
+            detail["credits_added"] = spec.credits.add
+        audit = self._audit(request, principal, "update", key_id, request_id, **detail)
+        async with self.propagator.announce() as announcement:
+            outcome = await self.store.update(key_id, change, [audit], announcement, also=also)
+            if outcome is None:
+                return self._not_found(request_id)
+            self.metrics.admin_changes.labels("update").inc()
+            propagation = await announcement.confirmed()
+        body = await self._shown(outcome[1])
+        body["propagation"] = propagation.public()
+        return json_response(body, request_id)
 
     async def audit_page(self, caller: Caller, query: bodies.AuditQuery) -> tuple[list[dict[str, Any]], str | None]:
         """Audit entries newest first and the next page's cursor (BadInput for a foreign cursor)."""
@@ -692,6 +797,7 @@ def routes(api: AdminApi) -> list[web.RouteDef]:
         web.get("/v1/keys", bound(AdminApi.list_keys), allow_head=False),
         web.get("/v1/keys/{key_id}", bound(AdminApi.show), allow_head=False),
         web.get("/v1/keys/{key_id}/usage", bound(AdminApi.usage_report), allow_head=False),
+        web.patch("/v1/keys/{key_id}", bound(AdminApi.update)),
         web.post("/v1/keys/{key_id}/disable", bound(AdminApi.disable)),
         web.post("/v1/keys/{key_id}/enable", bound(AdminApi.enable)),
         web.post("/v1/keys/{key_id}/revoke", bound(AdminApi.revoke)),

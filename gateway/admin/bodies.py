@@ -15,9 +15,10 @@ from typing import Any, Final
 
 import orjson
 
-from gateway.config import SCOPE_RULE
+from gateway.config import SCOPE_RULE, RateLimit, ratelimits_problem
 from gateway.keytable.credentials import B64TOKEN, MAX_TOKEN_LENGTH
 from gateway.keytable.record import KEY_ID, PREFIX_RULE, SHA256_HEX
+from gateway.ratelimit.policy import MAX_CREDITS, MAX_REFILL_INTERVAL
 
 MAX_TEXT: Final = 200  # names, owners and reasons (spec 7)
 MAX_META_BYTES: Final = 4 * 1024  # meta, encoded as compact JSON (spec 7)
@@ -44,10 +45,34 @@ class CreateKey:
     prefix: str | None = None
     key: str | None = field(default=None, repr=False)  # import by plaintext
     key_sha256: str | None = None  # import by digest
+    ratelimits: tuple[RateLimit, ...] = ()
+    credits: Credits | None = None  # spec 12: `credits: {remaining, refill: {amount, interval}}`
 
     @property
     def is_import(self) -> bool:
         return self.key is not None or self.key_sha256 is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Credits:
+    """`credits` in a create or a PATCH: set the balance (`remaining`), or `add` to it (a PATCH only;
+    negative takes away, never below 0), and the refill (`refill_given`: the body named `refill`;
+    `refill` None then means no refill)."""
+
+    remaining: int | None = None
+    add: int | None = None
+    refill: tuple[int, int] | None = None  # (amount, interval seconds)
+    refill_given: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateKey:
+    """A PATCH: the record fields it sets (name, meta, scopes, expires_at, ratelimits), and what it
+    does to the credits: `credits_given` with `credits` None removes them."""
+
+    fields: dict[str, Any]
+    credits: Credits | None = None
+    credits_given: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,16 +173,91 @@ def timestamp(value: object, name: str) -> float | None:
     return parsed.timestamp()
 
 
-def create(body: Mapping[str, Any], now: float) -> CreateKey:
-    _only(body, {"name", "owner", "scopes", "meta", "expires_at", "prefix", "key", "key_sha256"})
-    scopes = body.get("scopes")
-    if scopes is None:
-        scopes = []
+def _scopes(value: object) -> tuple[str, ...]:
+    scopes = [] if value is None else value
     if not isinstance(scopes, list) or len(scopes) > MAX_SCOPES:
         raise BadInput(f"scopes: must be a list of at most {MAX_SCOPES} scope names")
     for scope in scopes:
         if not isinstance(scope, str) or not SCOPE_RULE.fullmatch(scope):
             raise BadInput("scopes: each must be a scope name (letters, digits, _ . : / * -)")
+    return tuple(scopes)
+
+
+def ratelimits(value: object) -> tuple[RateLimit, ...]:
+    if value is None:
+        return ()
+    got = ratelimits_problem(value)
+    if isinstance(got, str):
+        raise BadInput(f"ratelimits: {got}")
+    return got
+
+
+def _whole(value: object, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise BadInput(f"{name}: must be a whole number from {low} to {high}")
+    return value
+
+
+def credits(value: object, *, patch: bool) -> Credits | None:
+    """`{remaining, refill: {amount, interval}}` (on a PATCH also `{add}` instead of `remaining`)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise BadInput("credits: must be an object {remaining, refill: {amount, interval}}")
+    allowed = {"remaining", "refill", "add"} if patch else {"remaining", "refill"}
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise BadInput(f"credits: unknown field(s) {', '.join(unknown)[:100]} (allowed: {', '.join(sorted(allowed))})")
+    if "remaining" in value and "add" in value:
+        raise BadInput("credits: give remaining (set the balance) or add (change it), not both")
+    if not value:
+        raise BadInput("credits: give remaining, add or refill (or null to remove the credits)")
+    remaining = value.get("remaining")
+    if remaining is not None:
+        remaining = _whole(remaining, "credits.remaining", 0, MAX_CREDITS)
+    elif not patch:
+        raise BadInput("credits.remaining: is required")
+    add = value.get("add")
+    if add is not None:
+        add = _whole(add, "credits.add", -MAX_CREDITS, MAX_CREDITS)
+    refill: tuple[int, int] | None = None
+    raw_refill = value.get("refill")
+    if raw_refill is not None:
+        if not isinstance(raw_refill, dict) or set(raw_refill) != {"amount", "interval"}:
+            raise BadInput("credits.refill: must be an object {amount, interval} (interval in seconds)")
+        refill = (
+            _whole(raw_refill["amount"], "credits.refill.amount", 1, MAX_CREDITS),
+            _whole(raw_refill["interval"], "credits.refill.interval", 1, MAX_REFILL_INTERVAL),
+        )
+    return Credits(remaining, add, refill, "refill" in value)
+
+
+def update(body: Mapping[str, Any], now: float) -> UpdateKey:
+    """PATCH /v1/keys/{id}: only the fields named change; null clears expires_at, ratelimits, credits."""
+    _only(body, {"name", "meta", "scopes", "expires_at", "ratelimits", "credits"})
+    if not body:
+        raise BadInput("the body must name at least one field to change")
+    fields: dict[str, Any] = {}
+    if "name" in body:
+        fields["name"] = _text(body, "name")
+    if "meta" in body:
+        fields["meta"] = _meta(body["meta"])
+    if "scopes" in body:
+        fields["scopes"] = _scopes(body["scopes"])
+    if "expires_at" in body:
+        expires_at = timestamp(body["expires_at"], "expires_at")
+        if expires_at is not None and expires_at <= now:
+            raise BadInput("expires_at: must be in the future")
+        fields["expires_at"] = expires_at
+    if "ratelimits" in body:
+        fields["ratelimits"] = ratelimits(body["ratelimits"])
+    return UpdateKey(fields, credits(body.get("credits"), patch=True), "credits" in body)
+
+
+def create(body: Mapping[str, Any], now: float) -> CreateKey:
+    _only(body, {"name", "owner", "scopes", "meta", "expires_at", "prefix", "key", "key_sha256", "ratelimits",
+                 "credits"})  # fmt: skip
+    scopes = _scopes(body.get("scopes"))
     meta = _meta(body.get("meta"))
     expires_at = timestamp(body.get("expires_at"), "expires_at")
     if expires_at is not None and expires_at <= now:
@@ -189,12 +289,14 @@ def create(body: Mapping[str, Any], now: float) -> CreateKey:
     return CreateKey(
         name=_text(body, "name"),
         owner=_text(body, "owner"),
-        scopes=tuple(scopes),
+        scopes=scopes,
         meta=meta,
         expires_at=expires_at,
         prefix=prefix,
         key=key,
         key_sha256=key_sha256,
+        ratelimits=ratelimits(body.get("ratelimits")),
+        credits=credits(body.get("credits"), patch=False),
     )
 
 

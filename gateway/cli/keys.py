@@ -6,6 +6,9 @@
     gateway keys show|enable ID
     gateway keys disable|revoke ID [--reason TEXT]
     gateway keys rotate ID [--grace-seconds N]
+    gateway keys update ID [--limit [NAME=]N/WINDOW]... [--on-store-error deny|allow] [--no-limits]
+                           [--credits N | --add-credits N | --no-credits] [--refill N/INTERVAL | --no-refill]
+                           [--name N] [--scope S]... [--meta JSON] [--expires-at ISO | --no-expiry]
     gateway keys import FILE [--format jsonl|csv] [--concurrency N] [--dry-run] [--no-progress]
     gateway audit [--key-id ID] [--limit N | --all] [--cursor C]
 
@@ -76,6 +79,7 @@ from gateway.cli import keyfile
 from gateway.cli.usage import usage_chart
 from gateway.keytable.credentials import VISIBLE_ASCII
 from gateway.keytable.record import KEY_ID
+from gateway.ratelimit.policy import parse_spec
 
 if TYPE_CHECKING:  # aiohttp is imported where a command calls the API: `gateway --help` stays quick
     import aiohttp
@@ -193,6 +197,65 @@ def create_body(args: argparse.Namespace, now: float) -> dict[str, Any]:
     return body
 
 
+def update_body(args: argparse.Namespace, now: float) -> dict[str, Any]:
+    """`keys update`: the PATCH body (spec 12) from the flags; only what a flag names changes.
+    `--limit` replaces every limit of the key with those given (a name per limit: NAME=N/WINDOW,
+    `default` when left out)."""
+    body: dict[str, Any] = {}
+    if args.name is not None:
+        body["name"] = args.name
+    if args.scope:
+        body["scopes"] = list(args.scope)
+    if args.meta is not None:
+        try:
+            body["meta"] = orjson.loads(args.meta)
+        except orjson.JSONDecodeError:
+            raise CliError(EXIT_USAGE, '--meta: not valid JSON (give an object, e.g. \'{"plan": "pro"}\')') from None
+    if args.expires_at is not None:
+        body["expires_at"] = expiry(args.expires_at)
+    elif args.no_expiry:
+        body["expires_at"] = None
+    if args.limit:
+        limits = []
+        for text in args.limit:
+            name, sep, spec = text.rpartition("=")
+            try:
+                limit = parse_spec(spec, name if sep else "default")
+            except ValueError as exc:
+                raise CliError(EXIT_USAGE, f"--limit: {exc}") from None
+            limits.append({"name": limit.name, "limit": limit.limit, "window_seconds": limit.window_seconds,
+                           "on_store_error": args.on_store_error})  # fmt: skip
+        body["ratelimits"] = limits
+    elif args.no_limits:
+        body["ratelimits"] = None
+    credits: dict[str, Any] = {}
+    if args.credits is not None:
+        credits["remaining"] = args.credits
+    if args.add_credits is not None:
+        credits["add"] = args.add_credits
+    if args.refill is not None:
+        try:
+            refill = parse_spec(args.refill)
+        except ValueError as exc:
+            raise CliError(EXIT_USAGE, f"--refill: {exc} (AMOUNT/INTERVAL, e.g. 1000/1d)") from None
+        credits["refill"] = {"amount": refill.limit, "interval": refill.window_seconds}
+    elif args.no_refill:
+        credits["refill"] = None
+    if args.no_credits:
+        if credits:
+            raise CliError(EXIT_USAGE, "--no-credits: not with --credits, --add-credits or --refill")
+        body["credits"] = None
+    elif credits:
+        body["credits"] = credits
+    if not body:
+        raise CliError(EXIT_USAGE, "nothing to change: give at least one flag (see gateway keys update --help)")
+    try:
+        bodies.update(body, now)  # the API's own rules, before anything is sent
+    except bodies.BadInput as exc:
+        raise CliError(EXIT_USAGE, f"invalid input: {exc}") from None
+    return body
+
+
 def key_id(value: str) -> str:
     if not KEY_ID.fullmatch(value):
         raise CliError(EXIT_USAGE, "not a key id: an id looks like key_ followed by 20 hex digits")
@@ -281,12 +344,26 @@ def record_lines(record: dict[str, Any]) -> str:
         value = record[name]
         if name == "meta":
             text = orjson.dumps(value).decode() if value else "-"
+        elif name == "ratelimits" and isinstance(value, list):
+            text = ", ".join(_limit_text(v) for v in value) or "-"
+        elif name == "credits" and isinstance(value, dict):
+            refill = value.get("refill")
+            text = f"{value.get('remaining')} left"
+            if isinstance(refill, dict):
+                text += f", refilled to {refill.get('amount')} every {refill.get('interval')} s"
         elif isinstance(value, bool):
             text = "yes" if value else "no"
         else:
             text = cell(value, 1000)
         out.append(f"{name + ':':<{width + 1}} {text}")
     return "\n".join(out)
+
+
+def _limit_text(limit: Any) -> str:
+    if not isinstance(limit, dict):
+        return cell(limit)
+    text = f"{limit.get('name')}={limit.get('limit')}/{limit.get('window_seconds')}s"
+    return text + (" (allow on store error)" if limit.get("on_store_error") == "allow" else "")
 
 
 def propagation_text(data: dict[str, Any]) -> str:
@@ -493,6 +570,16 @@ def _change(action: str, with_reason: bool) -> Callable[[argparse.Namespace], Co
         return EXIT_OK
 
     return run
+
+
+async def keys_update(args: argparse.Namespace) -> int:
+    body = update_body(args, time.time())
+    async with connect(args) as admin:
+        data = await admin.call("PATCH", f"/v1/keys/{key_id(args.id)}", body=body)
+    emit(args, data, lambda: f"{record_lines(data)}\n{propagation_text(data)}")
+    if propagation_incomplete(data):
+        warn("not every live replica confirmed within the propagation timeout (see the gateway's metrics)")
+    return EXIT_OK
 
 
 async def keys_rotate(args: argparse.Namespace) -> int:
@@ -863,6 +950,28 @@ def register(sub: Any) -> None:
     rotate.add_argument("id")
     rotate.add_argument("--grace-seconds", type=int, default=0, metavar="N", help="old key works N more seconds (0)")
     rotate.set_defaults(func=_run(keys_rotate))
+
+    upd = keys_sub.add_parser("update", parents=[common], help="change a key's limits, credits or fields")
+    upd.add_argument("id")
+    upd.add_argument("--limit", action="append", default=[], metavar="[NAME=]N/WINDOW",
+                     help="a rate limit, e.g. 100/60s or hourly=1000/1h (repeatable; replaces the limits)")  # fmt: skip
+    upd.add_argument("--on-store-error", choices=("deny", "allow"), default="deny",
+                     help="the --limit's answer while Redis cannot be reached (deny)")  # fmt: skip
+    upd.add_argument("--no-limits", action="store_true", help="remove every rate limit of the key")
+    money = upd.add_mutually_exclusive_group()
+    money.add_argument("--credits", type=int, metavar="N", help="set the credit balance to N")
+    money.add_argument("--add-credits", type=int, metavar="N", help="add N credits (negative takes away)")
+    upd.add_argument("--no-credits", action="store_true", help="remove the key's credits: no balance is checked")
+    refill = upd.add_mutually_exclusive_group()
+    refill.add_argument("--refill", metavar="N/INTERVAL", help="reset the balance to N each INTERVAL, e.g. 1000/1d")
+    refill.add_argument("--no-refill", action="store_true", help="stop refilling the balance")
+    upd.add_argument("--name")
+    upd.add_argument("--scope", action="append", default=[], help="a scope (repeatable; replaces the key's scopes)")
+    upd.add_argument("--meta", metavar="JSON", help="a JSON object kept with the key (replaces it)")
+    expiry_group = upd.add_mutually_exclusive_group()
+    expiry_group.add_argument("--expires-at", metavar="ISO8601", help="e.g. 2027-01-31T00:00:00Z")
+    expiry_group.add_argument("--no-expiry", action="store_true", help="the key never expires")
+    upd.set_defaults(func=_run(keys_update))
 
     imp = keys_sub.add_parser("import", parents=[common], help="import existing keys from a JSONL or CSV file")
     imp.add_argument("file", metavar="FILE", help="a .jsonl or .csv file, or - for stdin (with --format)")

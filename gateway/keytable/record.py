@@ -11,8 +11,9 @@ from typing import Any, Final
 
 import orjson
 
-from gateway.config import Route
+from gateway.config import RateLimit, Route
 from gateway.errors import Denial
+from gateway.ratelimit.policy import CreditPolicy
 
 DEFAULT_PREFIX: Final = "gw_"
 PREFIX_RULE: Final = re.compile(r"[A-Za-z][A-Za-z0-9]{0,15}_")
@@ -65,6 +66,8 @@ class KeyRecord:
     imported: bool = False
     rotated_to: str | None = None
     version: int = 1
+    ratelimits: tuple[RateLimit, ...] = ()  # spec 12: checked by gateway/ratelimit/ after the decision
+    credits: CreditPolicy | None = None  # the balance itself is in Redis (ratelimit/store.py)
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self))
@@ -73,6 +76,9 @@ class KeyRecord:
     def from_json(cls, data: bytes | str) -> KeyRecord:
         raw = orjson.loads(data)
         raw["scopes"] = tuple(raw.get("scopes") or ())
+        raw["ratelimits"] = tuple(RateLimit(**limit) for limit in raw.get("ratelimits") or ())
+        if raw.get("credits") is not None:
+            raw["credits"] = CreditPolicy(**raw["credits"])
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in raw.items() if k in known})
 
@@ -96,6 +102,8 @@ class KeyRecord:
             "imported": self.imported,
             "rotated_to": self.rotated_to,
             "state": self.state(time.time()),
+            "ratelimits": [asdict(limit) for limit in self.ratelimits],
+            "credits": self.credits.public(None) if self.credits is not None else None,
         }
 
     def state(self, now: float) -> str:

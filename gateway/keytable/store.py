@@ -111,6 +111,29 @@ class NotDurable(Exception):
         self.wanted = wanted
 
 
+class SideEffects:
+    """What a change writes besides the key table, in the change's own script (a credit balance:
+    gateway/ratelimit/store.py): plain data, so the store runs no caller's code inside Redis. Times
+    are Redis's own (milliseconds), taken in the script."""
+
+    def __init__(self) -> None:
+        self.ops: list[list[str | int]] = []
+
+    def delete(self, key: str) -> None:
+        self.ops.append(["del", key])
+
+    def hset_stamped(self, key: str, name: str, value: int, stamp: str) -> None:
+        """HSET key name value, and stamp = now."""
+        self.ops.append(["hset_stamped", key, name, value, stamp])
+
+    def hadd_clamped(self, key: str, name: str, amount: int, most: int, stamp: str) -> None:
+        """name += amount, kept within 0..most; stamp = now unless already set."""
+        self.ops.append(["hadd_clamped", key, name, amount, most, stamp])
+
+    def encoded(self) -> str:
+        return orjson.dumps(self.ops).decode()
+
+
 class KeyStore:
     def __init__(self, redis: Redis, prefix: str, *, durability: Durability | None = None) -> None:
         self.redis = redis
@@ -261,13 +284,23 @@ class KeyStore:
 
     # writes ---------------------------------------------------------------
 
-    async def insert(self, record: KeyRecord, audit: list[AuditEntry], announcer: Announcer) -> bool:
-        """Add a new record; False when a key with the same hash already exists. One round trip."""
+    async def insert(
+        self,
+        record: KeyRecord,
+        audit: list[AuditEntry],
+        announcer: Announcer,
+        also: Callable[[SideEffects], None] | None = None,
+    ) -> bool:
+        """Add a new record; False when a key with the same hash already exists. One round trip.
+        `also` adds side effects to the same script (a new key's credit balance: ratelimit/store.py)."""
+        effects = SideEffects()
+        if also is not None:
+            also(effects)
         args = [self.prefix, *self._record_args(record), self._audit_args(audit)]
         async with self._writing() as client:
             # A negative answer cached anywhere for this hash must go too.
             message = announcer.message([(record.hash, record.version)])
-            reply = await self._create(args=[*args, message], client=client)
+            reply = await self._create(args=[*args, message, effects.encoded()], client=client)
             if not int(reply[0]):
                 return False
             await self._durable()
@@ -303,12 +336,14 @@ class KeyStore:
         announcer: Announcer,
         *,
         also_insert: Callable[[KeyRecord], KeyRecord] | None = None,
+        also: Callable[[SideEffects, KeyRecord, KeyRecord], None] | None = None,
     ) -> tuple[KeyRecord, KeyRecord, KeyRecord | None] | None:
         """Apply `change` to a record atomically: (before, after, inserted) or None if no such id.
 
         `change` may raise Refused, or return the record unchanged for a no-op
         (nothing is written, audited or announced). `also_insert` builds a new
-        record from the changed one, written in the same transaction (rotate).
+        record from the changed one, written in the same transaction (rotate). `also(pipe, before,
+        after)` queues more commands into that transaction (a PATCH's credits: ratelimit/store.py).
         """
         while True:
             read = await self._read_by_id(args=[self.prefix, key_id])
@@ -320,6 +355,9 @@ class KeyStore:
             if after is before:
                 return before, before, None
             inserted = also_insert(after) if also_insert is not None else None
+            effects = SideEffects()
+            if also is not None:
+                also(effects, before, after)
             changed = [(after.hash, after.version)]
             extra: list[str | bytes] = []
             if inserted is not None:
@@ -327,7 +365,8 @@ class KeyStore:
                 extra = self._record_args(inserted)
             async with self._writing() as client:
                 args = [self.prefix, key_hash, raw, after.to_json(), self._audit_args(audit)]
-                reply = await self._update(args=[*args, announcer.message(changed), *extra], client=client)
+                message = announcer.message(changed)
+                reply = await self._update(args=[*args, message, effects.encoded(), *extra], client=client)
                 if not int(reply[0]):  # changed since it was read: read it again
                     continue
                 await self._durable()
@@ -408,6 +447,29 @@ local function insert(prefix, hash, id, json, created, owner)
   redis.call('ZADD', prefix .. 'ids', created, id)
   if owner ~= '' then redis.call('ZADD', prefix .. 'owner:' .. owner, created, id) end
 end
+-- Side effects a change carries (SideEffects): plain data, run after the write in the same script.
+local function side_effects(encoded)
+  local ops = cjson.decode(encoded)
+  if #ops == 0 then return end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  for _, op in ipairs(ops) do
+    local name, key = op[1], op[2]
+    if name == 'del' then
+      redis.call('DEL', key)
+    elseif name == 'hset_stamped' then
+      redis.call('HSET', key, op[3], op[4], op[5], now)
+    elseif name == 'hadd_clamped' then
+      local n = tonumber(redis.call('HGET', key, op[3]) or '0') + tonumber(op[4])
+      if n < 0 then n = 0 end
+      if n > tonumber(op[5]) then n = tonumber(op[5]) end
+      redis.call('HSET', key, op[3], n)
+      redis.call('HSETNX', key, op[6], now)
+    else
+      error('unknown side effect ' .. tostring(name))
+    end
+  end
+end
 local function audit(prefix, entries)
   for _, entry in ipairs(cjson.decode(entries)) do
     xadd_both(prefix .. 'audit', prefix .. 'audit:' .. entry[1], entry[2])
@@ -419,7 +481,7 @@ end
 _ANNOUNCE = _ANNOUNCE_LUA + "return announce_and_read(ARGV[1], ARGV[2])\n"
 
 # A new record: ARGV prefix, hash, id, json, created_at, owner or "", audit entries (JSON list of
-# [key id, fields]), message. {0} when a record with that hash exists (nothing written).
+# [key id, fields]), message, side effects. {0} when a record with that hash exists (nothing written).
 _CREATE = (
     _XADD_BOTH
     + _ANNOUNCE_LUA
@@ -427,6 +489,7 @@ _CREATE = (
 local prefix = ARGV[1]
 if redis.call('EXISTS', prefix .. 'k:' .. ARGV[2]) == 1 then return {0} end
 insert(prefix, ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+side_effects(ARGV[9])
 audit(prefix, ARGV[7])
 return {1, announce_and_read(prefix, ARGV[8])}
 """
@@ -443,8 +506,8 @@ return {hash, redis.call('GET', ARGV[1] .. 'k:' .. hash) or false}
 """
 
 # A change to a record read before, if it is still as read (compare and set): ARGV prefix, hash,
-# the JSON read, the new JSON, audit entries, message, then an optional record to insert beside it
-# (rotate: hash, id, json, created_at, owner). {0} when the record changed meanwhile.
+# the JSON read, the new JSON, audit entries, message, side effects, then an optional record to
+# insert beside it (rotate: hash, id, json, created_at, owner). {0} when the record changed meanwhile.
 _UPDATE = (
     _XADD_BOTH
     + _ANNOUNCE_LUA
@@ -452,7 +515,8 @@ _UPDATE = (
 local prefix, k = ARGV[1], ARGV[1] .. 'k:' .. ARGV[2]
 if redis.call('GET', k) ~= ARGV[3] then return {0} end
 redis.call('SET', k, ARGV[4])
-if #ARGV >= 11 then insert(prefix, ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]) end
+if #ARGV >= 12 then insert(prefix, ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[12]) end
+side_effects(ARGV[7])
 audit(prefix, ARGV[5])
 return {1, announce_and_read(prefix, ARGV[6])}
 """

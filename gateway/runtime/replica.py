@@ -35,6 +35,8 @@ from gateway.keytable.lookup import KeyLookup
 from gateway.keytable.store import Durability, KeyStore
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
+from gateway.ratelimit.limiter import LEASE_SHARE, STORE_TIMEOUT, Limiter
+from gateway.ratelimit.store import RateStore
 from gateway.routing import RouteTable
 from gateway.usage.counter import Counter
 from gateway.usage.flusher import Flusher
@@ -64,6 +66,7 @@ class Replica:
     verify_server: Server | None = None
     webhooks: Webhooks | None = None  # config `webhooks`, when configured: its loops run inside running()
     usage: Flusher | None = None  # per-key usage counting and the policies (gateway/usage/)
+    limiter: Limiter | None = None  # rate limits and credits (gateway/ratelimit/), shared by proxy and verifier
 
     def reload_routes(self, new: Config) -> list[str]:
         """Swap in `new`'s routes (SIGHUP); returns the sections that changed but need a restart."""
@@ -93,6 +96,8 @@ class Replica:
                 await self.webhooks.stop()
             await _cancel(task)
             await self.proxy.forwarder.close()
+            if self.limiter is not None:
+                await self.limiter.close()  # the unspent slices go back to the window's budget
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.registry.leave(), 1.0)
 
@@ -162,9 +167,12 @@ def build(
     usage_store = UsageStore(redis, prefix)
     engine = PolicyEngine(usage_store, store, propagator, metrics, replica_id, config.policies)
     usage = Flusher(counter, usage_store, engine, metrics, config.usage.flush_seconds)
+    rates = RateStore(redis, prefix, timeout=STORE_TIMEOUT, share=LEASE_SHARE)
+    metrics.watch_ratelimit(rates)
+    limiter = Limiter(rates, metrics)
     forwarder = Forwarder()
     proxy = Proxy(RouteTable(config.routes_for("proxy")), lookup, config.keys, metrics, forwarder=forwarder,
-                  usage=counter)  # fmt: skip
+                  usage=counter, limiter=limiter)  # fmt: skip
     proxy_server = Server(proxy.handle, proxy.refused, limits=config.limits, trusted_proxies=config.trusted_proxies)
 
     api = AdminApi(
@@ -177,6 +185,7 @@ def build(
         trusted_proxies=config.trusted_proxies,
         usage=usage_store,
         usage_flush_seconds=usage.interval,
+        rates=rates,
     )
     admin_app = build_admin_app(api)
     if config.admin.console.enabled:
@@ -184,7 +193,7 @@ def build(
     verifier = verify_server = None
     if config.verify is not None:
         verifier = Verifier(RouteTable(config.routes_for("verify")), lookup, config.keys, metrics,
-                            path_prefix=config.verify.path_prefix, usage=counter)  # fmt: skip
+                            path_prefix=config.verify.path_prefix, usage=counter, limiter=limiter)  # fmt: skip
         verify_server = Server(verifier.handle, verifier.refused, limits=config.limits,
                                trusted_proxies=config.trusted_proxies, body_header=ERROR_BODY_HEADER)  # fmt: skip
     webhooks = Webhooks(config.webhooks, store, metrics, replica_id) if config.webhooks is not None else None
@@ -192,5 +201,5 @@ def build(
     metrics.inflight.set_function(lambda: sum(gate.inflight for gate in gates))
     return Replica(
         replica_id, config, store, cache, coherence, lookup, propagator, subscriber, registry, metrics, api,
-        proxy, proxy_server, admin_app, verifier, verify_server, webhooks, usage,
+        proxy, proxy_server, admin_app, verifier, verify_server, webhooks, usage, limiter,
     )  # fmt: skip

@@ -1,7 +1,7 @@
 """The verify listener's handler: the proxy's request path up to the decision, then an answer.
 
     question -> original request -> target -> route -> method -> credential -> key lookup
-             -> decision -> 200 with the key's identity, or the refusal
+             -> decision -> rate limits and credits -> 200 with the key's identity, or the refusal
 
 A refusal is the proxy's own answer (spec 5: status, JSON body, `WWW-Authenticate` on a 401); the
 asking proxy passes it on to its client. Nothing is forwarded from here, and a question's body is
@@ -87,7 +87,7 @@ class Verifier(Gate):
         record: KeyRecord | None = None
         if key_hash is not None:
             record = await self._decide(exchange, route, key_hash)
-            if record is None:
+            if record is None or not await self._spend(exchange, route, record):
                 return
         head = identity_head(record, exchange.request_id) + b"Date: " + http_date(time.time()) + b"\r\n"
         request.reply(200, "OK", head, b"")
