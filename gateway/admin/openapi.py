@@ -12,11 +12,12 @@ from typing import Any, Final, get_args
 
 from aiohttp import web
 
-from gateway import errors
+from gateway import config, errors
 from gateway.admin import bodies
 from gateway.admin.api import IMPORT_MAX_LINE, IMPORT_MAX_LINES, json_response
 from gateway.errors import ErrorCode
 from gateway.keytable.credentials import MAX_TOKEN_LENGTH
+from gateway.ratelimit.policy import MAX_CREDITS, MAX_REFILL_INTERVAL
 
 JSON: Final = "application/json"
 _CONTROL: Final = "\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029"
@@ -88,8 +89,51 @@ def _change(summary: str, role: str, body: dict[str, Any] | None) -> dict[str, A
     )
 
 
+def _ratelimits() -> dict[str, Any]:
+    """A key's rate limits (spec 12), as config.ratelimit_problem accepts them."""
+    item = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["name", "limit", "window_seconds"],
+        "properties": {
+            "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
+            "limit": {"type": "integer", "minimum": 1, "maximum": config.MAX_RATELIMIT},
+            "window_seconds": {"type": "integer", "minimum": 1, "maximum": config.MAX_WINDOW_SECONDS},
+            "on_store_error": {"type": "string", "enum": list(config.ON_STORE_ERRORS)},
+        },
+    }
+    return {"type": "array", "maxItems": config.MAX_RATELIMITS, "items": item, "description": "Distinct names"}
+
+
+def _credits(*, patch: bool) -> dict[str, Any]:
+    """A key's credits (spec 12); on a PATCH `add` instead of `remaining`, never both."""
+    whole = {"type": "integer", "minimum": 0, "maximum": MAX_CREDITS}
+    properties: dict[str, Any] = {
+        "remaining": whole,
+        "refill": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["amount", "interval"],
+            "properties": {
+                "amount": {"type": "integer", "minimum": 1, "maximum": MAX_CREDITS},
+                "interval": {"type": "integer", "minimum": 1, "maximum": MAX_REFILL_INTERVAL},
+            },
+        },
+    }
+    schema: dict[str, Any] = {"type": "object", "additionalProperties": False, "minProperties": 1}
+    if patch:
+        properties["add"] = {"type": "integer", "minimum": -MAX_CREDITS, "maximum": MAX_CREDITS}
+        schema["not"] = {"required": ["remaining", "add"]}
+    else:
+        schema["required"] = ["remaining"]
+    schema["properties"] = properties
+    return schema
+
+
 def _create_fields(text: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {
+        "ratelimits": _ratelimits(),
+        "credits": _credits(patch=False),
         "name": text,
         "owner": text,
         "scopes": {
@@ -268,6 +312,20 @@ def _schemas() -> dict[str, Any]:
                 name: _nullable(schema) for name, schema in _create_fields(text).items()
             },
         },
+        "UpdateKey": {
+            "type": "object",
+            "description": "The fields to change (at least one); null clears expires_at, ratelimits, credits",
+            "additionalProperties": False,
+            "minProperties": 1,
+            "properties": {
+                "name": text,
+                "meta": {"type": "object"},
+                "scopes": _create_fields(text)["scopes"],
+                "expires_at": _nullable({"type": "string", "format": "date-time", "description": "In the future"}),
+                "ratelimits": _nullable(_ratelimits()),
+                "credits": _nullable(_credits(patch=True)),
+            },
+        },
         "Reason": {
             "type": "object",
             "additionalProperties": False,
@@ -383,6 +441,14 @@ def document() -> dict[str, Any]:
                 {"200": _json(_ref("Key"), "The record"), **_errors(404)},
                 role="viewer",
                 parameters=[_key_param()],
+            ),
+            "patch": _operation(
+                "Change a key's name, meta, scopes, expiry, rate limits or credits (spec 12); answered once "
+                "every live replica evicted it",
+                {"200": _json(_ref("ChangedKey"), "The changed record and its propagation"), **_errors(404, 409)},
+                role="developer",
+                parameters=[_key_param()],
+                requestBody={"required": True, "content": {JSON: {"schema": _ref("UpdateKey")}}},
             ),
         },
         "/v1/keys/{key_id}/usage": {
