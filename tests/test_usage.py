@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
+from redis.asyncio import Redis
 
 from gateway import config as config_mod
 from gateway.usage.counter import Counter
@@ -402,3 +403,27 @@ async def test_sighup_reload_applies_the_file_s_policies(gateway_factory: Callab
     path.write_text(ROUTES + "policies: [{name: p, rule: requests, above: -5, window: 1m}]\n")
     assert not serve.reload_routes(gw.replica, str(path))  # rejected: the running policies stay
     assert [p.above for p in gw.replica.usage.engine.policies] == [1]
+
+
+async def test_a_failed_write_keeps_its_counts_for_the_next(gateway_factory: Callable[..., Any]) -> None:
+    from tests.conftest import free_port
+
+    gw: Gateway = await gateway_factory(**{"usage.flush_seconds": 300})
+    flusher = gw.replica.usage
+    assert flusher is not None
+    key = await gw.create_key(name="u")
+    await traffic(gw, key["key"], {"/api/a": 4})
+    working = flusher.store.redis
+    dead = Redis(port=free_port(), socket_connect_timeout=0.2, socket_timeout=0.2)
+    flusher.store.redis = dead  # Redis unreachable for the usage write
+    try:
+        assert await flusher.flush() == 0
+    finally:
+        flusher.store.redis = working
+        await dead.aclose()
+    await traffic(gw, key["key"], {"/api/a": 3})
+    assert await flusher.flush() == 2  # the kept batch and the new one (same minute or not, both written)
+    _, body = await usage(gw, key["id"])
+    assert body["totals"] == {"requests": 7, "outcomes": {"forwarded": 7}}
+    metrics = gw.replica.metrics.render().decode()
+    assert 'gateway_usage_flushes_total{outcome="failed"} 1.0' in metrics
