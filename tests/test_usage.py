@@ -336,6 +336,7 @@ async def test_policies_reload_with_the_routes(gateway_factory: Callable[..., An
     gw.replica.reload_routes(new)  # what SIGHUP does (runtime/serve.py)
     assert [p.name for p in gw.replica.usage.engine.policies] == ["p"]
     assert gw.replica.usage.interval == 5.0  # with policies, at most 5 s between flushes
+    assert gw.replica.api.usage_flush_seconds == 5.0  # what the usage API says of the lag
 
 
 # configuration ---------------------------------------------------------------------------
