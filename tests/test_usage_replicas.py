@@ -228,7 +228,8 @@ def test_a_policy_over_three_replicas_trips_once_within_10s(
         {"name": "spread", "rule": "distinct_addresses", "above": 4, "window": "10m", "action": "disable"},
         {"name": "watch", "rule": "requests", "above": 8, "window": "10m", "dry_run": True},
     ]
-    with cluster(tmp_path, upstream_url, admin_tokens, redis_server.url, 3, flush_seconds=2,
+    # The default flush_seconds (10): with policies a replica writes every 5 s, so the 10 s holds as shipped.
+    with cluster(tmp_path, upstream_url, admin_tokens, redis_server.url, 3, flush_seconds=10,
                  policies=policies) as nodes:  # fmt: skip
         key = create(nodes[0])
         # Two addresses on each replica: no replica alone sees more than 4, the sum is 6.
@@ -260,7 +261,7 @@ def test_a_policy_over_three_replicas_trips_once_within_10s(
         assert status == 200
         for i in range(8, 14):
             assert call(nodes[i % 3], key["key"], source=f"127.0.0.{i}") == (200, None)
-        time.sleep(2 * 2 + 1)  # two flush intervals and their evaluation
+        time.sleep(2 * 5 + 1)  # two flush intervals (5 s with policies) and their evaluation
         assert all(call(node, key["key"], source=sources[0]) == (200, None) for node in nodes)
         status, body = nodes[0].admin("GET", f"/v1/audit?key_id={key['id']}", role="admin")
         actions = [(e["action"], e["actor"]) for e in body["entries"]]
