@@ -90,6 +90,8 @@ class Flusher:
             await asyncio.wait_for(self.flush(), _FINAL_FLUSH_SECONDS)
         except TimeoutError:
             log.warning("usage: the final write did not finish in %gs; its counts are lost", _FINAL_FLUSH_SECONDS)
+        except Exception:  # the shutdown goes on
+            log.exception("usage: the final write failed")
         finally:
             if self._task is not None and not self._task.done():
                 self._task.cancel()
