@@ -86,8 +86,10 @@ def test_counter_behind_a_trusted_proxy_takes_the_forwarded_client() -> None:
     c = Counter(trusted_proxies=(ipaddress.ip_network("10.9.0.0/16"),))
     c.count("key_a", "forwarded", asker("10.9.0.1", trusted=True, xff="6.6.6.6, 203.0.113.7, 10.9.0.5"), "api")
     c.count("key_a", "forwarded", asker("198.51.100.1", xff="6.6.6.6"), "api")  # untrusted: its header is not believed
+    c.count("key_b", "forwarded", asker("10.9.0.1", trusted=True, xff="not-an-address\udcff"), "api")
     (batch,) = c.take()
     assert batch.tallies["key_a"].addresses == {"203.0.113.7", "198.51.100.1"}
+    assert batch.tallies["key_b"].addresses == {"10.9.0.1"}  # not an address: the peer's
 
 
 # flush and the admin API -------------------------------------------------------------
