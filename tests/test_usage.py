@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
+from redis.asyncio import Redis
 
 from gateway import config as config_mod
 from gateway.usage.counter import Counter
@@ -85,8 +86,10 @@ def test_counter_behind_a_trusted_proxy_takes_the_forwarded_client() -> None:
     c = Counter(trusted_proxies=(ipaddress.ip_network("10.9.0.0/16"),))
     c.count("key_a", "forwarded", asker("10.9.0.1", trusted=True, xff="6.6.6.6, 203.0.113.7, 10.9.0.5"), "api")
     c.count("key_a", "forwarded", asker("198.51.100.1", xff="6.6.6.6"), "api")  # untrusted: its header is not believed
+    c.count("key_b", "forwarded", asker("10.9.0.1", trusted=True, xff="not-an-address\udcff"), "api")
     (batch,) = c.take()
     assert batch.tallies["key_a"].addresses == {"203.0.113.7", "198.51.100.1"}
+    assert batch.tallies["key_b"].addresses == {"10.9.0.1"}  # not an address: the peer's
 
 
 # flush and the admin API -------------------------------------------------------------
@@ -335,6 +338,7 @@ async def test_policies_reload_with_the_routes(gateway_factory: Callable[..., An
     gw.replica.reload_routes(new)  # what SIGHUP does (runtime/serve.py)
     assert [p.name for p in gw.replica.usage.engine.policies] == ["p"]
     assert gw.replica.usage.interval == 5.0  # with policies, at most 5 s between flushes
+    assert gw.replica.api.usage_flush_seconds == 5.0  # what the usage API says of the lag
 
 
 # configuration ---------------------------------------------------------------------------
@@ -402,3 +406,27 @@ async def test_sighup_reload_applies_the_file_s_policies(gateway_factory: Callab
     path.write_text(ROUTES + "policies: [{name: p, rule: requests, above: -5, window: 1m}]\n")
     assert not serve.reload_routes(gw.replica, str(path))  # rejected: the running policies stay
     assert [p.above for p in gw.replica.usage.engine.policies] == [1]
+
+
+async def test_a_failed_write_keeps_its_counts_for_the_next(gateway_factory: Callable[..., Any]) -> None:
+    from tests.conftest import free_port
+
+    gw: Gateway = await gateway_factory(**{"usage.flush_seconds": 300})
+    flusher = gw.replica.usage
+    assert flusher is not None
+    key = await gw.create_key(name="u")
+    await traffic(gw, key["key"], {"/api/a": 4})
+    working = flusher.store.redis
+    dead = Redis(port=free_port(), socket_connect_timeout=0.2, socket_timeout=0.2)
+    flusher.store.redis = dead  # Redis unreachable for the usage write
+    try:
+        assert await flusher.flush() == 0
+    finally:
+        flusher.store.redis = working
+        await dead.aclose()
+    await traffic(gw, key["key"], {"/api/a": 3})
+    assert await flusher.flush() == 2  # the kept batch and the new one (same minute or not, both written)
+    _, body = await usage(gw, key["id"])
+    assert body["totals"] == {"requests": 7, "outcomes": {"forwarded": 7}}
+    metrics = gw.replica.metrics.render().decode()
+    assert 'gateway_usage_flushes_total{outcome="failed"} 1.0' in metrics

@@ -76,6 +76,7 @@ class Replica:
         self.config = dataclasses.replace(self.config, routes=new.routes, policies=new.policies)
         if self.usage is not None:
             self.usage.engine.policies = new.policies
+            self.api.usage_flush_seconds = self.usage.interval  # at most 5 s with policies
         return [name for name in _RESTART_SECTIONS if getattr(self.config, name) != getattr(new, name)]
 
     @contextlib.asynccontextmanager

@@ -17,6 +17,7 @@ Bounds, per flush interval (the memory a client's traffic can make this hold):
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from dataclasses import dataclass, field
 
@@ -90,7 +91,10 @@ class Counter:
         hops = [h.strip() for v in request.headers.getall("X-Forwarded-For", ()) for h in v.split(",")]
         for hop in reversed(hops):
             if not trusted_peer(hop, self.trusted_proxies):
-                return hop[:64] or request.remote  # bounded: it is remembered and written
+                try:  # only an address is remembered and written (never a client's free text)
+                    return str(ipaddress.ip_address(hop.split("%", 1)[0]))
+                except ValueError:
+                    return request.remote
         return request.remote
 
     def _roll(self, now: float) -> None:

@@ -39,6 +39,7 @@ class Flusher:
     metrics: Metrics
     flush_seconds: float = 10.0
     _task: asyncio.Task[None] | None = field(default=None, init=False)
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
     _unjudged: list[Batch] = field(default_factory=list, init=False)  # written, their evaluation failed
 
@@ -80,22 +81,32 @@ class Flusher:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="usage-flusher")
 
     async def stop(self) -> None:
-        """Stop the schedule, then write what is left (bounded by _FINAL_FLUSH_SECONDS)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """End the schedule (a write in progress finishes: cancelling it could lose what it took),
+        then write what is left; both bounded by _FINAL_FLUSH_SECONDS."""
+        self._stopping.set()
         try:
+            if self._task is not None:
+                await asyncio.wait_for(asyncio.shield(self._task), _FINAL_FLUSH_SECONDS)
             await asyncio.wait_for(self.flush(), _FINAL_FLUSH_SECONDS)
         except TimeoutError:
             log.warning("usage: the final write did not finish in %gs; its counts are lost", _FINAL_FLUSH_SECONDS)
+        except Exception:  # the shutdown goes on
+            log.exception("usage: the final write failed")
+        finally:
+            if self._task is not None and not self._task.done():
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+            self._task = None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         next_at = loop.time() + self.interval
-        while True:
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), max(0.0, next_at - loop.time()))
+            if self._stopping.is_set():
+                return  # stop() writes what is left
             next_at = max(next_at + self.interval, loop.time())
             try:
                 await self.flush()

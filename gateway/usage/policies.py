@@ -40,6 +40,7 @@ from gateway.usage.store import UsageStore
 
 log = logging.getLogger("gateway.policy")
 _CLAIM_MS = 30_000  # a hold taken and not confirmed (the replica died acting) lapses after this
+_MEASURE_CHUNK = 100  # keys read in one pipeline: its replies are parsed in one go on the event loop
 
 
 def describe(policy: Policy) -> str:
@@ -101,8 +102,8 @@ class PolicyEngine:
                 ids = [k for k in seen if k in with_addresses]
             else:
                 ids = list(seen)
-            for i in range(0, len(ids), 500):
-                chunk = ids[i : i + 500]
+            for i in range(0, len(ids), _MEASURE_CHUNK):
+                chunk = ids[i : i + _MEASURE_CHUNK]
                 values = await self.usage.measure(chunk, policy, now)
                 for key_id, value in zip(chunk, values, strict=True):
                     if value > policy.above and await self._act(policy, key_id, value):

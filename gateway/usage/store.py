@@ -17,7 +17,9 @@ from gateway.usage import layout
 from gateway.usage.counter import Batch
 from gateway.usage.layout import HOUR, MINUTE, SPANS, WINDOWS, Names, Span, Window
 
-CHUNK = 500  # keys one script call writes: Redis runs a script alone, so each stays short
+# Keys one script call writes. Redis runs a script alone: at about 60 us of Redis time a key (Redis 7,
+# this machine), 50 keys keep each call near 3 ms, so lookups from other clients interleave.
+CHUNK = 50
 
 
 @dataclass(frozen=True, slots=True)
