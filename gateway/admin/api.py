@@ -430,6 +430,11 @@ class AdminApi:
         return {key_id: last_use_fields(found.get(key_id)) for key_id in ids}
 
     @requires("viewer")
+    async def status(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
+        """GET /v1/status: this replica's coherence, the live replicas, Redis, recent propagations."""
+        return json_response(await self.status_report(Caller(principal, request.remote, request_id)), request_id)
+
+    @requires("viewer")
     async def usage_report(self, request: web.Request, principal: Principal, request_id: str) -> web.StreamResponse:
         """GET /v1/keys/{id}/usage?window=1h|24h|30d: counts per minute, hour or day by outcome, the
         distinct client addresses over the window, and the last use (spec 10)."""
@@ -705,6 +710,37 @@ class AdminApi:
         body["propagation"] = propagation.public()
         return json_response(body, request_id)
 
+    async def status_report(self, caller: Caller) -> dict[str, Any]:
+        """This replica, the live set, Redis and the latest propagations (GET /v1/status, the
+        console's status page)."""
+        caller.need("viewer")
+        registry = self.propagator.registry
+        redis_ms, live = await registry.live()
+        info = await self.store.redis.info("replication")
+        topology = {k: v for k, v in self.topology.items() if k != "warning"}
+        report: dict[str, Any] = {
+            "replica": {
+                "id": registry.replica_id,
+                "coherent": self.coherence.coherent,
+                "lease_remaining_ms": round(max(0.0, self.coherence.remaining()) * 1000),
+                "incoherent_for_seconds": round(self.coherence.broken_for(), 1),
+            },
+            "live_replicas": [
+                {"id": rid, "joined_at": keys.rfc3339(epoch / 1e6), "self": rid == registry.replica_id}
+                for rid, epoch in sorted(live.items())
+            ],
+            "redis": {
+                **topology,
+                "role": str(info.get("role", "unknown")),
+                "persistence": self.persistence,
+                "time": keys.rfc3339(redis_ms / 1000),
+            },
+            "propagation": self.propagator.figures(),
+        }
+        if "warning" in self.topology:
+            report["warning"] = self.topology["warning"]
+        return report
+
     async def audit_page(self, caller: Caller, query: bodies.AuditQuery) -> tuple[list[dict[str, Any]], str | None]:
         """Audit entries newest first and the next page's cursor (BadInput for a foreign cursor)."""
         caller.need("admin")
@@ -797,6 +833,7 @@ def routes(api: AdminApi) -> list[web.RouteDef]:
         web.get("/v1/keys", bound(AdminApi.list_keys), allow_head=False),
         web.get("/v1/keys/{key_id}", bound(AdminApi.show), allow_head=False),
         web.get("/v1/keys/{key_id}/usage", bound(AdminApi.usage_report), allow_head=False),
+        web.get("/v1/status", bound(AdminApi.status), allow_head=False),
         web.patch("/v1/keys/{key_id}", bound(AdminApi.update)),
         web.post("/v1/keys/{key_id}/disable", bound(AdminApi.disable)),
         web.post("/v1/keys/{key_id}/enable", bound(AdminApi.enable)),

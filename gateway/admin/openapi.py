@@ -258,6 +258,54 @@ def _schemas() -> dict[str, Any]:
                 "flush_seconds": {"type": "number", "minimum": 0},
             },
         },
+        "Status": {
+            "type": "object",
+            "required": ["replica", "live_replicas", "redis", "propagation"],
+            "properties": {
+                "replica": {
+                    "type": "object",
+                    "required": ["id", "coherent", "lease_remaining_ms", "incoherent_for_seconds"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "coherent": {"type": "boolean"},
+                        "lease_remaining_ms": {"type": "integer", "minimum": 0},
+                        "incoherent_for_seconds": {"type": "number", "minimum": 0},
+                    },
+                },
+                "live_replicas": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["id", "joined_at", "self"],
+                        "properties": {"id": {"type": "string"}, "joined_at": time, "self": {"type": "boolean"}},
+                    },
+                },
+                "redis": {
+                    "type": "object",
+                    "required": ["role", "persistence", "time"],
+                    "properties": {
+                        "role": {"type": "string"},
+                        "persistence": {"type": "string", "enum": ["aof", "off", "unknown"]},
+                        "time": {"type": "string", "format": "date-time"},
+                        "mode": {"type": "string", "enum": ["embedded", "single", "sentinel"]},
+                        "replicas": _nullable({"type": "integer", "minimum": 0}),
+                        "min_replicas_acked": {"type": "integer", "minimum": 0},
+                    },
+                },
+                "propagation": {
+                    "type": "object",
+                    "required": ["changes", "p50_ms", "p99_ms", "max_ms", "fenced"],
+                    "properties": {
+                        "changes": {"type": "integer", "minimum": 0},
+                        "p50_ms": _nullable({"type": "number", "minimum": 0}),
+                        "p99_ms": _nullable({"type": "number", "minimum": 0}),
+                        "max_ms": _nullable({"type": "number", "minimum": 0}),
+                        "fenced": {"type": "integer", "minimum": 0},
+                    },
+                },
+                "warning": {"type": "string"},
+            },
+        },
         "Propagation": {
             "type": "object",
             "description": "How the change reached the live replicas (spec 8)",
@@ -490,6 +538,14 @@ def document() -> dict[str, Any]:
                     cursor,
                     {"name": "limit", "in": "query", "schema": limit, "description": "1 to 500 (default 50)"},
                 ],
+            ),
+        },
+        "/v1/status": {
+            "get": _operation(
+                "This replica's coherence and lease, the live replicas, Redis (role, topology, persistence) "
+                "and how long the latest changes made here took to be confirmed everywhere",
+                {"200": _json(_ref("Status"), "The status")},
+                role="viewer",
             ),
         },
         "/v1/openapi.json": {

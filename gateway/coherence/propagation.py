@@ -41,7 +41,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import statistics
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -61,6 +63,9 @@ class Propagation:
 
     def public(self) -> dict[str, float | int]:
         return {"replicas": self.replicas, "confirmed": self.confirmed, "fenced": self.fenced, "ms": round(self.ms, 3)}
+
+
+RECENT = 200  # changes /v1/status sums up
 
 
 class Announcement:
@@ -110,6 +115,7 @@ class Propagator:
         self.timeout = timeout_seconds
         self.lease = lease_seconds
         self._pending: dict[str, Announcement] = {}
+        self.recent: deque[Propagation] = deque(maxlen=RECENT)  # this replica's latest changes, for /v1/status
 
     def on_ack(self, ack: Ack) -> None:
         announcement = self._pending.get(ack.nonce)
@@ -149,7 +155,9 @@ class Propagator:
                 if fenced:  # only past the deadline, so past `fenced_at`
                     self.metrics.unconfirmed.inc()
                     self.metrics.fenced.inc(fenced)
-                return Propagation(len(live), len(done), (now - started) * 1000, fenced)
+                outcome = Propagation(len(live), len(done), (now - started) * 1000, fenced)
+                self.recent.append(outcome)
+                return outcome
             a.arrived.clear()
             # Acks wake us at once; the live set is re-read now and then for
             # replicas that dropped out or resubscribed (and so cleared their cache).
@@ -158,3 +166,18 @@ class Propagator:
             if time.monotonic() - refreshed >= 0.02:
                 _, live = await self.registry.live()
                 refreshed = time.monotonic()
+
+    def figures(self) -> dict[str, float | int | None]:
+        """The latest changes this replica made (up to RECENT): how long their confirmation took
+        (propagation.ms: p50, p99, max) and how many fenced a replica instead of hearing its ack."""
+        ms = sorted(p.ms for p in self.recent)
+        if not ms:
+            return {"changes": 0, "p50_ms": None, "p99_ms": None, "max_ms": None, "fenced": 0}
+        p99 = ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))]
+        return {
+            "changes": len(ms),
+            "p50_ms": round(statistics.median(ms), 3),
+            "p99_ms": round(p99, 3),
+            "max_ms": round(ms[-1], 3),
+            "fenced": sum(p.fenced > 0 for p in self.recent),
+        }

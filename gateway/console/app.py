@@ -504,27 +504,26 @@ class Console:
         return self.render(request, "audit.html", signed, entries=entries, key_id=key_id, next_url=next_url)
 
     async def status(self, request: web.Request, signed: Signed) -> web.StreamResponse:
-        registry = self.api.propagator.registry
-        redis_ms, live = await registry.live()
-        replicas = [
-            {"id": rid, "since": _when(epoch / 1e6), "self": rid == registry.replica_id}
-            for rid, epoch in sorted(live.items())
-        ]
-        info = await self.api.store.redis.info("replication")
-        coherence = self.api.coherence
+        report = await self.api.status_report(signed.caller)  # what GET /v1/status answers
+        replica, redis = report["replica"], report["redis"]
+        replicas = [{"id": r["id"], "since": r["joined_at"], "self": r["self"]} for r in report["live_replicas"]]
+        topology = {k: redis[k] for k in ("mode", "replicas", "min_replicas_acked") if k in redis}
+        if "warning" in report:
+            topology["warning"] = report["warning"]
         return self.render(
             request,
             "status.html",
             signed,
             replicas=replicas,
-            redis_time=_when(redis_ms / 1000),
-            redis_role=str(info.get("role", "unknown")),
-            topology=dict(self.api.topology),
-            persistence=self.api.persistence,
-            coherent=coherence.coherent,
-            lease_ms=round(max(0.0, coherence.remaining()) * 1000),
-            broken_s=round(coherence.broken_for(), 1),
-            replica_id=registry.replica_id,
+            redis_time=redis["time"],
+            redis_role=redis["role"],
+            topology=topology,
+            persistence=redis["persistence"],
+            coherent=replica["coherent"],
+            lease_ms=replica["lease_remaining_ms"],
+            broken_s=replica["incoherent_for_seconds"],
+            replica_id=replica["id"],
+            propagation=report["propagation"],
         )
 
 
