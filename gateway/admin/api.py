@@ -276,7 +276,7 @@ class AdminApi:
         if created is None:
             return errors.render(Denial("key_exists", status=409), request_id)
         record, plaintext = created
-        body = await self._shown(record)
+        body = await self.shown(record)
         if plaintext is not None:
             body["key"] = plaintext
         return json_response(body, request_id, status=201)
@@ -412,7 +412,7 @@ class AdminApi:
         if record is None:
             return self._not_found(request_id)
         if isinstance(record, KeyRecord) and record.credits is not None:
-            body = await self._shown(record)
+            body = await self.shown(record)
             body.update(((await self._last_use([record])) or {}).get(record.id, {}))
             return json_response(body, request_id)
         return web.Response(
@@ -644,7 +644,7 @@ class AdminApi:
             raise RuntimeError("the admin API was built without the rate-limit store")
         return self.rates
 
-    async def _shown(self, record: KeyRecord) -> dict[str, Any]:
+    async def shown(self, record: KeyRecord) -> dict[str, Any]:
         """The record's public view, with its credit balance read from Redis (spec 12)."""
         body = record.public()
         if record.credits is not None:
@@ -706,7 +706,7 @@ class AdminApi:
                 return self._not_found(request_id)
             self.metrics.admin_changes.labels("update").inc()
             propagation = await announcement.confirmed()
-        body = await self._shown(outcome[1])
+        body = await self.shown(outcome[1])
         body["propagation"] = propagation.public()
         return json_response(body, request_id)
 

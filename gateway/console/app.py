@@ -364,6 +364,8 @@ class Console:
         if self.usage is not None:
             usage = _chart(await self.usage.usage(key_id, window))
         row = _row(record)
+        if isinstance(record, KeyRecord) and record.credits is not None:
+            row["credits"] = (await self.api.shown(record))["credits"]  # with its balance (spec 12)
         return self.render(
             request,
             "key.html",
