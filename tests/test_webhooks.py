@@ -25,6 +25,7 @@ import orjson
 import pytest
 import yaml
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from gateway import config as config_mod
@@ -34,6 +35,7 @@ from gateway.keytable.store import AuditEntry
 from gateway.runtime.replica import build
 from gateway.runtime.serve import listen_client
 from gateway.webhooks import events, signing
+from gateway.webhooks.queue import Guard, Queue
 from gateway.webhooks.schedule import Schedule
 from gateway.webhooks.service import Webhooks
 from tests.conftest import AdminTokens, Gateway, RedisProcess, make_config, serve_replica
@@ -421,23 +423,27 @@ async def test_a_receiver_failing_three_attempts_gets_the_fourth(hub: Callable[.
             assert g.verified(secret)["data"]["key"]["id"] == key["id"]  # each attempt signed afresh
         gaps = [b.at - a.at for a, b in itertools.pairwise(got)]
         assert all(0.025 * 2**i * 0.9 <= gap for i, gap in enumerate(gaps)), gaps  # backoff: at least half a step
-        assert counter(gw, "webhooks_retried", endpoint="flaky") == 3
-        assert counter(gw, "webhooks_delivered", endpoint="flaky") == 1
+        assert counter(gw, "webhooks_retried", endpoint="flaky") == 3  # counted before the next attempt was claimed
+        # counted once the answer is read, after the receiver recorded it: waited for, not assumed
+        await rx.await_(lambda: counter(gw, "webhooks_delivered", endpoint="flaky") == 1, 5, "the delivered count")
+        await asyncio.sleep(0.2)  # what must not happen has no event to wait for: no fifth attempt
+        assert len(rx.snapshot()) == 4 and counter(gw, "webhooks_delivered", endpoint="flaky") == 1
 
 
 async def test_a_hung_receiver_does_not_hold_up_another(hub: Callable[..., Any]) -> None:
     secret = new_secret()
     with Receiver(lambda got: HANG).serving() as hung, Receiver().serving() as fine:
         endpoints = [endpoint("hung", hung, secret), endpoint("fine", fine, secret)]
-        gw: Gateway = await hub({"timeout_seconds": 0.5, "concurrency": 1, "retry_initial_seconds": 0.2,
+        gw: Gateway = await hub({"timeout_seconds": 3, "concurrency": 1, "retry_initial_seconds": 0.2,
                                  "endpoints": endpoints})  # fmt: skip
-        started = time.monotonic()
         for i in range(3):
             await gw.create_key(name=f"k{i}")
         await fine.await_(lambda: len(fine.delivered()) == 3, 10, "the healthy endpoint's events")
-        assert time.monotonic() - started < 3
-        assert hung.snapshot()  # the hung endpoint was being tried meanwhile
-        await hung.await_(lambda: counter(gw, "webhooks_retried", endpoint="hung") >= 1, 5, "a timed-out attempt")
+        # All three went while the hung endpoint's one attempt (its concurrency) was still hanging: no
+        # timeout, no retry yet. An endpoint that waited for the other would see its timeout first.
+        assert counter(gw, "webhooks_retried", endpoint="hung") == 0
+        await hung.await_(lambda: len(hung.snapshot()) >= 1, 5, "the hung endpoint's first attempt")
+        await hung.await_(lambda: counter(gw, "webhooks_retried", endpoint="hung") >= 1, 10, "a timed-out attempt")
         assert counter(gw, "webhooks_delivered", endpoint="hung") == 0
 
 
@@ -451,17 +457,21 @@ async def test_an_event_failing_past_the_horizon_is_dropped_with_a_metric_and_a_
         gw: Gateway = await hub({"endpoints": [endpoint("down", rx, secret, events=["key.created"])]},
                                 schedule=Schedule(initial=0.05, max_interval=0.2, horizon=1.0))  # fmt: skip
         await gw.create_key(name="k")
-        await rx.await_(lambda: counter(gw, "webhooks_dropped", endpoint="down", reason="expired") == 1, 10,
-                        "the drop")  # fmt: skip
+
+        def dropped() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if r.getMessage().startswith("webhook dropped")]
+
+        # the log line is the attempt's last step: the metric and the queue's finish come before it
+        await rx.await_(lambda: len(dropped()) == 1, 10, "the drop")
+        assert counter(gw, "webhooks_dropped", endpoint="down", reason="expired") == 1
         attempts = rx.snapshot()
         assert len(attempts) >= 4 and attempts[-1].at - attempts[0].at >= 0.9
         assert counter(gw, "webhooks_retried", endpoint="down") == len(attempts) - 1
         assert await gw.replica.store.redis.zcard(gw.replica.store.prefix + "wh:due:down") == 0
-        dropped = [r for r in caplog.records if r.getMessage().startswith("webhook dropped")]
-        assert len(dropped) == 1 and "key.created" in dropped[0].getMessage()
-        assert dropped[0].endpoint == "down"
+        assert "key.created" in dropped()[0].getMessage()
+        assert dropped()[0].endpoint == "down"
         await asyncio.sleep(0.5)  # what must not happen has no event to wait for
-        assert len(rx.snapshot()) == len(attempts)  # nothing after the drop
+        assert len(rx.snapshot()) == len(attempts) and len(dropped()) == 1  # nothing after the drop
 
 
 async def test_a_full_queue_drops_the_new_event_for_that_endpoint_only(hub: Callable[..., Any]) -> None:
@@ -469,12 +479,73 @@ async def test_a_full_queue_drops_the_new_event_for_that_endpoint_only(hub: Call
     with Receiver(lambda got: 500).serving() as down, Receiver().serving() as fine:
         gw: Gateway = await hub({"max_queue": 1, "retry_initial_seconds": 600, "endpoints": [
             endpoint("down", down, secret), endpoint("fine", fine, secret)]})  # fmt: skip
+        redis, prefix = gw.replica.store.redis, gw.replica.store.prefix
         await gw.create_key(name="one")
         await down.await_(lambda: len(down.snapshot()) == 1, 5, "the first attempt")
+        # An attempt in flight still counts in its queue: wait until the healthy endpoint's is finished.
+        for _ in range(250):
+            if await redis.zcard(prefix + "wh:due:fine") == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert await redis.zcard(prefix + "wh:due:fine") == 0 and len(fine.delivered()) == 1
+        assert await redis.zcard(prefix + "wh:due:down") == 1  # down's event waits for its retry in 600 s
         await gw.create_key(name="two")
         await fine.await_(lambda: len(fine.delivered()) == 2, 5, "both events at the healthy endpoint")
         assert counter(gw, "webhooks_dropped", endpoint="down", reason="queue_full") == 1
         assert counter(gw, "webhooks_dropped", endpoint="fine", reason="queue_full") == 0
+
+
+async def test_a_change_made_before_the_intake_loop_first_runs_is_sent(
+    hub: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The consumer group starts at the stream's end: it exists once the replica runs (before it
+    serves), not whenever the intake task first gets the CPU. Here that task is held back until the
+    replica's first change is written, as a loaded machine can do; the change is still sent."""
+    secret = new_secret()
+    gate = asyncio.Event()
+    intake = Webhooks._intake_loop
+
+    async def late_intake(self: Webhooks) -> None:
+        await gate.wait()
+        await intake(self)
+
+    monkeypatch.setattr(Webhooks, "_intake_loop", late_intake)
+    with Receiver().serving() as rx:
+        gw: Gateway = await hub({"endpoints": [endpoint("sink", rx, secret, events=["key.created"])]})
+        redis, stream = gw.replica.store.redis, gw.replica.store.audit_stream
+        key = await gw.create_key(name="first")
+        assert await redis.xlen(stream) == 1 and len(rx.snapshot()) == 0  # written, not read yet
+        gate.set()
+        await rx.await_(lambda: len(rx.delivered()) == 1, 10, "the first change's event")
+        assert rx.delivered()[0].verified(secret)["data"]["key"]["id"] == key["id"]
+
+
+async def test_an_entry_read_and_not_queued_after_a_failure_is_read_again_at_once(
+    hub: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Queueing an entry fails after the group handed it to this replica (Redis dropped the
+    connection): the replica reads its own unacked entries again after the failure, rather than
+    leaving them to the reclaim of a dead replica's entries 30 s later."""
+    secret = new_secret()
+    enqueue = Queue.enqueue
+    failed: list[str] = []
+
+    async def flaky_enqueue(self: Queue, guard: Guard, *args: Any, **kw: Any) -> list[int] | None:
+        if guard.kind == "ack" and not failed:
+            failed.append(guard.args[2])
+            raise RedisConnectionError("injected: the connection dropped before the script ran")
+        return await enqueue(self, guard, *args, **kw)
+
+    monkeypatch.setattr(Queue, "enqueue", flaky_enqueue)
+    with Receiver().serving() as rx:
+        gw: Gateway = await hub({"endpoints": [endpoint("sink", rx, secret, events=["key.created"])]})
+        assert gw.replica.webhooks is not None and gw.replica.webhooks.reclaim_ms == 30_000
+        key = await gw.create_key(name="k")
+        await rx.await_(lambda: len(rx.delivered()) == 1, 5, "the event after the failed intake")
+        assert rx.delivered()[0].verified(secret)["data"]["key"]["id"] == key["id"]
+        assert failed == [rx.delivered()[0].msg_id.removeprefix("msg_")]  # that very entry failed first
+        redis, stream = gw.replica.store.redis, gw.replica.store.audit_stream
+        assert (await redis.xpending(stream, "webhooks"))["pending"] == 0
 
 
 async def test_an_audit_entry_a_dead_replica_read_is_taken_over(

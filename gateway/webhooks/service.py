@@ -46,6 +46,7 @@ INTAKE_BATCH: Final = 100
 EXPIRY_BATCH: Final = 1000  # keys checked for key.expiring_soon per round
 CONSUMER_IDLE_MS: Final = 24 * 3600 * 1000  # a consumer (a replica gone) idle this long with nothing pending is removed
 SEED_LEASE_SECONDS: Final = 600
+JOIN_SECONDS: Final = 5.0  # start() waits this long for the consumer group before leaving it to the intake loop
 USER_AGENT: Final = "gateway-webhooks/1"
 _EXPIRY_ACTIONS: Final = frozenset({"create", "import", "rotate"})  # changes that set a key's expires_at
 
@@ -92,6 +93,13 @@ class Webhooks:
             headers={"User-Agent": USER_AGENT},
             auto_decompress=False,
         )
+        # The consumer group is made before the replica serves (the runtime starts its listeners after
+        # this): it starts at the stream's end, so a change written before it exists is never read,
+        # and the intake task may run only after the replica's first change (a loaded machine).
+        try:
+            await asyncio.wait_for(self.source.join(), JOIN_SECONDS)
+        except Exception as exc:  # Redis down: the intake loop joins when it can, as it would after a FLUSHDB
+            log.warning("webhooks: making the consumer group failed (%s); retrying", type(exc).__name__)
         loop = asyncio.get_running_loop()
         self._loops = [
             loop.create_task(self._intake_loop(), name="webhooks-intake"),
@@ -119,6 +127,10 @@ class Webhooks:
         joined = False
         next_reclaim = next_cleanup = 0.0
         failures = 0
+        # After a failure, entries this replica read but did not queue (the rest of a batch) are read
+        # again before new ones, not left for `reclaim_seconds`. Not after a failure while queueing
+        # those: an entry that always fails then holds up nothing (reclaimed, and failing, now and then).
+        unacked = retaking = False
         while True:
             try:
                 if not joined:
@@ -132,11 +144,18 @@ class Webhooks:
                 if now >= next_cleanup:
                     next_cleanup = now + 3600
                     await self.source.forget_idle_consumers(CONSUMER_IDLE_MS)
+                if unacked:
+                    entries = await self.source.unacked(INTAKE_BATCH)
+                    retaking = True
+                    for entry in entries:
+                        await self.take(entry)
+                    unacked = retaking = False
                 for entry in await self.source.read(INTAKE_BATCH, self.block_ms):
                     await self.take(entry)
                 failures = 0
             except Exception as exc:  # Redis down, a bad entry: logged by type (no message can leak here), retried
                 failures += 1
+                unacked, retaking = not retaking, False
                 log.warning("webhooks intake failed (%s); retrying", type(exc).__name__)
                 await asyncio.sleep(min(5.0, 0.2 * failures))
 

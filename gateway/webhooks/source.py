@@ -46,8 +46,16 @@ class AuditSource:
 
     async def read(self, count: int, block_ms: int) -> list[Entry]:
         """New entries for this consumer (waits up to `block_ms` for one)."""
+        return await self._read(">", count, block_ms)
+
+    async def unacked(self, count: int) -> list[Entry]:
+        """Entries this consumer read and has not acked yet (a step after the read failed), oldest
+        first, without waiting: read again at once rather than reclaimed after `reclaim_ms`."""
+        return await self._read("0", count, None)
+
+    async def _read(self, since: str, count: int, block_ms: int | None) -> list[Entry]:
         try:
-            reply = await self.redis.xreadgroup(GROUP, self.consumer, {self.stream: ">"}, count=count, block=block_ms)
+            reply = await self.redis.xreadgroup(GROUP, self.consumer, {self.stream: since}, count=count, block=block_ms)
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
