@@ -280,7 +280,8 @@ async def test_every_page_has_no_serious_accessibility_violation(gw: Gateway, dr
         sign_in(d, gw.admin_url, gw.tokens.admin)
         pages = ["/keys", "/keys?q=acme&state=active", "/keys?q=nothing-matches", f"/keys/{key['id']}",
                  f"/keys/{disabled['id']}", f"/keys/{key['id']}/disable", f"/keys/{key['id']}/revoke",
-                 f"/keys/{key['id']}/rotate", "/keys/new", "/audit", f"/audit?key_id={key['id']}", "/status",
+                 f"/keys/{key['id']}/rotate", f"/keys/{key['id']}/limits", "/keys/new", "/audit",
+                 f"/audit?key_id={key['id']}", "/status",
                  "/keys/key_00000000000000000000"]  # fmt: skip
         for path in pages:
             d.get(gw.admin_url + path)

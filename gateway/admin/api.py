@@ -660,6 +660,16 @@ class AdminApi:
         request anywhere sees the new limits; a credit balance is in Redis, in force at once."""
         key_id = self._key_id(request)
         spec = bodies.update(await self._body(request, empty_ok=False), time.time())
+        changed = await self.update_key(Caller(principal, request.remote, request_id), key_id, spec)
+        if changed is None:
+            return self._not_found(request_id)
+        body = await self.shown(changed.record)
+        body["propagation"] = changed.propagation.public()
+        return json_response(body, request_id)
+
+    async def update_key(self, caller: Caller, key_id: str, spec: bodies.UpdateKey) -> Changed | None:
+        """The PATCH action (the JSON API's and the console's): None when no key has this id."""
+        caller.need("developer")
         rates = self._rates
 
         def change(r: KeyRecord) -> KeyRecord:
@@ -699,16 +709,14 @@ class AdminApi:
             detail["credits_set"] = spec.credits.remaining
         if spec.credits is not None and spec.credits.add is not None:
             detail["credits_added"] = spec.credits.add
-        audit = self._audit(request, principal, "update", key_id, request_id, **detail)
+        audit = self._audit_by(caller, "update", key_id, **detail)
         async with self.propagator.announce() as announcement:
             outcome = await self.store.update(key_id, change, [audit], announcement, also=also)
             if outcome is None:
-                return self._not_found(request_id)
+                return None
             self.metrics.admin_changes.labels("update").inc()
             propagation = await announcement.confirmed()
-        body = await self.shown(outcome[1])
-        body["propagation"] = propagation.public()
-        return json_response(body, request_id)
+        return Changed(outcome[1], propagation)
 
     async def status_report(self, caller: Caller) -> dict[str, Any]:
         """This replica, the live set, Redis and the latest propagations (GET /v1/status, the

@@ -38,6 +38,7 @@ from gateway.config import AdminToken, ConsoleConfig
 from gateway.console.sessions import Session, Sessions, fingerprint
 from gateway.keytable.record import KEY_ID, KeyRecord
 from gateway.keytable.store import BadCursor, NotDurable, Refused, Unreadable
+from gateway.ratelimit.policy import parse_spec
 
 log = logging.getLogger("gateway.console")
 
@@ -385,12 +386,17 @@ class Console:
 
     async def _record(self, request: web.Request, signed: Signed) -> dict[str, Any] | None:
         record = await self.api.key_record(signed.caller, _key_id(request))
-        return None if record is None else _row(record)
+        if record is None:
+            return None
+        row = _row(record)
+        if isinstance(record, KeyRecord) and record.credits is not None:
+            row["credits"] = (await self.api.shown(record))["credits"]  # with its balance (spec 12)
+        return row
 
     async def confirm(self, request: web.Request, signed: Signed) -> web.StreamResponse:
         """The confirmation pages of disable, revoke and rotate (the dialogs' fallback without JavaScript)."""
         action = request.match_info["action"]
-        role = {"disable": "developer", "revoke": "admin", "rotate": "developer"}.get(action)
+        role = {"disable": "developer", "revoke": "admin", "rotate": "developer", "limits": "developer"}.get(action)
         if role is None:
             return self.error(request, signed, "not_found", status=404)
         signed.caller.need(role)
@@ -433,6 +439,32 @@ class Console:
             raise bodies.BadInput("confirm_name: type the key's name exactly (its id when it has no name) to revoke it")
         why = bodies.reason({"reason": (_field(form, "reason") or "").strip() or None})
         return await self._done(signed, key_id, "revoked", await self.api.revoke_key(signed.caller, key_id, why))
+
+    async def limits(self, request: web.Request, signed: Signed) -> web.StreamResponse:
+        """Set a key's rate limits and change its credits (spec 12): the PATCH action, as a form."""
+        key_id = _key_id(request)
+        form = await request.post()
+        row = await self._record(request, signed)
+        if row is None:
+            return self.error(request, signed, "key_not_found", "No key has this id", status=404)
+        known = {limit["name"]: limit for limit in row.get("ratelimits") or []}
+        body: dict[str, Any] = {"ratelimits": _limits_field(_field(form, "limits") or "", known)}
+        action = _field(form, "credits_action") or "keep"
+        amount = (_field(form, "credits_amount") or "").strip()
+        refill = (_field(form, "refill") or "").strip()
+        if action in ("set", "add"):
+            if not re.fullmatch(r"-?[0-9]{1,16}", amount):
+                raise bodies.BadInput("credits: give the amount as a whole number")
+            credits: dict[str, Any] = {"remaining" if action == "set" else "add": int(amount)}
+            if refill:
+                credits["refill"] = _refill_field(refill)
+            body["credits"] = credits
+        elif action == "remove":
+            body["credits"] = None
+        elif action != "keep":
+            raise bodies.BadInput("credits_action: must be keep, set, add or remove")
+        spec = bodies.update(body, time.time())
+        return await self._done(signed, key_id, "updated", await self.api.update_key(signed.caller, key_id, spec))
 
     async def rotate(self, request: web.Request, signed: Signed) -> web.StreamResponse:
         key_id = _key_id(request)
@@ -527,6 +559,36 @@ class Console:
             replica_id=replica["id"],
             propagation=report["propagation"],
         )
+
+
+def _limits_field(text: str, known: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The limits form field: `[NAME=]LIMIT/WINDOW` items separated by commas or lines (100/60s,
+    hourly=1000/1h). A limit keeps the on_store_error it had under the same name; new ones deny."""
+    items = [item.strip() for item in re.split(r"[,\n]", text) if item.strip()]
+    if len(items) > 10:
+        raise bodies.BadInput("limits: at most 10")
+    out: list[dict[str, Any]] = []
+    for i, item in enumerate(items, start=1):
+        name, sep, spec = item.partition("=")
+        if not sep:
+            name, spec = ("limit" if len(items) == 1 else f"limit{i}"), item
+        try:
+            limit = parse_spec(spec, name.strip())
+        except ValueError as exc:
+            raise bodies.BadInput(f"limits: {exc}") from None
+        on_error = (known.get(limit.name) or {}).get("on_store_error", "deny")
+        out.append({"name": limit.name, "limit": limit.limit, "window_seconds": limit.window_seconds,
+                    "on_store_error": on_error})  # fmt: skip
+    return out
+
+
+def _refill_field(text: str) -> dict[str, int]:
+    """`AMOUNT/INTERVAL` (10/1h): the credits refilled to AMOUNT every INTERVAL."""
+    try:
+        spec = parse_spec(text, "refill")
+    except ValueError:
+        raise bodies.BadInput("refill: AMOUNT/INTERVAL, e.g. 1000/1d") from None
+    return {"amount": spec.limit, "interval": spec.window_seconds}
 
 
 def _field(form: Mapping[str, Any], name: str) -> str | None:
@@ -626,6 +688,7 @@ def mount(app: web.Application, api: AdminApi, config: ConsoleConfig, usage: Usa
             web.post("/keys/{key_id}/enable", p(Console.enable, "developer", change=True), name="console.enable"),
             web.post("/keys/{key_id}/revoke", p(Console.revoke, "admin", change=True), name="console.revoke"),
             web.post("/keys/{key_id}/rotate", p(Console.rotate, "developer", change=True), name="console.rotate"),
+            web.post("/keys/{key_id}/limits", p(Console.limits, "developer", change=True), name="console.limits"),
             web.get("/audit", p(Console.audit, "admin"), name="console.audit", allow_head=False),
             web.get("/status", p(Console.status), name="console.status", allow_head=False),
             web.static("/static", HERE / "static", name="console.static"),
