@@ -23,6 +23,14 @@ Scenarios (c64 unless noted): proxied 200 (nginx, naive, gateway; and at c1); 40
 and with an unknown key (nginx refusing, gateway); a flood: every second request with a fresh
 random unknown key vs. all valid (gateway; valid-traffic rps in both); a 1 MiB response.
 
+Two costs, each one gateway run against another in the same round: per-key usage counting (the
+proxied 200 also on a second gateway process with `usage.enabled: false`, same Redis and key table,
+same key: "gateway (no usage)"), and a rate limit on the leased path ("200 limit": the same request
+with a key created with a limit of 10^9 per 60 s, so every request spends a local slice; the
+gateway's rate-limit ops to Redis are read from /metrics around each such run, and a run that sent
+more than a few is flagged). Each: CPU us per request added, median [min-max] over rounds, and the
+ratio; the usage one also both gateways' ratios to nginx.
+
 Writes benchmarks/results/bench.json, docs/bench.png and the results section of
 docs/performance.md (between its markers); --quick writes none of them unless asked.
 
@@ -70,6 +78,12 @@ DOC_END: Final = "<!-- bench:results:end -->"
 LOAD_CPU: Final = 0  # wrk, upstream nginx, redis-server, this driver
 PROXY_CPU: Final = 1  # the proxies under test
 PROXIES: Final = ("nginx", "naive", "gateway")
+# The gateway again, a second process on the same Redis and key table with `usage.enabled: false`:
+# what per-key usage counting costs (issue 12), in the proxied 200 scenario only.
+NO_USAGE: Final = "gateway (no usage)"
+# The limit of the "200 limit" scenario's key: so large every request spends a locally leased slice
+# (gateway/ratelimit/limiter.py), no Redis round trip per request (issue 14).
+BENCH_LIMIT: Final = {"name": "bench", "limit": 1_000_000_000, "window_seconds": 60}
 SMALL_PATH: Final = "/api/hello"
 BIG_PATH: Final = "/api/1mib.bin"
 BIG_SIZE: Final = 1 << 20
@@ -146,16 +160,20 @@ class Scenario:
     proxies: tuple[str, ...]
     conns: int
     path: str
-    auth: str  # "valid", "none", "unknown" (one fixed unknown key), "mix" (the Lua builds it)
+    # "valid", "limited" (the key with a limit), "none", "unknown" (one fixed unknown key), "mix" (the Lua builds it)
+    auth: str
     script: str = "plain"
     expect: str = "200"
     every: int = 0  # mix: every N-th request a fresh random unknown key (0: none)
     nginx_refuses: bool = False  # nginx's refusal server block, not its proxy
+    nginx_of: str = ""  # the scenario whose nginx run the ratio to nginx takes (default: this one's)
 
 
 REFUSERS: Final = ("nginx", "gateway")
 SCENARIOS: Final = (
-    Scenario("200", "200, 100 B JSON", PROXIES, 64, SMALL_PATH, "valid"),
+    Scenario("200", "200, 100 B JSON", (*PROXIES, NO_USAGE), 64, SMALL_PATH, "valid"),
+    # The same request with the key that has a limit (same length key); x nginx against "200"'s nginx.
+    Scenario("200 limit", "200, key with a limit", ("gateway",), 64, SMALL_PATH, "limited", nginx_of="200"),
     Scenario("200 c1", "200, 100 B JSON, c1", PROXIES, 1, SMALL_PATH, "valid"),
     Scenario("401 no key", "401, no key", REFUSERS, 64, SMALL_PATH, "none", "count", "401", nginx_refuses=True),
     Scenario(
@@ -168,7 +186,10 @@ SCENARIOS: Final = (
     Scenario("1 MiB", "1 MiB response", PROXIES, 64, BIG_PATH, "valid"),
 )
 # The comparisons the headline reports: gateway / nginx, same scenario, same round.
-HEADLINE: Final = ("200", "200 c1", "401 no key", "401 unknown key", "1 MiB")
+HEADLINE: Final = ("200", "200 c1", "401 no key", "401 unknown key", "1 MiB", "200 limit")
+# Same-round pairs of runs, (scenario, proxy) with over (scenario, proxy) without: what a feature adds.
+USAGE_PAIR: Final = (("200", "gateway"), ("200", NO_USAGE))
+LIMIT_PAIR: Final = (("200 limit", "gateway"), ("200", "gateway"))
 
 
 # /proc -------------------------------------------------------------------------
@@ -288,18 +309,31 @@ def http(method: str, url: str, headers: dict[str, str] | None = None, body: byt
         return int(exc.code), exc.read()
 
 
-def create_key(admin_url: str, token: str, name: str) -> str:
-    """A new key through the admin API (its plaintext)."""
+def create_key(admin_url: str, token: str, name: str, **fields: Any) -> str:
+    """A new key through the admin API (its plaintext); `fields` go into the body (e.g. ratelimits)."""
     status, body = http(
         "POST",
         admin_url + "/v1/keys",
         {"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-        json.dumps({"name": name}).encode(),
+        json.dumps({"name": name, **fields}).encode(),
     )
     if status not in (200, 201):
         raise BenchError(f"creating a key: {status} {body[:300]!r}")
-    key: str = json.loads(body)["key"]
+    created = json.loads(body)
+    ignored = [name for name, value in fields.items() if not kept(value, created.get(name))]
+    if ignored:  # an older gateway that takes the field but does not keep it
+        raise BenchError(f"creating a key: the gateway did not keep {', '.join(ignored)}")
+    key: str = created["key"]
     return key
+
+
+def kept(sent: object, got: object) -> bool:
+    """Whether an answer holds what was sent (a mapping may have more fields: defaults)."""
+    if isinstance(sent, dict):
+        return isinstance(got, dict) and all(k in got and kept(v, got[k]) for k, v in sent.items())
+    if isinstance(sent, list):
+        return isinstance(got, list) and len(got) == len(sent) and all(map(kept, sent, got))
+    return sent == got
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, seconds: float = 30) -> None:
@@ -428,6 +462,7 @@ class Run:
     foreign_proxy_cpu_cores: float | None  # the same on the proxies' CPU alone
     steal_cores: float
     flags: list[str] = field(default_factory=list)
+    ratelimit_redis_ops: float | None = None  # "200 limit": the gateway's rate-limit ops sent to Redis in the run
 
     @property
     def rps(self) -> float:
@@ -451,6 +486,9 @@ class Bench:
         self.pinned = {LOAD_CPU, PROXY_CPU} <= os.sched_getaffinity(0)
         self.ports: dict[str, int] = {}
         self.key = ""
+        self.limited_key = ""  # the "200 limit" scenario's key: BENCH_LIMIT on it
+        self.admin_urls: dict[str, str] = {}  # per gateway process
+        self.unavailable: dict[str, str] = {}  # proxy or scenario -> why it is not measured (an older --gateway-dir)
         self.unknown_key = "gw_" + secrets.token_urlsafe(24)
         self.runs: list[Run] = []
         self.rounds: list[dict[str, Any]] = []
@@ -535,14 +573,38 @@ class Bench:
         self.spawn("redis", [redis, "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(self.tmp),
                              "--save", "", "--appendonly", "no"], LOAD_CPU)  # fmt: skip
         token, entry = self.admin_token()
-        self.ports["gateway"], admin_port = free_port(), free_port()
-        cfg = {
-            "listen": {"host": "127.0.0.1", "port": self.ports["gateway"]},
-            "admin": {"listen": {"host": "127.0.0.1", "port": admin_port}, "tokens": [entry]},
+        cfg: dict[str, Any] = {
+            "admin": {"tokens": [entry]},
             "redis": {"url": f"redis://127.0.0.1:{redis_port}/0", "prefix": "bench:"},
             "routes": [{"name": "api", "path_prefix": "/api", "upstream": upstream}],
         }
-        cfg_path = self.tmp / "gateway.yaml"
+        self.spawn_gateway("gateway", cfg)
+        admin = self.admin_urls["gateway"]
+        self.key = create_key(admin, token, "bench")
+        try:
+            self.limited_key = create_key(admin, token, "bench-limited", ratelimits=[BENCH_LIMIT])
+        except BenchError as exc:
+            self.unavailable["200 limit"] = f"no key with a limit: {exc}"
+        if self.limited_key and len(self.limited_key) != len(self.key):
+            raise BenchError(f"the two keys differ in length ({len(self.limited_key)} vs {len(self.key)})")
+        # The same Redis and prefix: the same key table, so the same key (the same request bytes).
+        try:
+            self.spawn_gateway(NO_USAGE, {**cfg, "usage": {"enabled": False}})
+        except BenchError as exc:
+            if "usage.enabled" not in str(exc):
+                raise
+            self.unavailable[NO_USAGE] = "its config has no usage.enabled"
+            self.services.pop(NO_USAGE, None)
+
+    def spawn_gateway(self, name: str, base: dict[str, Any]) -> None:
+        """A gateway process on CPU 1 on `base` (admin tokens, Redis, routes, ...) plus its own listeners."""
+        self.ports[name], admin_port = free_port(), free_port()
+        cfg = {
+            **base,
+            "listen": {"host": "127.0.0.1", "port": self.ports[name]},
+            "admin": {**base["admin"], "listen": {"host": "127.0.0.1", "port": admin_port}},
+        }
+        cfg_path = self.tmp / (re.sub(r"[^a-z0-9]+", "-", name).strip("-") + ".yaml")
         cfg_path.write_text(yaml.safe_dump(cfg))
         env = dict(os.environ, GATEWAY_LOG_LEVEL="warning", GATEWAY_LOGGING_LEVEL="warning")
         argv = [sys.executable, "-m", "gateway", "serve", "--config", str(cfg_path)]
@@ -553,11 +615,15 @@ class Bench:
             argv += ["--workers", str(self.args.gateway_workers)]
         if "--loop" in serve_help:  # uvloop where installed, the gateway's default, asked for explicitly
             argv += ["--loop", "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"]
-        gateway = self.spawn("gateway", argv, PROXY_CPU, env=env, cwd=self.args.gateway_dir)
+        gateway = self.spawn(name, argv, PROXY_CPU, env=env, cwd=self.args.gateway_dir)
         admin = f"http://127.0.0.1:{admin_port}"
         wait_http(admin + "/readyz", gateway.proc, gateway.log)
-        self.loop = "uvloop" if maps_uvloop(gateway.proc.pid) else "asyncio"
-        self.key = create_key(admin, token, "bench")
+        self.admin_urls[name] = admin
+        loop = "uvloop" if maps_uvloop(gateway.proc.pid) else "asyncio"
+        if name == "gateway":
+            self.loop = loop
+        elif loop != self.loop:
+            raise BenchError(f"{name}: on {loop}, the gateway on {self.loop}")
 
     def admin_token(self) -> tuple[str, dict[str, Any]]:
         """A new admin token and its config entry, from the gateway's own `hash-token --generate`."""
@@ -632,6 +698,8 @@ class Bench:
         headers = [("Host", HOST)]
         if auth == "valid":
             headers.append(("Authorization", f"Bearer {self.key}"))
+        elif auth == "limited":
+            headers.append(("Authorization", f"Bearer {self.limited_key}"))
         elif auth == "unknown":
             # The same unknown key all run long: the gateway's negative cache answers it.
             headers.append(("Authorization", f"Bearer {self.unknown_key}"))
@@ -643,7 +711,7 @@ class Bench:
     def check(self) -> None:
         """Before measuring: every proxy answers the upstream's bytes, and nginx refuses with the gateway's."""
         valid = self.request_headers("valid")
-        for proxy in PROXIES:
+        for proxy in (*PROXIES, *((NO_USAGE,) if NO_USAGE not in self.unavailable else ())):
             for _ in range(3):  # the gateway's first request looks the key up in Redis: warm the cache
                 answer = fetch(self.ports[proxy], SMALL_PATH, valid)
             if answer.status != 200 or answer.body.decode() != BODY:
@@ -651,6 +719,10 @@ class Bench:
             answer = fetch(self.ports[proxy], BIG_PATH, valid)
             if answer.status != 200 or len(answer.body) != BIG_SIZE:
                 raise BenchError(f"{proxy}: GET {BIG_PATH}: {answer.status}, {len(answer.body)} bytes")
+        if "200 limit" not in self.unavailable:
+            answer = fetch(self.ports["gateway"], SMALL_PATH, self.request_headers("limited"))
+            if answer.status != 200 or answer.body.decode() != BODY:
+                raise BenchError(f"gateway, key with a limit: {answer.status} {answer.body[:200]!r}")
         for scenario in SCENARIOS:
             if scenario.nginx_refuses:
                 headers = self.request_headers(scenario.auth)
@@ -717,9 +789,11 @@ class Bench:
                 raise BenchError(f"{name} exited ({other.proc.returncode}):\n{tail(other.log)}")
         if self.args.warmup > 0:
             self.wrk(scenario, proxy, self.args.warmup)
+        ops0 = self.ratelimit_ops(proxy) if scenario.auth == "limited" else None
         s0 = snapshot()
         result = self.wrk(scenario, proxy, self.args.duration)
         s1 = snapshot()
+        ops1 = self.ratelimit_ops(proxy) if scenario.auth == "limited" else None
         n = max(1, int(result["requests"]))
         root, redis = self.services[proxy].proc.pid, self.services["redis"].proc.pid
         foreign, on_proxy_cpu, steal = self.foreign(s0, s1)
@@ -730,15 +804,26 @@ class Bench:
             scenario.conns,
             result,
             (s1.tree(root) - s0.tree(root)) / CLK_TCK * 1e6 / n,
-            (s1.tree(redis) - s0.tree(redis)) / CLK_TCK * 1e6 / n if proxy == "gateway" else None,
+            (s1.tree(redis) - s0.tree(redis)) / CLK_TCK * 1e6 / n if proxy.startswith("gateway") else None,
             foreign,
             on_proxy_cpu,
             steal,
             self.check_result(result, scenario),
         )
+        if ops0 is not None and ops1 is not None:
+            run.ratelimit_redis_ops = ops1 - ops0
+            # The leased path: a top-up now and then, never a Redis op per request.
+            if run.ratelimit_redis_ops > 2 + 0.001 * n:
+                run.flags.append(f"{run.ratelimit_redis_ops:.0f} rate-limit ops to Redis for {n} requests: not leased")
         self.runs.append(run)
         self.report(run, scenario)
         return run
+
+    def ratelimit_ops(self, proxy: str) -> float | None:
+        """gateway_ratelimit_redis_ops_total from a gateway's /metrics (None when it has none)."""
+        status, body = http("GET", self.admin_urls[proxy] + "/metrics")
+        found = re.search(rb"^gateway_ratelimit_redis_ops_total (\S+)$", body, re.M) if status == 200 else None
+        return float(found.group(1)) if found else None
 
     @staticmethod
     def check_result(result: dict[str, Any], scenario: Scenario) -> list[str]:
@@ -771,7 +856,7 @@ class Bench:
         warn = ("  !! " + "; ".join(run.flags)) if run.flags else ""
         busy = " (disturbed)" if run.foreign_cores > self.args.max_foreign else ""
         print(
-            f"  r{run.round + 1} {scenario.title:<29} {run.proxy:<8} {shown}  {lat}  "
+            f"  r{run.round + 1} {scenario.title:<29} {run.proxy:<18} {shown}  {lat}  "
             f"cpu {run.cpu_us_per_req:7.1f} us/req  other load {run.foreign_cores:4.2f} cores{busy}{warn}",
             flush=True,
         )
@@ -780,8 +865,11 @@ class Bench:
         """One round: every scenario once for each of its proxies, the proxies' order rotated by round."""
         runs = []
         for scenario in SCENARIOS:
-            k = rnd % len(scenario.proxies)
-            runs += [(scenario, p) for p in (*scenario.proxies[k:], *scenario.proxies[:k])]
+            if scenario.name in self.unavailable:
+                continue
+            proxies = [p for p in scenario.proxies if p not in self.unavailable]
+            k = rnd % len(proxies)
+            runs += [(scenario, p) for p in (*proxies[k:], *proxies[:k])]
         return runs
 
     def run_round(self, rnd: int) -> None:
@@ -824,7 +912,8 @@ def summarize(runs: list[Run], disturbed: set[int]) -> list[dict[str, Any]]:
             mine = sorted((r for r in runs if r.scenario == scenario.name and r.proxy == proxy), key=lambda r: r.round)
             if not mine:
                 continue
-            nginx = {r.round: r for r in runs if r.scenario == scenario.name and r.proxy == "nginx"}
+            nginx_of = scenario.nginx_of or scenario.name
+            nginx = {r.round: r for r in runs if r.scenario == nginx_of and r.proxy == "nginx"}
             flood = scenario.expect == "mix"
             ratios = [(r.round, r.cpu_us_per_req / nginx[r.round].cpu_us_per_req)
                       for r in mine if r.round in nginx and nginx[r.round].cpu_us_per_req]  # fmt: skip
@@ -848,12 +937,70 @@ def summarize(runs: list[Run], disturbed: set[int]) -> list[dict[str, Any]]:
                     "p99_ms": median([r.result["p99_us"] / 1000 for r in mine]),
                     "bytes_per_response": median([r.bytes_per_response for r in mine]),
                     "redis_cpu_us_per_req": median([r.redis_cpu_us_per_req or 0.0 for r in mine])
-                    if proxy == "gateway"
+                    if proxy.startswith("gateway")
                     else None,
                     "flagged_runs": sum(1 for r in mine if r.flags),
                 }
             )
+            if scenario.nginx_of:
+                rows[-1]["nginx_of"] = scenario.nginx_of
+            ops = [
+                r.ratelimit_redis_ops / max(1, r.result["requests"]) for r in mine if r.ratelimit_redis_ops is not None
+            ]
+            if ops:
+                rows[-1]["ratelimit_redis_ops_per_req"] = median(ops)
     return rows
+
+
+def paired(
+    runs: list[Run], disturbed: set[int], with_: tuple[str, str], without: tuple[str, str]
+) -> dict[str, Any] | None:
+    """What one (scenario, proxy) costs over another, run by run in the same round: CPU us per request
+    added (with - without) and the ratio (with / without), median [min-max] over all and undisturbed rounds."""
+    a = {r.round: r for r in runs if (r.scenario, r.proxy) == with_}
+    b = {r.round: r for r in runs if (r.scenario, r.proxy) == without}
+    both = sorted(set(a) & set(b))
+    if not both:
+        return None
+    added = [(rnd, a[rnd].cpu_us_per_req - b[rnd].cpu_us_per_req) for rnd in both]
+    ratio = [(rnd, a[rnd].cpu_us_per_req / b[rnd].cpu_us_per_req) for rnd in both if b[rnd].cpu_us_per_req]
+    return {
+        "with": {"scenario": with_[0], "proxy": with_[1]},
+        "without": {"scenario": without[0], "proxy": without[1]},
+        "added_cpu_us_per_req": spread([x for _, x in added]),
+        "added_cpu_us_per_req_undisturbed": spread([x for rnd, x in added if rnd not in disturbed]),
+        "ratio": spread([x for _, x in ratio]),
+        "ratio_undisturbed": spread([x for rnd, x in ratio if rnd not in disturbed]),
+    }
+
+
+def costs(report: dict[str, Any]) -> list[str]:
+    """The two costs (usage counting, a rate limit on the leased path) as text lines; none from an older
+    bench.json without them."""
+    figures, lines = report.get("key_figures", {}), []
+    by = {(r["scenario"], r["proxy"]): r for r in report.get("summary", [])}
+    usage = figures.get("usage_counting")
+    if usage:
+        on, off = by.get(USAGE_PAIR[0]), by.get(USAGE_PAIR[1])
+        lines.append(
+            f"per-key usage counting (200, 100 B JSON; gateway vs the same gateway with usage.enabled false, same "
+            f"round): {fmt_spread(usage['added_cpu_us_per_req'], '.1f')} us per request "
+            f"(undisturbed {fmt_spread(usage['added_cpu_us_per_req_undisturbed'], '.1f')}); "
+            f"x nginx with counting {fmt_spread(on and on['cpu_ratio_to_nginx'], '.2f')}, "
+            f"without {fmt_spread(off and off['cpu_ratio_to_nginx'], '.2f')}"
+        )
+    limit = figures.get("ratelimit_leased")
+    if limit:
+        row = by.get(LIMIT_PAIR[0])
+        ops = row.get("ratelimit_redis_ops_per_req") if row else None
+        lines.append(
+            f"rate limit, leased path (key with a {BENCH_LIMIT['limit']:,}/{BENCH_LIMIT['window_seconds']}s limit vs "
+            f"the key without, same round): {fmt_spread(limit['added_cpu_us_per_req'], '.1f')} us per request "
+            f"(undisturbed {fmt_spread(limit['added_cpu_us_per_req_undisturbed'], '.1f')}); "
+            f"limit / no limit {fmt_spread(limit['ratio'], '.3f')}"
+            + (f"; rate-limit ops sent to Redis: {ops:.5f} per request" if ops is not None else "")
+        )
+    return lines
 
 
 def fmt_spread(s: dict[str, Any] | None, spec: str, unit: str = "") -> str:
@@ -864,7 +1011,7 @@ def fmt_spread(s: dict[str, Any] | None, spec: str, unit: str = "") -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
-        f"{'scenario':<29} {'proxy':<8} {'req/s':>7} {'CPU us/req [min-max]':>22} {'x nginx [min-max]':>20} "
+        f"{'scenario':<29} {'proxy':<18} {'req/s':>7} {'CPU us/req [min-max]':>22} {'x nginx [min-max]':>20} "
         f"{'undisturbed':>20} {'p50 ms':>7} {'p99 ms':>7} {'B/resp':>7}"
     )
     lines = [head, "-" * len(head)]
@@ -876,7 +1023,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         flag = " !" if row["flagged_runs"] else ""
         clean = row["cpu_ratio_to_nginx_undisturbed"]
         lines.append(
-            f"{title:<29} {proxy:<8} {row['rps']['median']:7.0f} {fmt_spread(row['cpu_us_per_req'], '.1f'):>22} "
+            f"{title:<29} {proxy:<18} {row['rps']['median']:7.0f} {fmt_spread(row['cpu_us_per_req'], '.1f'):>22} "
             f"{fmt_spread(row['cpu_ratio_to_nginx'], '.2f'):>20} "
             f"{(fmt_spread(clean, '.2f') + ' (' + str(clean['n']) + ')') if clean else '-':>20} "
             f"{row['p50_ms']:7.2f} {row['p99_ms']:7.2f} {row['bytes_per_response']:7.0f}{flag}"
@@ -939,12 +1086,12 @@ def chart(report: dict[str, Any], path: Path) -> bool:
         print("matplotlib is not installed: no chart (bash scripts/ensure-bench-tools.sh installs it)", file=sys.stderr)
         return False
     rows = [r for r in report["summary"] if r["conns"] == 64]
-    colors = {"nginx": "#3a923a", "naive": "#e1812c", "gateway": "#3274a1"}
+    colors = {"nginx": "#3a923a", "naive": "#e1812c", "gateway": "#3274a1", NO_USAGE: "#7fa7c9"}
     small = [r for r in rows if r["scenario"] != "1 MiB"]
     big = [r for r in rows if r["scenario"] == "1 MiB"]
 
     def label(r: dict[str, Any]) -> str:
-        name = {"nginx": "nginx", "naive": "naive aiohttp", "gateway": "gateway"}[r["proxy"]]
+        name = {"nginx": "nginx", "naive": "naive aiohttp", "gateway": "gateway", NO_USAGE: NO_USAGE}[r["proxy"]]
         if r["nginx_refuses"]:
             name = "nginx refusing"
         return name if r["scenario"] in ("200", "1 MiB") else f"{name}, {r['title']}"
@@ -1042,6 +1189,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"Unknown-key flood: valid requests/s with one request in two carrying a fresh random unknown key, "
             f"over valid requests/s with all valid (same round): {fmt_spread(flood, '.2f')}.",
         ]
+    lines += cost_markdown(report)
     lines += [
         "",
         "All rows, median [min-max] over all rounds (c64 unless noted; `nginx*`: nginx refusing itself):",
@@ -1067,6 +1215,48 @@ def markdown(report: dict[str, Any]) -> str:
         f"Redis (not in the gateway's figures): at most {max(redis, default=0):.1f} µs per request in any gateway row.",
     ]
     return "\n".join(lines)
+
+
+def cost_markdown(report: dict[str, Any]) -> list[str]:
+    """What per-key usage counting and a rate limit (leased path) add, as a table; nothing for a bench.json
+    written before they were measured."""
+    figures = report["key_figures"]
+    usage, limit = figures.get("usage_counting"), figures.get("ratelimit_leased")
+    if not usage and not limit:
+        return []
+    by = {(r["scenario"], r["proxy"]): r for r in report["summary"]}
+    lines = [
+        "",
+        "What two features add to the gateway's CPU per proxied request (200, 100 B JSON, c64), run against run "
+        "in the same round: median [min-max] (rounds)",
+        "",
+        "| cost | added CPU µs/req, all rounds | undisturbed rounds | with / without | × nginx with / without |",  # noqa: RUF001
+        "|---|---|---|---|---|",
+    ]
+
+    def row(title: str, figure: dict[str, Any], on: dict[str, Any] | None, off: dict[str, Any] | None) -> str:
+        every, clean = figure["added_cpu_us_per_req"], figure["added_cpu_us_per_req_undisturbed"]
+        return (
+            f"| {title} | **{fmt_spread(every, '.1f')}** ({every['n'] if every else 0}) | "
+            f"{fmt_spread(clean, '.1f')} ({clean['n'] if clean else 0}) | {fmt_spread(figure['ratio'], '.3f')} | "
+            f"{fmt_spread(on and on['cpu_ratio_to_nginx'], '.2f')} / "
+            f"{fmt_spread(off and off['cpu_ratio_to_nginx'], '.2f')} |"
+        )
+
+    if usage:
+        title = "per-key usage counting (vs the same gateway with `usage.enabled: false`)"
+        lines.append(row(title, usage, by.get(USAGE_PAIR[0]), by.get(USAGE_PAIR[1])))
+    if limit:
+        bench_limit = report["settings"].get("bench_ratelimit", BENCH_LIMIT)
+        title = (
+            f"a rate limit, leased path ({bench_limit['limit']:,} per {bench_limit['window_seconds']} s; "
+            "vs the same request with a key without)"
+        )
+        lines.append(row(title, limit, by.get(LIMIT_PAIR[0]), by.get(LIMIT_PAIR[1])))
+        ops = (by.get(LIMIT_PAIR[0]) or {}).get("ratelimit_redis_ops_per_req")
+        if ops is not None:
+            lines += ["", f"With the limit, rate-limit operations sent to Redis: {ops:.5f} per request (leased path)."]
+    return lines
 
 
 def write_docs(report: dict[str, Any], path: Path) -> bool:
@@ -1230,6 +1420,10 @@ def main() -> None:
             "cpu": "utime+stime+cutime+cstime of the proxy's whole process tree (/proc), per completed request",
             "gateway_workers": args.gateway_workers,
             "small_body_bytes": len(BODY),
+            "no_usage_gateway": f"{NO_USAGE}: a second gateway process, same Redis and key table (same key), "
+            "usage.enabled false, in the 200 scenario",
+            "bench_ratelimit": BENCH_LIMIT,
+            "not_measured": bench.unavailable,
             "big_body_bytes": BIG_SIZE,
         },
         "disturbed": {
@@ -1251,6 +1445,10 @@ def main() -> None:
                 if row["proxy"] == "gateway" and row["scenario"] in HEADLINE
             },
             "flood_valid_rps_ratio": spread(flood_ratios),
+            # gateway vs the same gateway with usage.enabled false (issue 12)
+            "usage_counting": paired(bench.runs, disturbed, *USAGE_PAIR),
+            # the key with a limit (leased path) vs the key without, on the gateway (issue 14)
+            "ratelimit_leased": paired(bench.runs, disturbed, *LIMIT_PAIR),
         },
         "refusal_check": bench.refusals,
         "rounds": bench.rounds,
@@ -1269,6 +1467,7 @@ def main() -> None:
                 "foreign_cores_on_proxy_cpu": r.foreign_proxy_cpu_cores,
                 "steal_cores": r.steal_cores,
                 "flags": r.flags,
+                "ratelimit_redis_ops": r.ratelimit_redis_ops,
                 "wrk": r.result,
             }
             for r in bench.runs
@@ -1287,6 +1486,10 @@ def main() -> None:
         print(
             f"flood: valid rps with 1 in 2 random unknown keys / all valid = {fmt_spread(spread(flood_ratios), '.2f')}"
         )
+    for line in costs(report):
+        print(line)
+    for what, why in bench.unavailable.items():
+        print(f"not measured: {what}: {why}")
     print(
         f"disturbed rounds: {len(disturbed)} of {args.rounds} (other processes above {args.max_foreign:g} cores in "
         f"a run; most per round: {', '.join(format(r['foreign_cores_max'], '.2f') for r in bench.rounds)})"
@@ -1297,7 +1500,8 @@ def main() -> None:
     print(
         "columns: CPU us/req = utime+stime of the proxy's whole process tree per completed request; x nginx = "
         "ratio to nginx in the same scenario and round, median [min-max] over rounds (nginx*: nginx refusing the "
-        "request itself, with the gateway's body); undisturbed = the same over rounds without other load (count)"
+        "request itself, with the gateway's body; 200, key with a limit: against nginx's 200 run); undisturbed = "
+        "the same over rounds without other load (count)"
     )
     written = outputs(report, args)
     print(("\nwrote " + " and ".join(written) + "; " if written else "\n") + f"wall time {wall:.0f} s")

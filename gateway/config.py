@@ -276,6 +276,7 @@ class UsageConfig:
     flush_seconds: float = 10.0  # one pipelined write per replica this often (at most 5 s with policies)
     max_keys: int = 100_000  # keys counted per flush interval; requests of further keys are not counted per key
     max_addresses: int = 1_000  # distinct client addresses remembered per key per flush interval
+    enabled: bool = True  # false: nothing is counted (no Counter, no Flusher), no policies, no usage endpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,6 +396,7 @@ ENV_OVERRIDES: Final[dict[str, tuple[str, ...]]] = {
     "GATEWAY_USAGE_FLUSH_SECONDS": ("usage", "flush_seconds"),
     "GATEWAY_USAGE_MAX_KEYS": ("usage", "max_keys"),
     "GATEWAY_USAGE_MAX_ADDRESSES": ("usage", "max_addresses"),
+    "GATEWAY_USAGE_ENABLED": ("usage", "enabled"),
 }
 # Values that are secrets: never echoed in a problem report.
 _SECRET_PATHS: Final = {
@@ -1009,6 +1011,7 @@ class _Usage(_Schema):
     flush_seconds = _Field(_number, _USAGE.flush_seconds, _between(0.05, 300))
     max_keys = _Field(_integer, _USAGE.max_keys, _between(1, 10_000_000))
     max_addresses = _Field(_integer, _USAGE.max_addresses, _between(1, 100_000))
+    enabled = _Field(_flag, _USAGE.enabled)
 
 
 class _Policy(_Schema):
@@ -1173,6 +1176,8 @@ class _Validator:
         webhooks = self.webhooks(raw.get("webhooks"))
         usage = self.usage(raw.get("usage"))
         policies = self.policies(raw.get("policies"))
+        if usage is not None and not usage.enabled and policies:
+            self.bad("policies", f"{len(policies)} policies", "need usage counting: usage.enabled is false")
         for i, route in enumerate(routes):
             if route.mode == "verify" and verify is None and "verify" not in raw:
                 self.bad(
@@ -1275,7 +1280,8 @@ class _Validator:
         self.max_addresses = s.peek(_Usage.max_addresses)
         if not s.ok:
             return None
-        return UsageConfig(s.get(_Usage.flush_seconds), s.get(_Usage.max_keys), s.get(_Usage.max_addresses))
+        return UsageConfig(s.get(_Usage.flush_seconds), s.get(_Usage.max_keys), s.get(_Usage.max_addresses),
+                           s.get(_Usage.enabled))  # fmt: skip
 
     def policies(self, raw: object) -> tuple[Policy, ...]:
         if raw is None:

@@ -164,10 +164,13 @@ def build(
         table=store.hashes,
     )
 
-    counter = Counter(config.usage.max_keys, config.usage.max_addresses, config.trusted_proxies)
-    usage_store = UsageStore(redis, prefix)
-    engine = PolicyEngine(usage_store, store, propagator, metrics, replica_id, config.policies)
-    usage = Flusher(counter, usage_store, engine, metrics, config.usage.flush_seconds)
+    # usage.enabled false: no counting on the request path, no flush, no policies, no usage figures in the API.
+    counter = usage_store = usage = None
+    if config.usage.enabled:
+        counter = Counter(config.usage.max_keys, config.usage.max_addresses, config.trusted_proxies)
+        usage_store = UsageStore(redis, prefix)
+        engine = PolicyEngine(usage_store, store, propagator, metrics, replica_id, config.policies)
+        usage = Flusher(counter, usage_store, engine, metrics, config.usage.flush_seconds)
     rates = RateStore(redis, prefix, timeout=STORE_TIMEOUT, share=LEASE_SHARE)
     metrics.watch_ratelimit(rates)
     limiter = Limiter(rates, metrics)
@@ -185,7 +188,7 @@ def build(
         metrics,
         trusted_proxies=config.trusted_proxies,
         usage=usage_store,
-        usage_flush_seconds=usage.interval,
+        usage_flush_seconds=usage.interval if usage is not None else config.usage.flush_seconds,
         rates=rates,
     )
     admin_app = build_admin_app(api)
