@@ -675,6 +675,8 @@ class AdminApi:
         def change(r: KeyRecord) -> KeyRecord:
             if r.revoked:
                 raise Refused("key_revoked", "A revoked key cannot be changed")
+            if r.rotated_to and "expires_at" in spec.fields:  # its grace period is its end (spec 8)
+                raise Refused("key_rotated", "A rotated key expires at the end of its grace period; it cannot change")
             fields = dict(spec.fields)
             if spec.credits_given:
                 credit = spec.credits

@@ -10,7 +10,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import orjson
@@ -170,6 +170,10 @@ def timestamp(value: object, name: str) -> float | None:
         raise BadInput(f"{name}: must be an RFC 3339 date-time, e.g. 2027-01-31T12:00:00Z") from None
     if parsed.tzinfo is None or "T" not in value.upper():
         raise BadInput(f"{name}: must be an RFC 3339 date-time with a time zone, e.g. 2027-01-31T12:00:00Z")
+    try:  # in UTC too a year of 4 digits, as it is shown back (record.rfc3339)
+        parsed.astimezone(UTC)
+    except OverflowError:
+        raise BadInput(f"{name}: must be a date-time between the years 1 and 9999 in UTC") from None
     return parsed.timestamp()
 
 

@@ -90,6 +90,18 @@ def _secure(response: web.StreamResponse) -> web.StreamResponse:
     return response
 
 
+_NOT_CONSOLE: Final = ("/v1/", "/healthz", "/readyz", "/metrics")  # the JSON API's paths: their own headers
+
+
+async def _secure_every_answer(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer on a console path gets the security headers, not only the rendered pages: the
+    303s after a change or a sign-out, static files, and the middleware's 404s and 405s."""
+    if request.path.startswith(_NOT_CONSOLE):
+        return
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+
+
 def _see_other(location: str) -> web.Response:
     return web.Response(status=303, headers={"Location": location})
 
@@ -671,6 +683,7 @@ def mount(app: web.Application, api: AdminApi, config: ConsoleConfig, usage: Usa
         autoescape=True,
     )
     console = Console(api, Sessions(api.store.redis, api.store.prefix, config), config, usage)
+    app.on_response_prepare.append(_secure_every_answer)
     p = console.page
     app.add_routes(
         [

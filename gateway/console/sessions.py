@@ -9,7 +9,9 @@ sign-in (checked on every read, and the TTL never outlives it), on sign-out (the
 deleted), and when its token signs in more than `max_sessions_per_token` times (oldest first).
 
 Also here: values shown once (a new key's plaintext, a change's result), kept under the session
-for at most ONCE_SECONDS and deleted by the read that shows them (GETDEL).
+for at most ONCE_SECONDS and deleted by the read that shows them (GETDEL). They are sealed with a
+key derived from the session id (the cookie, which Redis never holds): a new key's plaintext is
+never in Redis, its AOF, its replicas or a snapshot in the clear, and another session cannot open it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,30 @@ ONCE_SECONDS: Final = 120
 def fingerprint(token: AdminToken) -> str:
     """Names a configured token entry without holding its hash: changes when the hash changes."""
     return hashlib.sha256(f"{token.name}\0{token.hash}".encode()).hexdigest()[:32]
+
+
+def _keystream(session_id: str, nonce: bytes, length: int) -> bytes:
+    return hashlib.shake_256(b"gateway console once\0" + session_id.encode() + b"\0" + nonce).digest(32 + length)
+
+
+def seal(session_id: str, plain: bytes) -> bytes:
+    """`plain` encrypted and authenticated under the session id: nonce, tag, then the ciphertext
+    (SHAKE-256 of the id and a fresh nonce as the keystream, its first 32 bytes the HMAC key)."""
+    nonce = secrets.token_bytes(16)
+    stream = _keystream(session_id, nonce, len(plain))
+    body = (int.from_bytes(plain, "big") ^ int.from_bytes(stream[32:], "big")).to_bytes(len(plain), "big")
+    return nonce + hmac.new(stream[:32], nonce + body, hashlib.sha256).digest() + body
+
+
+def unseal(session_id: str, sealed: bytes) -> bytes | None:
+    """What `seal` sealed under this session id; None when it was sealed under another or altered."""
+    if len(sealed) < 48:
+        return None
+    nonce, tag, body = sealed[:16], sealed[16:48], sealed[48:]
+    stream = _keystream(session_id, nonce, len(body))
+    if not hmac.compare_digest(tag, hmac.new(stream[:32], nonce + body, hashlib.sha256).digest()):
+        return None
+    return (int.from_bytes(body, "big") ^ int.from_bytes(stream[32:], "big")).to_bytes(len(body), "big")
 
 
 def _digest(session_id: str) -> str:
@@ -119,13 +145,15 @@ class Sessions:
 
     async def put_once(self, session: Session, value: dict[str, object]) -> None:
         """Kept for the next page of this session only (a redirect's target), at most ONCE_SECONDS."""
-        await self.redis.set(self._key(session.id) + ":once", orjson.dumps(value), ex=ONCE_SECONDS)
+        sealed = seal(session.id, orjson.dumps(value))
+        await self.redis.set(self._key(session.id) + ":once", sealed, ex=ONCE_SECONDS)
 
     async def pop_once(self, session: Session) -> dict[str, object] | None:
         raw = await self.redis.getdel(self._key(session.id) + ":once")
-        if raw is None:
+        opened = unseal(session.id, raw) if isinstance(raw, bytes) else None
+        if opened is None:
             return None
-        value = orjson.loads(raw)
+        value = orjson.loads(opened)
         return value if isinstance(value, dict) else None
 
     @staticmethod
