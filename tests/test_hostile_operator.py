@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from typing import Any
 
 import aiohttp
@@ -373,3 +374,25 @@ async def test_bad_usage_windows_and_dates_get_the_spec5_shape(gw: Gateway) -> N
     async with await gw.admin_call("GET", "/v1/keys/key_00000000000000000000/usage", token="viewer") as r:
         assert r.status == 404
         assert_spec5(await r.json(), 404, "key_not_found")
+
+
+async def test_the_consoles_unused_since_filter_leaves_out_keys_in_use(gw: Gateway, browsers: Any) -> None:
+    """Was broken: the console's rows had no last use (the record's fields only), so "unused since"
+    filtered nothing: a key in use was listed as unused, for an operator about to revoke the
+    unused ones. The key page did not show the last use either."""
+    used = await gw.create_key(name="in-use", owner="tidy")
+    idle = await gw.create_key(name="idle", owner="tidy")
+    async with await gw.call("GET", "/api/x", key=used["key"]) as r:
+        assert r.status == 200
+    await gw.replica.usage.flush()  # type: ignore[union-attr]
+    b: Browser = await signed_in(browsers, gw.tokens.viewer)
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    status, page, _ = await b.get(f"/keys?q=tidy&unused_since={today}")
+    assert status == 200
+    assert idle["id"] in page and used["id"] not in page
+    status, page, _ = await b.get(f"/keys?unused_since={today}")  # no search text: the same
+    assert idle["id"] in page and used["id"] not in page
+    status, page, _ = await b.get(f"/keys/{used['id']}?q=x")
+    assert status == 200 and 'id="last-used"' in page and today in page and "127.0.0.1" in page
+    status, page, _ = await b.get(f"/keys/{idle['id']}")
+    assert 'id="last-used">never' in page

@@ -344,7 +344,7 @@ class Console:
         in creation order, PAGE_SIZE a page, reading at most SEARCH_BUDGET records a request."""
         if KEY_ID.fullmatch(q):
             found = await self.api.store.record_by_id(q)
-            hits = [_row(found)] if found is not None else []
+            hits = await self._rows([found]) if found is not None else []
             return [r for r in hits if _wanted(r, "", state, unused)], None
         enabled = None if not state else state in ("active", "expired")
         rows: list[dict[str, Any]] = []
@@ -356,8 +356,14 @@ class Console:
                 owner=None, enabled=enabled, cursor=next_position, limit=batch
             )
             read += len(records)
-            rows.extend(r for r in map(_row, records) if _wanted(r, q, state, unused))
+            rows.extend(r for r in await self._rows(records) if _wanted(r, q, state, unused))
         return rows, next_position
+
+    async def _rows(self, records: list[KeyRecord | Unreadable]) -> list[dict[str, Any]]:
+        """The records as the pages show them, with their last use when usage is counted (the
+        "unused since" filter and the "Last used" column read it)."""
+        last = await self.api._last_use(records) or {}
+        return [_row(record) | last.get(record.id, {}) for record in records]
 
     async def key(self, request: web.Request, signed: Signed) -> web.StreamResponse:
         key_id = _key_id(request)
@@ -376,7 +382,7 @@ class Console:
             raise bodies.BadInput(f"window: must be one of {', '.join(WINDOWS)}")
         if self.usage is not None:
             usage = _chart(await self.usage.usage(key_id, window))
-        row = _row(record)
+        (row,) = await self._rows([record])
         if isinstance(record, KeyRecord) and record.credits is not None:
             row["credits"] = (await self.api.shown(record))["credits"]  # with its balance (spec 12)
         return self.render(
