@@ -396,3 +396,21 @@ async def test_the_consoles_unused_since_filter_leaves_out_keys_in_use(gw: Gatew
     assert status == 200 and 'id="last-used"' in page and today in page and "127.0.0.1" in page
     status, page, _ = await b.get(f"/keys/{idle['id']}")
     assert 'id="last-used">never' in page
+
+
+async def test_removing_credits_from_a_rotated_key_leaves_its_successors_balance(gw: Gateway) -> None:
+    """A rotated key's successor shares its balance (docs/ratelimits.md): an operator tidying the old
+    key (`credits: null`) must not take the successor's credits with it."""
+    old = await gw.create_key(name="metered", credits={"remaining": 5})
+    async with await gw.admin_call(
+        "POST", f"/v1/keys/{old['id']}/rotate", token="developer", json={"grace_seconds": 60}
+    ) as r:
+        assert r.status in (200, 201), await r.text()
+        new = await r.json()
+    status, data = await patch(gw, old["id"], {"credits": None})
+    assert status == 200 and data["credits"] is None, data
+    async with await gw.call("GET", "/api/x", key=new["key"]) as r:
+        assert r.status == 200, await r.text()
+    async with await gw.admin_call("GET", f"/v1/keys/{new['id']}") as r:
+        shown = await r.json()
+    assert shown["credits"]["remaining"] == 4, shown

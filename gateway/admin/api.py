@@ -695,7 +695,7 @@ class AdminApi:
             if not spec.credits_given:
                 return
             if credit is None or after.credits is None:
-                if before.credits is not None:
+                if before.credits is not None and not before.rotated_to:  # else its successor's balance too
                     rates.queue_drop_credits(pipe, before.credits.pool)
                 return
             pool = after.credits.pool
