@@ -414,3 +414,49 @@ async def test_removing_credits_from_a_rotated_key_leaves_its_successors_balance
     async with await gw.admin_call("GET", f"/v1/keys/{new['id']}") as r:
         shown = await r.json()
     assert shown["credits"]["remaining"] == 4, shown
+
+
+async def test_no_redirect_goes_off_site(gw: Gateway, browsers: Any) -> None:
+    """Held already: no page takes its redirect from the request (there is no `next=`), and no
+    path spelling makes the admin listener answer with a Location to another host."""
+    b: Browser = browsers()
+    _, page, _ = await b.get("/sign-in?next=//evil.example")
+    nonce = NONCE.search(page)
+    assert nonce and "evil.example" not in page
+    async with b.http.post(
+        b.url("/sign-in?next=https://evil.example&redirect=//evil.example"),
+        data={"token": gw.tokens.viewer, "nonce": nonce[1], "next": "//evil.example"},
+        allow_redirects=False,
+    ) as r:
+        assert r.status == 303 and r.headers["Location"] == "/keys"
+    for path in ("//evil.example", "//evil.example/keys", "/\\evil.example", "/keys/", "/%2F%2Fevil.example",
+                 "/keys?next=//evil.example", "/static/..%2f..%2fapp.py", "/static//etc/passwd"):  # fmt: skip
+        async with b.http.get(b.url(path), allow_redirects=False) as r:
+            location = r.headers.get("Location", "")
+            assert not location or (location.startswith("/") and not location.startswith(("//", "/\\"))), path
+            assert "evil.example" not in location, path
+            body = await r.text()
+            assert "import " not in body and "root:" not in body, path
+
+
+async def test_a_rotation_and_a_patch_of_the_expiry_at_once_leave_the_grace_in_force(gw: Gateway) -> None:
+    """The rotated-key check is made on the record the write replaces (inside the compare-and-set):
+    a PATCH read before the rotation and written after it is read again and refused."""
+    for i in range(8):
+        old = await gw.create_key(name=f"rot-race-{i}")
+
+        async def rotate(key_id: str = old["id"]) -> int:
+            async with await gw.admin_call(
+                "POST", f"/v1/keys/{key_id}/rotate", token="developer", json={"grace_seconds": 30}
+            ) as r:
+                return r.status
+
+        async def stretch(key_id: str = old["id"]) -> int:
+            status, _ = await patch(gw, key_id, {"expires_at": None})
+            return status
+
+        rotated, stretched = await asyncio.gather(rotate(), stretch())
+        assert rotated in (200, 201) and stretched in (200, 409), (rotated, stretched)
+        async with await gw.admin_call("GET", f"/v1/keys/{old['id']}") as r:
+            shown = await r.json()
+        assert shown["rotated_to"] and shown["expires_at"] is not None, shown
