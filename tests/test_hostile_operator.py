@@ -460,3 +460,49 @@ async def test_a_rotation_and_a_patch_of_the_expiry_at_once_leave_the_grace_in_f
         async with await gw.admin_call("GET", f"/v1/keys/{old['id']}") as r:
             shown = await r.json()
         assert shown["rotated_to"] and shown["expires_at"] is not None, shown
+
+
+async def test_a_forged_forwarded_for_does_not_dodge_the_sign_in_throttle(gw: Gateway, browsers: Any) -> None:
+    """Held already: without trusted_proxies, each failed sign-in counts against the peer, whatever
+    X-Forwarded-For it sends, so a new forged address a try buys no more guesses."""
+    b: Browser = browsers()
+    statuses = []
+    for i in range(11):
+        _, page, _ = await b.get("/sign-in")
+        nonce = NONCE.search(page)
+        assert nonce
+        async with b.http.post(
+            b.url("/sign-in"),
+            data={"token": "gwadm_admin_" + "g" * 32, "nonce": nonce[1]},
+            headers={"X-Forwarded-For": f"198.51.100.{i}", "X-Real-IP": f"198.51.100.{i}"},
+            allow_redirects=False,
+        ) as r:
+            statuses.append(r.status)
+    assert statuses == [401] * 10 + [429], statuses
+    # And the right token from that peer now waits too: the throttle is not per token text.
+    _, page, _ = await b.get("/sign-in")
+    nonce = NONCE.search(page)
+    assert nonce
+    async with b.http.post(
+        b.url("/sign-in"), data={"token": gw.tokens.admin, "nonce": nonce[1]}, allow_redirects=False
+    ) as r:
+        assert r.status == 429 and COOKIE not in r.cookies
+
+
+async def test_stopping_the_refill_of_a_key_without_credits_does_not_lock_it_out(gw: Gateway) -> None:
+    """Was broken: `credits: {refill: null}` (stop the refill) on a key that had no credits gave it
+    credits at a balance of 0: every request after it was 429 usage_exceeded."""
+    key = await gw.create_key(name="unmetered")
+    status, data = await patch(gw, key["id"], {"credits": {"refill": None}})
+    assert status == 400, data
+    assert_spec5(data, 400, "invalid_request")
+    assert "credits" in data["error"]["detail"]
+    async with await gw.call("GET", "/api/x", key=key["key"]) as r:
+        assert r.status == 200
+    async with await gw.admin_call("GET", f"/v1/keys/{key['id']}") as r:
+        assert (await r.json())["credits"] is None
+    # On a key with credits it stops the refill and leaves the balance.
+    status, data = await patch(gw, key["id"], {"credits": {"remaining": 3, "refill": {"amount": 3, "interval": 60}}})
+    assert status == 200, data
+    status, data = await patch(gw, key["id"], {"credits": {"refill": None}})
+    assert status == 200 and data["credits"] == {"remaining": 3, "refill": None}, data

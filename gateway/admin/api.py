@@ -683,6 +683,9 @@ class AdminApi:
                 if credit is None:
                     fields["credits"] = None
                 else:
+                    if r.credits is None and credit.remaining is None and credit.add is None and credit.refill is None:
+                        # "stop the refill" of a key with no credits would meter it at a balance of 0
+                        raise bodies.BadInput("credits: this key has none; give remaining, add or a refill to start")
                     policy = r.credits or CreditPolicy(r.id)
                     if credit.refill_given:
                         amount, interval = credit.refill or (None, None)
