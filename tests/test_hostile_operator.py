@@ -506,3 +506,18 @@ async def test_stopping_the_refill_of_a_key_without_credits_does_not_lock_it_out
     assert status == 200, data
     status, data = await patch(gw, key["id"], {"credits": {"refill": None}})
     assert status == 200 and data["credits"] == {"remaining": 3, "refill": None}, data
+
+
+async def test_the_json_api_takes_no_console_cookie(gw: Gateway, browsers: Any) -> None:
+    """Held already: the console's cookie is on the same listener as the JSON API, which takes only
+    a bearer token, so a cross-site JSON or form POST riding the cookie changes nothing."""
+    key = await gw.create_key(name="cookie-ride")
+    b: Browser = await signed_in(browsers, gw.tokens.admin)
+    for kw in ({"json": {"reason": "ride"}}, {"data": {"reason": "ride", "csrf": b.csrf}}):
+        async with b.http.post(b.url(f"/v1/keys/{key['id']}/disable"), allow_redirects=False, **kw) as r:
+            assert r.status == 401, await r.text()
+            assert_spec5(await r.json(), 401, "missing_token")
+    async with b.http.get(b.url("/v1/keys")) as r:
+        assert r.status == 401 and "Access-Control-Allow-Origin" not in r.headers
+    async with await gw.admin_call("GET", f"/v1/keys/{key['id']}") as r:
+        assert (await r.json())["enabled"] is True
