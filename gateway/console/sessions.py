@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import orjson
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from redis.asyncio import Redis
 
 from gateway.config import AdminToken, ConsoleConfig
@@ -39,28 +41,30 @@ def fingerprint(token: AdminToken) -> str:
     return hashlib.sha256(f"{token.name}\0{token.hash}".encode()).hexdigest()[:32]
 
 
-def _keystream(session_id: str, nonce: bytes, length: int) -> bytes:
-    return hashlib.shake_256(b"gateway console once\0" + session_id.encode() + b"\0" + nonce).digest(32 + length)
+_ONCE_CONTEXT: Final = b"gateway console once"  # bound into the key and authenticated with the value
+
+
+def _once_key(session_id: str) -> AESGCM:
+    """The session's key for shown-once values: derived from the session id (256 random bits,
+    held only in the browser's cookie; Redis keeps only its SHA-256, see _digest)."""
+    return AESGCM(hashlib.sha256(_ONCE_CONTEXT + b"\0" + session_id.encode()).digest())
 
 
 def seal(session_id: str, plain: bytes) -> bytes:
-    """`plain` encrypted and authenticated under the session id: nonce, tag, then the ciphertext
-    (SHAKE-256 of the id and a fresh nonce as the keystream, its first 32 bytes the HMAC key)."""
-    nonce = secrets.token_bytes(16)
-    stream = _keystream(session_id, nonce, len(plain))
-    body = (int.from_bytes(plain, "big") ^ int.from_bytes(stream[32:], "big")).to_bytes(len(plain), "big")
-    return nonce + hmac.new(stream[:32], nonce + body, hashlib.sha256).digest() + body
+    """`plain` encrypted and authenticated (AES-256-GCM, `cryptography`) under the session id:
+    a fresh 96-bit nonce, then the ciphertext and its tag."""
+    nonce = secrets.token_bytes(12)
+    return nonce + _once_key(session_id).encrypt(nonce, plain, _ONCE_CONTEXT)
 
 
 def unseal(session_id: str, sealed: bytes) -> bytes | None:
     """What `seal` sealed under this session id; None when it was sealed under another or altered."""
-    if len(sealed) < 48:
+    if len(sealed) < 12 + 16:
         return None
-    nonce, tag, body = sealed[:16], sealed[16:48], sealed[48:]
-    stream = _keystream(session_id, nonce, len(body))
-    if not hmac.compare_digest(tag, hmac.new(stream[:32], nonce + body, hashlib.sha256).digest()):
+    try:
+        return _once_key(session_id).decrypt(sealed[:12], sealed[12:], _ONCE_CONTEXT)
+    except InvalidTag:
         return None
-    return (int.from_bytes(body, "big") ^ int.from_bytes(stream[32:], "big")).to_bytes(len(body), "big")
 
 
 def _digest(session_id: str) -> str:
