@@ -385,6 +385,9 @@ class AdminApi:
         except BadCursor:
             raise bodies.BadInput("cursor: must be a cursor this API returned for the same query") from None
         keep = None
+        if query.unused_since is not None and self.usage is None:
+            # Never "every key is unused": an operator revoking unused keys would revoke keys in use.
+            return errors.render(Denial("not_found", "Usage is not counted here: unused_since needs it"), request_id)
         if query.unused_since is not None and self.usage is not None:
             usage, since = self.usage, query.unused_since
 

@@ -447,7 +447,7 @@ def document() -> dict[str, Any]:
             ),
             "get": _operation(
                 "List keys in creation order, paginated",
-                {"200": _json(_ref("KeyPage"), "A page of keys")},
+                {"200": _json(_ref("KeyPage"), "A page of keys"), **_errors(404)},
                 role="viewer",
                 parameters=[
                     {"name": "owner", "in": "query", "schema": {"type": "string", "maxLength": bodies.MAX_TEXT}},

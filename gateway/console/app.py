@@ -452,7 +452,7 @@ class Console:
         if row is None:
             return self.error(request, signed, "key_not_found", "No key has this id", status=404)
         typed = _field(form, "confirm_name") or ""
-        expected = row["name"] or row["id"]
+        expected = row.get("name") or row["id"]
         if not hmac.compare_digest(typed.encode(), expected.encode()):
             raise bodies.BadInput("confirm_name: type the key's name exactly (its id when it has no name) to revoke it")
         why = bodies.reason({"reason": (_field(form, "reason") or "").strip() or None})
