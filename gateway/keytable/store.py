@@ -5,7 +5,13 @@ Layout, every name under `redis.prefix` (P):
   P id:<id>          sha256 of the key with that id
   P ids              sorted set of ids by creation time (listing)
   P owner:<owner>    sorted set of that owner's ids by creation time
-  P audit            stream of every change; P audit:<id> the same, per key, under the same ids
+  P audit            stream of every change (never trimmed: the audit trail is complete)
+  P auditix:<4 hex>  per-key index of that stream, 65,536 hashes bucketed by the first 4 hex
+                     digits of SHA-1(key id): field <id> = the key's entry ids, oldest first,
+                     space-separated. A hash of a few dozen fields is listpack-encoded, so a
+                     key's index costs ~60-150 bytes where a stream of its own cost ~4.7 KB
+                     (docs/scale.md). P audit:<id>: a key's own stream, written by versions
+                     before the index; still read (merged with the index), never written.
   P events           pub/sub channel announcing each change (see coherence/channel.py)
   P acks             pub/sub channel of replicas' eviction acks
   P replicas         live replicas (see coherence/replicas.py)
@@ -32,12 +38,14 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
+import numpy as np
 import orjson
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import WatchError
 
 from gateway.errors import ErrorCode
+from gateway.keytable.keyfilter import Prefixes
 from gateway.keytable.record import SHA256_HEX, KeyRecord, rfc3339
 
 
@@ -167,6 +175,26 @@ class KeyStore:
             if SHA256_HEX.fullmatch(key_hash):  # not ours (another deployment's prefix nested in ours): skipped
                 yield key_hash
 
+    async def hash_prefixes(self, count: int = 2000) -> AsyncIterator[Prefixes]:
+        """Every key hash in the table as its first 64 bits, a SCAN reply at a time (the key filter's
+        rebuild at scale: names decoded with numpy, ~20x less Python work than `hashes`; what
+        `hashes` returns, with the same guarantee). `count`: SCAN's COUNT, the buckets Redis
+        walks a call (~1-3 ms of its time at 2,000)."""
+        head = self._k("").encode()
+        size = len(head) + 64
+        pattern = _glob_escape(self._k("")) + "*"
+        cursor = 0
+        while True:
+            cursor, names = await self.redis.scan(cursor, match=pattern, count=count)
+            fitting = [raw for raw in (as_bytes(name) for name in names) if len(raw) == size]
+            if fitting:
+                rows = np.frombuffer(b"".join(fitting), dtype=np.uint8).reshape(-1, size)[:, len(head) :]
+                nibbles = _NIBBLE[rows]
+                valid = (nibbles < 16).all(axis=1)  # lowercase hex only, as SHA256_HEX: not ours otherwise
+                yield (nibbles[valid, :16].astype(np.uint64) << _SHIFTS).sum(axis=1, dtype=np.uint64)
+            if int(cursor) == 0:
+                return
+
     async def get_by_id(self, key_id: str) -> KeyRecord | None:
         key_hash = await self.redis.get(self._id(key_id))
         if key_hash is None:
@@ -222,14 +250,67 @@ class KeyStore:
         self, *, key_id: str | None, cursor: str | None, limit: int
     ) -> tuple[list[dict[str, Any]], str | None]:
         """Newest first; the cursor is the last stream id returned."""
-        stream = self.prefix + ("audit:" + key_id if key_id else "audit")
-        high = "(" + cursor if cursor else "+"
-        rows = cast(
-            list[tuple[bytes, dict[bytes, bytes]]], await self.redis.xrevrange(stream, max=high, min="-", count=limit)
-        )
+        rows: list[tuple[bytes | str, dict[bytes, bytes]]]
+        if key_id is None:
+            high = "(" + cursor if cursor else "+"
+            rows = cast(
+                list[tuple[bytes | str, dict[bytes, bytes]]],
+                await self.redis.xrevrange(self.audit_stream, max=high, min="-", count=limit),
+            )
+        else:
+            rows = await self._key_audit(key_id, cursor, limit)
         entries = [_audit_entry(as_text(entry_id), fields) for entry_id, fields in rows]
         next_cursor = entries[-1]["id"] if len(entries) == limit else None
         return entries, next_cursor
+
+    async def _key_audit(
+        self, key_id: str, cursor: str | None, limit: int
+    ) -> list[tuple[bytes | str, dict[bytes, bytes]]]:
+        """A key's entries below `cursor`, newest first: its ids from the index, and from its own
+        stream if a version before the index wrote one (read as long as it exists, see
+        `migrate_audit`); the entries themselves from the global stream."""
+        below = _stream_id(cursor) if cursor else None
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self.audit_index(key_id), key_id)
+            pipe.xrevrange(self._old_audit(key_id), max="(" + cursor if cursor else "+", min="-", count=limit)
+            indexed, old_rows = await pipe.execute()
+        found: dict[tuple[int, int], tuple[bytes | str, dict[bytes, bytes]] | None] = {
+            _stream_id(as_text(entry_id)): (entry_id, fields) for entry_id, fields in old_rows
+        }
+        for text in as_text(indexed).split() if indexed else ():
+            entry = _stream_id(text)
+            if below is None or entry < below:
+                found.setdefault(entry, None)
+        newest = sorted(found, reverse=True)[:limit]
+        missing = [entry for entry in newest if found[entry] is None]
+        if missing:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for ms, seq in missing:
+                    pipe.xrange(self.audit_stream, min=f"{ms}-{seq}", max=f"{ms}-{seq}", count=1)
+                for entry, rows in zip(missing, await pipe.execute(), strict=True):
+                    if rows:
+                        found[entry] = rows[0]
+        return [row for row in (found[entry] for entry in newest) if row is not None]
+
+    def audit_index(self, key_id: str) -> str:
+        """The hash holding `key_id`'s entry ids (the bucket _AUDIT_INDEXED computes alike)."""
+        return f"{self.prefix}auditix:{hashlib.sha1(key_id.encode(), usedforsecurity=False).hexdigest()[:4]}"
+
+    def _old_audit(self, key_id: str) -> str:
+        return f"{self.prefix}audit:{key_id}"
+
+    async def migrate_audit(self) -> int:
+        """Move every per-key audit stream of the layout before the index into the index (their
+        entries are in the global stream under the same ids) and delete it; how many were moved.
+        Safe to run on every replica at once and while changes are made: each key's move is one
+        script that merges, in id order, with what the index holds already."""
+        pattern = _glob_escape(self.prefix + "audit:") + "*"
+        start = len(self.prefix + "audit:")
+        moved = 0
+        async for name in self.redis.scan_iter(match=pattern, count=1000, _type="stream"):
+            key_id = as_text(name)[start:]
+            moved += int(await self.redis.eval(_MIGRATE_AUDIT, 2, name, self.audit_index(key_id), key_id))
+        return moved
 
     async def announce(self, announcer: Announcer, keys: list[tuple[str, int]]) -> None:
         """Publish an announcement for a change that wrote nothing (an idempotent repeat)."""
@@ -346,52 +427,65 @@ class KeyStore:
         pipe.time()
 
     def _queue_audit(self, pipe: Any, entries: list[AuditEntry]) -> None:
-        """Each entry into the global stream and its key's stream under one id (see _AUDIT_XADD)."""
+        """Each entry into the global stream, its id into its key's index (see _AUDIT_INDEXED)."""
         now = time.time()
         for entry in entries:
             args = [part for pair in entry.fields(now).items() for part in pair]
-            pipe.eval(_AUDIT_XADD, 2, self.prefix + "audit", self.prefix + "audit:" + entry.key_id, *args)
+            pipe.eval(_AUDIT_XADD, 2, self.audit_stream, self.audit_index(entry.key_id), entry.key_id, *args)
 
 
-# One audit entry, one stream id in both streams: two XADD * can take two ids (the clock can
-# tick between them), and a page of one stream and a cursor from the other would then disagree.
-# An explicit id must be above the stream's last generated id, so the stream whose last id is
-# higher generates it (XADD *: above its own last id and the clock) and the other takes it as
-# given. Ids are compared as decimal strings (Redis writes them without leading zeros): a
-# Lua number cannot hold every 64-bit part. EVAL rather than EVALSHA: in MULTI an unknown sha
-# would fail alone at EXEC, leaving the change written without its audit entry.
-_XADD_BOTH = """
-local function last(stream)
-  if redis.call('EXISTS', stream) == 0 then return {'0', '0'} end
-  local info = redis.call('XINFO', 'STREAM', stream)
-  for i = 1, #info, 2 do
-    if info[i] == 'last-generated-id' then return {string.match(info[i + 1], '^(%d+)-(%d+)$')} end
-  end
-  return {'0', '0'}
-end
-local function less(a, b)
-  if #a ~= #b then return #a < #b end
-  return a < b
-end
-local function xadd_both(all_stream, own_stream, fields)
-  local all, own = last(all_stream), last(own_stream)
-  local first, second = all_stream, own_stream
-  if less(all[1], own[1]) or (all[1] == own[1] and less(all[2], own[2])) then
-    first, second = own_stream, all_stream
-  end
-  local id = redis.call('XADD', first, '*', unpack(fields))
-  redis.call('XADD', second, id, unpack(fields))
+# One audit entry: XADD to the global stream, then its id appended to the key's field in its
+# index bucket (P auditix:<first 4 hex of SHA-1(id)>). In Lua so that both happen in the change's
+# transaction. EVAL rather than EVALSHA: in MULTI an unknown sha would fail alone at EXEC, leaving
+# the change written without its audit entry.
+_AUDIT_INDEXED = """
+local function audit_indexed(stream, bucket, key_id, fields)
+  local id = redis.call('XADD', stream, '*', unpack(fields))
+  local ids = redis.call('HGET', bucket, key_id)
+  redis.call('HSET', bucket, key_id, ids and (ids .. ' ' .. id) or id)
   return id
 end
 """
-_AUDIT_XADD = _XADD_BOTH + "return xadd_both(KEYS[1], KEYS[2], ARGV)\n"
+_AUDIT_XADD = _AUDIT_INDEXED + "return audit_indexed(KEYS[1], KEYS[2], ARGV[1], {select(2, unpack(ARGV))})\n"
+
+# One key's stream of the layout before the index, moved into the index (store.migrate_audit):
+# its ids merged in id order with those the index has (an older replica may still have written
+# the stream after a newer one wrote the index), then the stream deleted. Ids compare as decimal
+# strings, shorter first (a Lua number cannot hold every 64-bit part).
+_MIGRATE_AUDIT = """
+local function less(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  if am ~= bm then
+    if #am ~= #bm then return #am < #bm end
+    return am < bm
+  end
+  if #as ~= #bs then return #as < #bs end
+  return as < bs
+end
+local ids, seen = {}, {}
+for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
+  if not seen[entry[1]] then seen[entry[1]] = true; ids[#ids + 1] = entry[1] end
+end
+local current = redis.call('HGET', KEYS[2], ARGV[1])
+if current then
+  for id in string.gmatch(current, '%S+') do
+    if not seen[id] then seen[id] = true; ids[#ids + 1] = id end
+  end
+end
+redis.call('DEL', KEYS[1])
+if #ids == 0 then return 0 end
+table.sort(ids, less)
+redis.call('HSET', KEYS[2], ARGV[1], table.concat(ids, ' '))
+return 1
+"""
 
 # A bulk import's batch (insert_many), atomic: ARGV is the prefix, then six values a record (hash,
 # id, record JSON, created_at, owner or "", its audit entry's fields as a JSON list). A record whose
 # hash exists (or came earlier in the batch) writes nothing. Keys are built here from the prefix:
 # Redis Cluster is not supported (docs/deployment.md).
 _INSERT_MANY = (
-    _XADD_BOTH
+    _AUDIT_INDEXED
     + """
 local prefix = ARGV[1]
 local added = {}
@@ -405,7 +499,8 @@ for i = 2, #ARGV, 6 do
     redis.call('SET', prefix .. 'id:' .. id, hash)
     redis.call('ZADD', prefix .. 'ids', created, id)
     if owner ~= '' then redis.call('ZADD', prefix .. 'owner:' .. owner, created, id) end
-    xadd_both(prefix .. 'audit', prefix .. 'audit:' .. id, cjson.decode(ARGV[i + 5]))
+    local bucket = prefix .. 'auditix:' .. string.sub(redis.sha1hex(id), 1, 4)
+    audit_indexed(prefix .. 'audit', bucket, id, cjson.decode(ARGV[i + 5]))
     added[#added + 1] = 1
   end
 end
@@ -414,9 +509,22 @@ return added
 )
 
 
+_NIBBLE = np.full(256, 255, dtype=np.uint8)  # a lowercase hex digit's value; 255 for any other byte
+_NIBBLE[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16, dtype=np.uint8)
+_SHIFTS = np.arange(60, -4, -4, dtype=np.uint64)  # where each of the first 16 digits goes in 64 bits
+
+
 def _glob_escape(text: str) -> str:
     """`text` matched literally by a Redis glob pattern (the prefix is the operator's to choose)."""
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+def _stream_id(text: str) -> tuple[int, int]:
+    """A stream id as numbers, for ordering ("(ms, seq)"); ValueError when it is not one."""
+    match = _STREAM_ID.fullmatch(text)
+    if match is None:
+        raise ValueError("not a stream id")
+    return int(match[1]), int(match[2])
 
 
 def as_text(value: bytes | str) -> str:
