@@ -43,7 +43,7 @@ from redis.asyncio import Redis
 from gateway.coherence.channel import Ack, Codec, Evict, Rejected
 from gateway.coherence.replicas import Registry
 from gateway.keytable.cache import KeyCache
-from gateway.keytable.keyfilter import KnownKeys
+from gateway.keytable.keyfilter import KnownKeys, Prefixes
 from gateway.keytable.lease import Coherence, membership_trusted_until
 from gateway.keytable.store import as_bytes
 from gateway.metrics import Metrics
@@ -70,7 +70,7 @@ class Subscriber:
         on_ack: Callable[[Ack], None],
         health_check_seconds: float,
         known: KnownKeys | None = None,
-        table: Callable[[], AsyncIterator[str]] | None = None,
+        table: Callable[[], AsyncIterator[str | Prefixes]] | None = None,
     ) -> None:
         self.listen_client = listen_client  # retries off: errors must surface
         self.redis = redis
