@@ -7,20 +7,33 @@
 - KnownKeys: no hash it was given is ever "absent" (through the rebuild, the delta set and every
   merge of the delta into the array), neighbours of a held 64-bit value are absent (the values are
   compared exactly, never as floats), it holds about 8 bytes a key, and a rebuild interrupted by a
-  break leaves it not ready.
+  break leaves it not ready;
+- the change log: a replica whose subscription broke while keys were created, imported and
+  rotated in on another replica catches up from the global audit stream without a single SCAN
+  and accepts every such key; with an entry of the log removed meanwhile it falls back to the full
+  scan (and still accepts them); the log says "cannot tell" across Redis processes, after a trim,
+  and past its limit.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import numpy as np
+import orjson
+import pytest
 from redis.asyncio import Redis
 
+from gateway.keytable import record as keys
 from gateway.keytable.keyfilter import KnownKeys, Prefixes
 from gateway.keytable.store import KeyStore
+from tests.conftest import Gateway
+from tests.test_known import WAIT, filter_ready, hold_resubscription, proxy, random_key, settle, two_replicas, until
 
 # Writes n records' names server-side (fast): hash i = sha1(seed..i) .. first 24 hex of sha1('x'..seed..i).
 FILL = """
@@ -131,3 +144,113 @@ async def test_a_break_during_a_batched_rebuild_leaves_it_not_ready() -> None:
     assert not known.ready and not any(known.absent(h) for h in [*table[:10], digest(10**6)])
     assert await known.rebuild(batches_of(table, 1000)) is True
     assert not any(known.absent(h) for h in table) and known.absent(digest(10**6))
+
+
+# The change log: a resubscription catches up instead of scanning -------------------------------
+
+
+async def scans(redis: Redis) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_scan", {}).get("calls", 0))
+
+
+async def out_and_back(
+    gw_b: Gateway,
+    gw_a: Gateway,
+    redis: Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    meanwhile: Callable[[], Awaitable[list[str]]],
+) -> list[str]:
+    """B's subscription breaks (every pub/sub connection is killed; B's comes back only once
+    `meanwhile` has run, A's at once); returns the keys `meanwhile` made while B was away."""
+    sessions_b = gw_b.replica.subscriber.sessions
+    entered, release = hold_resubscription(gw_b, monkeypatch)
+    try:
+        assert await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub") >= 2
+        await asyncio.wait_for(entered.wait(), WAIT)
+        await until("A is back", lambda: gw_a.replica.coherence.coherent and gw_a.replica.lookup.known.ready)
+        made = await meanwhile()
+        assert not gw_b.replica.lookup.known.ready
+    finally:
+        release.set()
+        await settle(gw_a, gw_b)
+    await until("B is back", lambda: gw_b.replica.subscriber.sessions > sessions_b and gw_b.replica.lookup.known.ready)
+    return made
+
+
+async def made_on(gw: Gateway) -> list[str]:
+    """Keys made every way a key is made: create, bulk import, and a rotation's successor."""
+    made = [(await gw.create_key(name="while-away"))["key"]]
+    imported = ["legacy_" + secrets.token_urlsafe(24) for _ in range(3)]
+    body = b"".join(orjson.dumps({"key": k}) + b"\n" for k in imported)
+    async with await gw.admin_call("POST", "/v1/keys/import", token="developer", data=body) as r:
+        assert r.status == 200
+    rotated = await gw.create_key(name="to-rotate")
+    async with await gw.admin_call("POST", f"/v1/keys/{rotated['id']}/rotate", json={"grace_seconds": 600}) as r:
+        assert r.status in (200, 201), await r.text()
+        successor = (await r.json())["key"]
+    return [*made, *imported, rotated["key"], successor]
+
+
+async def test_a_resubscribing_replica_catches_up_from_the_change_log_without_a_scan(
+    gateway_factory: Callable[..., Any], redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw_a, gw_b = await two_replicas(gateway_factory)
+    known_b = await filter_ready(gw_b)
+    assert known_b.checkpoint is not None, "the first build must remember where the log stood"
+    rebuilds = dict(gw_b.replica.subscriber.rebuilds)
+    size = len(known_b)
+    scans_before = await scans(redis)
+
+    made = await out_and_back(gw_b, gw_a, redis, monkeypatch, lambda: made_on(gw_a))
+
+    assert gw_b.replica.subscriber.rebuilds == {"scan": rebuilds["scan"], "catch_up": rebuilds["catch_up"] + 1}
+    assert await scans(redis) == scans_before, "a replica rescanned the table"
+    assert len(known_b) == size + len(made)
+    for key in made:
+        assert not known_b.absent(keys.digest(key))
+        assert await proxy(gw_b, key) == (200, None)
+    assert await proxy(gw_b, random_key()) == (401, "key_not_found")
+
+
+async def test_a_log_with_an_entry_removed_falls_back_to_the_full_scan(
+    gateway_factory: Callable[..., Any], redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw_a, gw_b = await two_replicas(gateway_factory)
+    known_b = await filter_ready(gw_b)
+    rebuilds = dict(gw_b.replica.subscriber.rebuilds)
+    stream = gw_a.replica.store.audit_stream
+
+    async def meanwhile() -> list[str]:
+        made = await made_on(gw_a)
+        first_after = (await redis.xrange(stream, min="(" + known_b.checkpoint.entry, count=1))[0][0]  # type: ignore[union-attr]
+        assert await redis.xdel(stream, first_after) == 1  # what it said (the create) is lost to the log
+        return made
+
+    made = await out_and_back(gw_b, gw_a, redis, monkeypatch, meanwhile)
+    assert gw_b.replica.subscriber.rebuilds == {"scan": rebuilds["scan"] + 1, "catch_up": rebuilds["catch_up"]}
+    for key in made:
+        assert await proxy(gw_b, key) == (200, None)
+
+
+async def test_the_log_cannot_tell_across_redis_processes_removals_or_past_its_limit(redis: Redis) -> None:
+    prefix = f"kl{secrets.token_hex(4)}:"
+    store = KeyStore(redis, prefix)
+    empty = await store.checkpoint()
+    assert empty is not None and (empty.entry, empty.added) == ("0-0", 0)
+    await redis.xadd(prefix + "audit", {"key_id": "key_1", "action": "create"})
+    await redis.set(prefix + "id:key_1", "a" * 64)
+    one = await store.checkpoint()
+    assert one is not None and one.added == 1
+    assert await store.hashes_since(empty, one) == ["a" * 64]
+    assert await store.hashes_since(one, one) == []
+    assert await store.hashes_since(dataclasses.replace(empty, server="another"), one) is None
+    for n in (2, 3):
+        await redis.xadd(prefix + "audit", {"key_id": f"key_{n}", "action": "create"})
+        await redis.set(prefix + f"id:key_{n}", str(n) * 64)
+    three = await store.checkpoint()
+    assert three is not None
+    assert sorted(await store.hashes_since(one, three) or []) == ["2" * 64, "3" * 64]
+    assert await store.hashes_since(empty, three, limit=2) is None  # a scan is cheaper
+    assert await redis.xtrim(prefix + "audit", maxlen=1, approximate=False) == 2
+    assert await store.hashes_since(empty, three) is None

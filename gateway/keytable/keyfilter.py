@@ -23,6 +23,12 @@ sorted numpy array (8 bytes a key), searched by bisection (~1 us, only on a cach
 miss), plus a small set of the hashes announced since the array was last sorted
 (~70 bytes each), merged into the array once it holds more than 1/64 of it. The
 rebuild takes the scan in numpy batches (KeyStore.hash_prefixes) and sorts once.
+A resubscription need not scan again: the filter remembers where the change log
+(the global audit stream, appended to in every key change's transaction) stood
+when it was last complete (`checkpoint`, read once the subscription is live and
+before the scan), and the next session adds the keys the log names since then
+(Subscriber._rebuild_known). Another Redis process (restart, failover), a log
+with entries removed, or too long an absence falls back to the full scan.
 A false "maybe" (two keys sharing 64 bits: about n / 2^64 per lookup) only costs
 the Redis read that every lookup used to cost; there are no false "absent"s.
 
@@ -33,7 +39,9 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -43,6 +51,33 @@ log = logging.getLogger("gateway.known")
 Prefixes = npt.NDArray[np.uint64]  # first 64 bits of SHA-256 digests, as numbers
 _DELTA_MIN = 1024  # announced hashes held in the set before it is merged into the sorted array
 _DELTA_SHARE = 64  # ... or 1/64 of the array, whichever is larger (a merge sorts the whole array)
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """How far the change log (the global audit stream) went when a filter was complete: the
+    Redis process (`run_id`: a restart or a failover changes it), the stream's last entry id,
+    and how many entries it had ever been given (XINFO STREAM entries-added, Redis >= 7)."""
+
+    server: str
+    entry: str
+    added: int
+
+
+class ChangeLog(Protocol):
+    """Where keys were written, for a catch-up instead of a scan (KeyStore implements it)."""
+
+    async def checkpoint(self) -> Checkpoint | None:
+        """Where the log stands now; None when it cannot say."""
+
+    async def hashes_since(self, since: Checkpoint, until: Checkpoint) -> list[str] | None:
+        """Every key hash written between the two; None when the log cannot tell."""
+
+
+async def each(hashes: Iterable[str]) -> AsyncIterator[str]:
+    """A list of hashes as `rebuild` takes them."""
+    for key_hash in hashes:
+        yield key_hash
 
 
 def _short(key_hash: str) -> int:
@@ -68,6 +103,9 @@ class KnownKeys:
         self._view = memoryview(b"").cast("Q")  # the array's numbers as Python ints, for bisect
         self._delta: set[int] = set()  # announced since the array was sorted (none of them in it)
         self._session = 0
+        # Where the change log stood when the filter was last complete (None: never, or unknown):
+        # a later session catches up from it instead of scanning the table (KeyStore.hashes_since).
+        self.checkpoint: Checkpoint | None = None
         self.refused = 0  # lookups answered "not in the table" without Redis (read by /metrics)
 
     def __len__(self) -> int:
@@ -114,15 +152,24 @@ class KnownKeys:
         self.ready = False
         self._session += 1
 
-    async def rebuild(self, hashes: AsyncIterator[str | Prefixes]) -> bool:
+    @property
+    def session(self) -> int:
+        """Changes at every `lost`: a rebuild begun in an older session never makes the set ready."""
+        return self._session
+
+    async def rebuild(
+        self, hashes: AsyncIterator[str | Prefixes], checkpoint: Checkpoint | None = None, *, session: int | None = None
+    ) -> bool:
         """Scan the table into the set (called once the subscription is live); True when it became ready.
 
         `hashes` yields hex digests or batches of prefixes (KeyStore.hash_prefixes). What
         the scan finds is added to what announcements have added meanwhile (and to what the
-        set held); a break during the scan (`lost`) leaves the set not ready."""
+        set held); a break during the scan (`lost`) leaves the set not ready. `checkpoint`:
+        where the change log stood before the scan began (read with the subscription live),
+        kept once the set is ready. `session`: the one the caller began in (default: now)."""
         if not self.enabled:
             return False
-        session = self._session
+        session = self._session if session is None else session
         found: list[Prefixes] = []
         singles: list[int] = []
         async for item in hashes:
@@ -137,6 +184,7 @@ class KnownKeys:
         # From here to the install nothing awaits: no announcement can come in between.
         found += [self._sorted, np.array(singles, np.uint64), np.fromiter(self._delta, np.uint64, len(self._delta))]
         self._install(_sorted_unique(found))
+        self.checkpoint = checkpoint
         self.ready = True
         log.info("key filter ready: %d key(s) known", len(self))
         return True

@@ -161,6 +161,7 @@ def build(
         health_check_seconds=health,
         known=known,
         table=store.hash_prefixes,
+        changes=store,
     )
 
     forwarder = Forwarder()
