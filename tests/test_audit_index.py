@@ -75,6 +75,9 @@ async def test_a_keys_trail_is_in_the_global_stream_and_the_index_with_no_redis_
     stored = await redis.hget(gw.replica.store.audit_index(a["id"]), a["id"])
     assert stored is not None and stored.decode().split() == [e["id"] for e in reversed(trail)]
     assert await key_audit(gw, "key_" + "0" * 20) == []
+    # A value not written by the gateway: what does not parse is skipped, the rest still answers.
+    await redis.hset(gw.replica.store.audit_index(a["id"]), a["id"], "junk " + stored.decode() + " 1-x")
+    assert await key_audit(gw, a["id"], limit=2) == trail
 
 
 async def test_bulk_import_indexes_each_entry_where_the_api_finds_it(gw: Gateway) -> None:

@@ -341,6 +341,8 @@ class KeyStore:
             _stream_id(as_text(entry_id)): (entry_id, fields) for entry_id, fields in old_rows
         }
         for text in as_text(indexed).split() if indexed else ():
+            if _STREAM_ID.fullmatch(text) is None:  # not written by the gateway: skipped, the page still answers
+                continue
             entry = _stream_id(text)
             if below is None or entry < below:
                 found.setdefault(entry, None)
