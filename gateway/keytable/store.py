@@ -11,7 +11,8 @@ Layout, every name under `redis.prefix` (P):
                      space-separated. A hash of a few dozen fields is listpack-encoded, so a
                      key's index costs ~60-150 bytes where a stream of its own cost ~4.7 KB
                      (docs/scale.md). P audit:<id>: a key's own stream, written by versions
-                     before the index; still read (merged with the index), never written.
+                     before the index; still read (merged with the index), never written;
+                     moved into the index once (P audit-moved: when that was done).
   P events           pub/sub channel announcing each change (see coherence/channel.py)
   P acks             pub/sub channel of replicas' eviction acks
   P replicas         live replicas (see coherence/replicas.py)
@@ -314,7 +315,7 @@ class KeyStore:
     ) -> tuple[list[dict[str, Any]], str | None]:
         """Newest first; the cursor is the last stream id returned."""
         rows: list[tuple[bytes | str, dict[bytes, bytes]]]
-        if key_id is None:
+        if not key_id:
             high = "(" + cursor if cursor else "+"
             rows = cast(
                 list[tuple[bytes | str, dict[bytes, bytes]]],
@@ -368,13 +369,19 @@ class KeyStore:
         """Move every per-key audit stream of the layout before the index into the index (their
         entries are in the global stream under the same ids) and delete it; how many were moved.
         Safe to run on every replica at once and while changes are made: each key's move is one
-        script that merges, in id order, with what the index holds already."""
+        script that merges, in id order, with what the index holds already. Runs once a table:
+        a complete pass sets `P audit-moved`, and later starts skip the scan of the whole
+        database (a stream an older replica writes after that is read where it is)."""
+        done = self.prefix + "audit-moved"
+        if await self.redis.exists(done):
+            return 0
         pattern = _glob_escape(self.prefix + "audit:") + "*"
         start = len(self.prefix + "audit:")
         moved = 0
         async for name in self.redis.scan_iter(match=pattern, count=1000, _type="stream"):
             key_id = as_text(name)[start:]
             moved += int(await self.redis.eval(_MIGRATE_AUDIT, 2, name, self.audit_index(key_id), key_id))
+        await self.redis.set(done, rfc3339(time.time()) or "")
         return moved
 
     async def announce(self, announcer: Announcer, keys: list[tuple[str, int]]) -> None:

@@ -75,7 +75,9 @@ class Replica:
         """The subscriber runs (and the replica is in the live set) and the upstream pool is open inside this block."""
         await self.proxy.forwarder.start()
         task = asyncio.get_running_loop().create_task(self.subscriber.run(), name="invalidation-subscriber")
-        migration = asyncio.get_running_loop().create_task(_migrate_audit(self.store), name="audit-migration")
+        migration = asyncio.get_running_loop().create_task(
+            _migrate_audit(self.store, self.lookup.known), name="audit-migration"
+        )
         try:
             if self.webhooks is not None:
                 await self.webhooks.start()
@@ -95,9 +97,15 @@ _RESTART_SECTIONS = ("listen", "admin", "redis", "cache", "keys", "logging", "li
                      "verify", "webhooks")  # fmt: skip
 
 
-async def _migrate_audit(store: KeyStore) -> None:
+async def _migrate_audit(store: KeyStore, known: KnownKeys) -> None:
     """Per-key audit streams of the layout before the audit index, moved into it (store.py). Best
-    effort: until it has run, the audit API reads both layouts, so nothing is lost meanwhile."""
+    effort: until it has run, the audit API reads both layouts, so nothing is lost meanwhile.
+    Its SCAN of the whole database waits for the key filter's (a first start on a large table
+    would otherwise take twice as long to be ready), for at most two minutes."""
+    for _ in range(240):
+        if not known.enabled or known.ready:
+            break
+        await asyncio.sleep(0.5)
     try:
         moved = await store.migrate_audit()
     except Exception as exc:  # Redis down at startup: the next start tries again
