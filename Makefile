@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-lowest lint install redis deploy-tools clean bench bench-propagation bench-verify bench-ratelimit
+.PHONY: run test test-lowest lint install redis deploy-tools clean bench bench-propagation bench-verify bench-ratelimit bench-scale
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,12 @@ test-lowest: $(LOWEST_STAMP) redis deploy-tools
 # Disable -> refused on all 3 replicas, over 200 disables (prints p50/p99/max).
 bench-propagation: install redis
 	$(PY) benchmarks/propagation.py --disables 200
+
+# The key table at 10k / 100k / 1M keys (issue 15): Redis bytes a key, replica ready time, gateway RSS a
+# key, import keys/s, proxied p50/p99; prints the table of docs/scale.md (about 4 min; SIZES= to change).
+SIZES ?= 10000,100000,1000000
+bench-scale: install redis
+	$(PY) benchmarks/scale.py --sizes $(SIZES)
 
 # The gateway against nginx, a naive aiohttp proxy and itself, with wrk (installs nginx, wrk and
 # matplotlib when missing); prints a table, writes benchmarks/results/bench.json, docs/bench.png and the results

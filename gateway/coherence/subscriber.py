@@ -43,7 +43,7 @@ from redis.asyncio import Redis
 from gateway.coherence.channel import Ack, Codec, Evict, Rejected
 from gateway.coherence.replicas import Registry
 from gateway.keytable.cache import KeyCache
-from gateway.keytable.keyfilter import KnownKeys
+from gateway.keytable.keyfilter import ChangeLog, KnownKeys, Prefixes, each
 from gateway.keytable.lease import Coherence, membership_trusted_until
 from gateway.keytable.store import as_bytes
 from gateway.metrics import Metrics
@@ -70,7 +70,8 @@ class Subscriber:
         on_ack: Callable[[Ack], None],
         health_check_seconds: float,
         known: KnownKeys | None = None,
-        table: Callable[[], AsyncIterator[str]] | None = None,
+        table: Callable[[], AsyncIterator[str | Prefixes]] | None = None,
+        changes: ChangeLog | None = None,
     ) -> None:
         self.listen_client = listen_client  # retries off: errors must surface
         self.redis = redis
@@ -85,6 +86,8 @@ class Subscriber:
         self.interval = health_check_seconds
         self.known = known if known is not None else KnownKeys(enabled=False)
         self.table = table  # every key hash in the table, for rebuilding `known`
+        self.changes = changes  # the change log `known` catches up from instead of a scan, when it can
+        self.rebuilds = {"scan": 0, "catch_up": 0}  # how `known` became ready, each time
         self.sessions = 0  # how many times a subscription was (re)established
         self.clock = coherence.clock
         self.member_ttl = registry.ttl_ms / 1000
@@ -156,16 +159,35 @@ class Subscriber:
     async def _rebuild_known(self) -> bool:
         """Until it succeeds in this session (the task is cancelled when the session ends): a scan
         that fails is tried again, so one Redis timeout does not leave the filter off for days."""
-        assert self.table is not None
         backoff = 1.0
         while True:
             try:
-                return await self.known.rebuild(self.table())
+                return await self._catch_up_or_scan()
             except Exception as exc:  # the filter stays off meanwhile; every lookup goes on as before
                 log.warning("key filter not built (%s): unknown keys are looked up in Redis; retrying in %gs",
                             type(exc).__name__, backoff)  # fmt: skip
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
+
+    async def _catch_up_or_scan(self) -> bool:
+        """The keys the change log names since the filter was last complete, or else a full scan.
+        The checkpoint is read now, with the subscription live: every key written after it is
+        announced to this session, every key written before it is in the scan (or the catch-up)."""
+        assert self.table is not None
+        session = self.known.session
+        mark = await self.changes.checkpoint() if self.changes is not None else None
+        since = self.known.checkpoint
+        if self.changes is not None and mark is not None and since is not None:
+            hashes = await self.changes.hashes_since(since, mark)
+            if hashes is not None:
+                done = await self.known.rebuild(each(hashes), mark, session=session)
+                if done:
+                    self.rebuilds["catch_up"] += 1
+                    log.info("key filter caught up from the change log: %d key(s) changed meanwhile", len(hashes))
+                return done
+        done = await self.known.rebuild(self.table(), mark, session=session)
+        self.rebuilds["scan"] += done
+        return done
 
     async def _await_confirmations(self, pubsub: Any) -> None:
         wanted = {self.events.encode(), self.acks.encode()}

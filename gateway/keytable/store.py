@@ -5,7 +5,14 @@ Layout, every name under `redis.prefix` (P):
   P id:<id>          sha256 of the key with that id
   P ids              sorted set of ids by creation time (listing)
   P owner:<owner>    sorted set of that owner's ids by creation time
-  P audit            stream of every change; P audit:<id> the same, per key, under the same ids
+  P audit            stream of every change (never trimmed: the audit trail is complete)
+  P auditix:<4 hex>  per-key index of that stream, 65,536 hashes bucketed by the first 4 hex
+                     digits of SHA-1(key id): field <id> = the key's entry ids, oldest first,
+                     space-separated. A hash of a few dozen fields is listpack-encoded, so a
+                     key's index costs ~60-150 bytes where a stream of its own cost ~4.7 KB
+                     (docs/scale.md). P audit:<id>: a key's own stream, written by versions
+                     before the index; still read (merged with the index), never written;
+                     moved into the index once (P audit-moved: when that was done).
   P events           pub/sub channel announcing each change (see coherence/channel.py)
   P acks             pub/sub channel of replicas' eviction acks
   P replicas         live replicas (see coherence/replicas.py)
@@ -34,10 +41,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
+import numpy as np
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from gateway.errors import ErrorCode
+from gateway.keytable.keyfilter import Checkpoint, Prefixes
 from gateway.keytable.record import SHA256_HEX, KeyRecord, rfc3339
 
 
@@ -198,6 +208,89 @@ class KeyStore:
             if SHA256_HEX.fullmatch(key_hash):  # not ours (another deployment's prefix nested in ours): skipped
                 yield key_hash
 
+    async def hash_prefixes(self, count: int = 5000) -> AsyncIterator[Prefixes]:
+        """Every key hash in the table as its first 64 bits, a SCAN reply at a time (the key filter's
+        rebuild at scale; what `hashes` returns, with the same guarantee). Names are decoded with
+        numpy, and each reply while Redis already works on the next SCAN: on a 1M-key table the
+        scan takes about Redis's own SCAN time. `count`: SCAN's COUNT, the buckets Redis walks a
+        call (about 3-6 ms of its time at 5,000 on this machine, docs/scale.md)."""
+        head = self._k("").encode()
+        size = len(head) + 64
+        pattern = _glob_escape(self._k("")) + "*"
+        pending = asyncio.ensure_future(self.redis.scan(0, match=pattern, count=count))
+        try:
+            while True:
+                cursor, names = await pending
+                if int(cursor) != 0:
+                    pending = asyncio.ensure_future(self.redis.scan(cursor, match=pattern, count=count))
+                fitting = [raw for raw in (as_bytes(name) for name in names) if len(raw) == size]
+                if fitting:
+                    rows = np.frombuffer(b"".join(fitting), dtype=np.uint8).reshape(-1, size)[:, len(head) :]
+                    nibbles = _NIBBLE[rows]
+                    valid = (nibbles < 16).all(axis=1)  # lowercase hex only, as SHA256_HEX: not ours otherwise
+                    yield (nibbles[valid, :16].astype(np.uint64) << _SHIFTS).sum(axis=1, dtype=np.uint64)
+                if int(cursor) == 0:
+                    return
+        finally:
+            if not pending.done():  # the consumer stopped early (a break): the SCAN in flight goes
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
+
+    async def checkpoint(self) -> Checkpoint | None:
+        """Where the change log stands now (see KnownKeys.checkpoint): the global audit stream,
+        which every change that writes a key appends to in its own transaction, in commit order.
+        None when Redis does not say how many entries the stream was given (before 7.0)."""
+        async with self.redis.pipeline(transaction=True) as pipe:  # one process answers both
+            pipe.info("server")
+            pipe.xinfo_stream(self.audit_stream)
+            server, info = await pipe.execute(raise_on_error=False)
+        if isinstance(server, Exception):
+            raise server
+        run_id = str(server.get("run_id", ""))
+        if isinstance(info, ResponseError) and not await self.redis.exists(self.audit_stream):
+            return Checkpoint(run_id, "0-0", 0) if run_id else None  # no change yet
+        if isinstance(info, Exception):
+            raise info
+        if not run_id or "entries-added" not in info:
+            return None
+        return Checkpoint(run_id, as_text(info["last-generated-id"]), int(info["entries-added"]))
+
+    async def hashes_since(self, since: Checkpoint, until: Checkpoint, limit: int = 50_000) -> list[str] | None:
+        """The hashes of every key changed (created included) between two checkpoints, from the
+        change log; None when it cannot tell: another Redis process (restart, failover), entries
+        deleted or trimmed meanwhile, or more than `limit` entries (a full scan is cheaper)."""
+        if since.server != until.server or until.added < since.added:
+            return None
+        expected = until.added - since.added
+        if expected == 0:
+            return []
+        if expected > limit:
+            return None
+        key_ids: set[str] = set()
+        seen = 0
+        low = "(" + since.entry
+        while seen < expected:
+            count = min(expected - seen, 5000)
+            rows = cast(
+                list[tuple[bytes, dict[bytes, bytes]]],
+                await self.redis.xrange(self.audit_stream, min=low, max=until.entry, count=count),
+            )
+            if not rows:
+                break
+            for _, fields in rows:  # field names are bytes, or str with a decoding client
+                key_ids.update(as_text(v) for k, v in fields.items() if as_text(k) == "key_id")
+            seen += len(rows)
+            low = "(" + as_text(rows[-1][0])
+        if seen != expected:  # an entry went (XDEL, XTRIM): what it said is unknown
+            return None
+        ordered = sorted(key_ids)
+        hashes: list[str] = []
+        for start in range(0, len(ordered), 1000):
+            found = await self.redis.mget([self._id(i) for i in ordered[start : start + 1000]])
+            hashes += [h for h in (as_text(v) for v in found if v is not None) if SHA256_HEX.fullmatch(h)]
+        return hashes
+
     async def get_by_id(self, key_id: str) -> KeyRecord | None:
         key_hash = await self.redis.get(self._id(key_id))
         if key_hash is None:
@@ -261,14 +354,75 @@ class KeyStore:
         self, *, key_id: str | None, cursor: str | None, limit: int
     ) -> tuple[list[dict[str, Any]], str | None]:
         """Newest first; the cursor is the last stream id returned."""
-        stream = self.prefix + ("audit:" + key_id if key_id else "audit")
-        high = "(" + cursor if cursor else "+"
-        rows = cast(
-            list[tuple[bytes, dict[bytes, bytes]]], await self.redis.xrevrange(stream, max=high, min="-", count=limit)
-        )
+        rows: list[tuple[bytes | str, dict[bytes, bytes]]]
+        if not key_id:
+            high = "(" + cursor if cursor else "+"
+            rows = cast(
+                list[tuple[bytes | str, dict[bytes, bytes]]],
+                await self.redis.xrevrange(self.audit_stream, max=high, min="-", count=limit),
+            )
+        else:
+            rows = await self._key_audit(key_id, cursor, limit)
         entries = [_audit_entry(as_text(entry_id), fields) for entry_id, fields in rows]
         next_cursor = entries[-1]["id"] if len(entries) == limit else None
         return entries, next_cursor
+
+    async def _key_audit(
+        self, key_id: str, cursor: str | None, limit: int
+    ) -> list[tuple[bytes | str, dict[bytes, bytes]]]:
+        """A key's entries below `cursor`, newest first: its ids from the index, and from its own
+        stream if a version before the index wrote one (read as long as it exists, see
+        `migrate_audit`); the entries themselves from the global stream."""
+        below = _stream_id(cursor) if cursor else None
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self.audit_index(key_id), key_id)
+            pipe.xrevrange(self._old_audit(key_id), max="(" + cursor if cursor else "+", min="-", count=limit)
+            indexed, old_rows = await pipe.execute()
+        found: dict[tuple[int, int], tuple[bytes | str, dict[bytes, bytes]] | None] = {
+            _stream_id(as_text(entry_id)): (entry_id, fields) for entry_id, fields in old_rows
+        }
+        for text in as_text(indexed).split() if indexed else ():
+            if _STREAM_ID.fullmatch(text) is None:  # not written by the gateway: skipped, the page still answers
+                continue
+            entry = _stream_id(text)
+            if below is None or entry < below:
+                found.setdefault(entry, None)
+        newest = sorted(found, reverse=True)[:limit]
+        missing = [entry for entry in newest if found[entry] is None]
+        if missing:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for ms, seq in missing:
+                    pipe.xrange(self.audit_stream, min=f"{ms}-{seq}", max=f"{ms}-{seq}", count=1)
+                for entry, rows in zip(missing, await pipe.execute(), strict=True):
+                    if rows:
+                        found[entry] = rows[0]
+        return [row for row in (found[entry] for entry in newest) if row is not None]
+
+    def audit_index(self, key_id: str) -> str:
+        """The hash holding `key_id`'s entry ids (the bucket _AUDIT_INDEXED computes alike)."""
+        return f"{self.prefix}auditix:{hashlib.sha1(key_id.encode(), usedforsecurity=False).hexdigest()[:4]}"
+
+    def _old_audit(self, key_id: str) -> str:
+        return f"{self.prefix}audit:{key_id}"
+
+    async def migrate_audit(self) -> int:
+        """Move every per-key audit stream of the layout before the index into the index (their
+        entries are in the global stream under the same ids) and delete it; how many were moved.
+        Safe to run on every replica at once and while changes are made: each key's move is one
+        script that merges, in id order, with what the index holds already. Runs once a table:
+        a complete pass sets `P audit-moved`, and later starts skip the scan of the whole
+        database (a stream an older replica writes after that is read where it is)."""
+        done = self.prefix + "audit-moved"
+        if await self.redis.exists(done):
+            return 0
+        pattern = _glob_escape(self.prefix + "audit:") + "*"
+        start = len(self.prefix + "audit:")
+        moved = 0
+        async for name in self.redis.scan_iter(match=pattern, count=1000, _type="stream"):
+            key_id = as_text(name)[start:]
+            moved += int(await self.redis.eval(_MIGRATE_AUDIT, 2, name, self.audit_index(key_id), key_id))
+        await self.redis.set(done, rfc3339(time.time()) or "")
+        return moved
 
     async def announce(self, announcer: Announcer, keys: list[tuple[str, int]]) -> None:
         """Publish an announcement for a change that wrote nothing (an idempotent repeat)."""
@@ -388,35 +542,48 @@ class KeyStore:
         return orjson.dumps(flat).decode()
 
 
-# One audit entry, one stream id in both streams: two XADD * can take two ids (the clock can
-# tick between them), and a page of one stream and a cursor from the other would then disagree.
-# An explicit id must be above the stream's last generated id, so the stream whose last id is
-# higher generates it (XADD *: above its own last id and the clock) and the other takes it as
-# given. Ids are compared as decimal strings (Redis writes them without leading zeros): a
-# Lua number cannot hold every 64-bit part.
-_XADD_BOTH = """
-local function last(stream)
-  if redis.call('EXISTS', stream) == 0 then return {'0', '0'} end
-  local info = redis.call('XINFO', 'STREAM', stream)
-  for i = 1, #info, 2 do
-    if info[i] == 'last-generated-id' then return {string.match(info[i + 1], '^(%d+)-(%d+)$')} end
-  end
-  return {'0', '0'}
-end
-local function less(a, b)
-  if #a ~= #b then return #a < #b end
-  return a < b
-end
-local function xadd_both(all_stream, own_stream, fields)
-  local all, own = last(all_stream), last(own_stream)
-  local first, second = all_stream, own_stream
-  if less(all[1], own[1]) or (all[1] == own[1] and less(all[2], own[2])) then
-    first, second = own_stream, all_stream
-  end
-  local id = redis.call('XADD', first, '*', unpack(fields))
-  redis.call('XADD', second, id, unpack(fields))
+# One audit entry: XADD to the global stream, then its id appended to the key's field in its
+# index bucket (P auditix:<first 4 hex of SHA-1(id)>, as audit_index() names it). Part of every
+# change's script, so both happen with the change or not at all.
+_AUDIT_INDEXED = """
+local function audit_indexed(stream, bucket, key_id, fields)
+  local id = redis.call('XADD', stream, '*', unpack(fields))
+  local ids = redis.call('HGET', bucket, key_id)
+  redis.call('HSET', bucket, key_id, ids and (ids .. ' ' .. id) or id)
   return id
 end
+"""
+
+# One key's stream of the layout before the index, moved into the index (store.migrate_audit):
+# its ids merged in id order with those the index has (an older replica may still have written
+# the stream after a newer one wrote the index), then the stream deleted. Ids compare as decimal
+# strings, shorter first (a Lua number cannot hold every 64-bit part).
+_MIGRATE_AUDIT = """
+local function less(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  if am ~= bm then
+    if #am ~= #bm then return #am < #bm end
+    return am < bm
+  end
+  if #as ~= #bs then return #as < #bs end
+  return as < bs
+end
+local ids, seen = {}, {}
+for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
+  if not seen[entry[1]] then seen[entry[1]] = true; ids[#ids + 1] = entry[1] end
+end
+local current = redis.call('HGET', KEYS[2], ARGV[1])
+if current then
+  for id in string.gmatch(current, '%S+') do
+    if not seen[id] then seen[id] = true; ids[#ids + 1] = id end
+  end
+end
+redis.call('DEL', KEYS[1])
+if #ids == 0 then return 0 end
+table.sort(ids, less)
+redis.call('HSET', KEYS[2], ARGV[1], table.concat(ids, ' '))
+return 1
 """
 
 # A change in one round trip (spec 13: the disable's latency): the write, its audit entries, its
@@ -472,7 +639,8 @@ local function side_effects(encoded)
 end
 local function audit(prefix, entries)
   for _, entry in ipairs(cjson.decode(entries)) do
-    xadd_both(prefix .. 'audit', prefix .. 'audit:' .. entry[1], entry[2])
+    local bucket = prefix .. 'auditix:' .. string.sub(redis.sha1hex(entry[1]), 1, 4)
+    audit_indexed(prefix .. 'audit', bucket, entry[1], entry[2])
   end
 end
 """
@@ -483,7 +651,7 @@ _ANNOUNCE = _ANNOUNCE_LUA + "return announce_and_read(ARGV[1], ARGV[2])\n"
 # A new record: ARGV prefix, hash, id, json, created_at, owner or "", audit entries (JSON list of
 # [key id, fields]), message, side effects. {0} when a record with that hash exists (nothing written).
 _CREATE = (
-    _XADD_BOTH
+    _AUDIT_INDEXED
     + _ANNOUNCE_LUA
     + """
 local prefix = ARGV[1]
@@ -496,7 +664,7 @@ return {1, announce_and_read(prefix, ARGV[8])}
 )
 
 # Audit entries alone (no record changes): ARGV prefix, entries.
-_APPEND_AUDIT = _XADD_BOTH + _ANNOUNCE_LUA + "audit(ARGV[1], ARGV[2])\nreturn 1\n"
+_APPEND_AUDIT = _AUDIT_INDEXED + _ANNOUNCE_LUA + "audit(ARGV[1], ARGV[2])\nreturn 1\n"
 
 # A record and its id, read together: ARGV prefix, id. nil when no such id.
 _READ_BY_ID = """
@@ -509,7 +677,7 @@ return {hash, redis.call('GET', ARGV[1] .. 'k:' .. hash) or false}
 # the JSON read, the new JSON, audit entries, message, side effects, then an optional record to
 # insert beside it (rotate: hash, id, json, created_at, owner). {0} when the record changed meanwhile.
 _UPDATE = (
-    _XADD_BOTH
+    _AUDIT_INDEXED
     + _ANNOUNCE_LUA
     + """
 local prefix, k = ARGV[1], ARGV[1] .. 'k:' .. ARGV[2]
@@ -528,7 +696,7 @@ return {1, announce_and_read(prefix, ARGV[6])}
 # A record whose hash exists (or came earlier in the batch) writes nothing. Keys are built here from
 # the prefix: Redis Cluster is not supported (docs/deployment.md).
 _INSERT_MANY = (
-    _XADD_BOTH
+    _AUDIT_INDEXED
     + _ANNOUNCE_LUA
     + """
 local prefix = ARGV[1]
@@ -539,7 +707,8 @@ for i = 3, #ARGV, 6 do
     added[#added + 1] = 0
   else
     insert(prefix, hash, id, json, created, owner)
-    xadd_both(prefix .. 'audit', prefix .. 'audit:' .. id, cjson.decode(ARGV[i + 5]))
+    local bucket = prefix .. 'auditix:' .. string.sub(redis.sha1hex(id), 1, 4)
+    audit_indexed(prefix .. 'audit', bucket, id, cjson.decode(ARGV[i + 5]))
     added[#added + 1] = 1
   end
 end
@@ -548,9 +717,22 @@ return {added, announce_and_read(prefix, ARGV[2])}
 )
 
 
+_NIBBLE = np.full(256, 255, dtype=np.uint8)  # a lowercase hex digit's value; 255 for any other byte
+_NIBBLE[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16, dtype=np.uint8)
+_SHIFTS = np.arange(60, -4, -4, dtype=np.uint64)  # where each of the first 16 digits goes in 64 bits
+
+
 def _glob_escape(text: str) -> str:
     """`text` matched literally by a Redis glob pattern (the prefix is the operator's to choose)."""
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+def _stream_id(text: str) -> tuple[int, int]:
+    """A stream id as numbers, for ordering ("(ms, seq)"); ValueError when it is not one."""
+    match = _STREAM_ID.fullmatch(text)
+    if match is None:
+        raise ValueError("not a stream id")
+    return int(match[1]), int(match[2])
 
 
 def as_text(value: bytes | str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ from gateway.usage.policies import PolicyEngine
 from gateway.usage.store import UsageStore
 from gateway.verify.verifier import ERROR_BODY_HEADER, Verifier
 from gateway.webhooks.service import Webhooks
+
+log = logging.getLogger("gateway.replica")
 
 
 @dataclass
@@ -86,6 +89,9 @@ class Replica:
         task = asyncio.get_running_loop().create_task(self.subscriber.run(), name="invalidation-subscriber")
         if self.usage is not None:
             self.usage.start()
+        migration = asyncio.get_running_loop().create_task(
+            _migrate_audit(self.store, self.lookup.known), name="audit-migration"
+        )
         try:
             if self.webhooks is not None:
                 await self.webhooks.start()
@@ -95,6 +101,7 @@ class Replica:
                 await self.usage.stop()
             if self.webhooks is not None:
                 await self.webhooks.stop()
+            await _cancel(migration)
             await _cancel(task)
             await self.proxy.forwarder.close()
             if self.limiter is not None:
@@ -106,6 +113,24 @@ class Replica:
 # What a reload does not apply: listeners, Redis, cache, keys, admin, logging and lifecycle need a restart.
 _RESTART_SECTIONS = ("listen", "admin", "redis", "cache", "keys", "logging", "lifecycle", "limits", "trusted_proxies",
                      "verify", "webhooks", "usage")  # fmt: skip
+
+
+async def _migrate_audit(store: KeyStore, known: KnownKeys) -> None:
+    """Per-key audit streams of the layout before the audit index, moved into it (store.py). Best
+    effort: until it has run, the audit API reads both layouts, so nothing is lost meanwhile.
+    Its SCAN of the whole database waits for the key filter's (a first start on a large table
+    would otherwise take twice as long to be ready), for at most two minutes."""
+    for _ in range(240):
+        if not known.enabled or known.ready:
+            break
+        await asyncio.sleep(0.5)
+    try:
+        moved = await store.migrate_audit()
+    except Exception as exc:  # Redis down at startup: the next start tries again
+        log.warning("audit index migration not run (%s): old per-key streams are read as they are", type(exc).__name__)
+        return
+    if moved:
+        log.info("audit index migration: %d per-key audit stream(s) moved into the index", moved)
 
 
 async def _cancel(task: asyncio.Task[None], seconds: float = 5.0) -> None:
@@ -161,7 +186,8 @@ def build(
         on_ack=propagator.on_ack,
         health_check_seconds=health,
         known=known,
-        table=store.hashes,
+        table=store.hash_prefixes,
+        changes=store,
     )
 
     # usage.enabled false: no counting on the request path, no flush, no policies, no usage figures in the API.
