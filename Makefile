@@ -34,7 +34,7 @@ lint: install
 	$(VENV)/bin/lint-imports
 
 # The suite on the newest allowed dependencies (.venv), then on the lowest ones (test-lowest); both in
-# parallel, two pytest-xdist workers per CPU (addopts in pyproject.toml; `pytest -n 0` runs it serially).
+# parallel, one pytest-xdist worker per CPU (addopts in pyproject.toml; `pytest -n 0` runs it serially).
 test: install redis deploy-tools lint
 	@bash scripts/ensure-verify-proxies.sh
 	@bash scripts/ensure-console-browser.sh

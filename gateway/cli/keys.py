@@ -184,10 +184,7 @@ def create_body(args: argparse.Namespace, now: float) -> dict[str, Any]:
     if args.scope:
         body["scopes"] = list(args.scope)
     if args.meta is not None:
-        try:
-            body["meta"] = orjson.loads(args.meta)
-        except orjson.JSONDecodeError:
-            raise CliError(EXIT_USAGE, '--meta: not valid JSON (give an object, e.g. \'{"plan": "pro"}\')') from None
+        body["meta"] = _meta_flag(args.meta)
     if args.expires_at is not None:
         body["expires_at"] = expiry(args.expires_at)
     try:
@@ -195,6 +192,14 @@ def create_body(args: argparse.Namespace, now: float) -> dict[str, Any]:
     except bodies.BadInput as exc:
         raise CliError(EXIT_USAGE, f"invalid input: {exc}") from None
     return body
+
+
+def _meta_flag(text: str) -> Any:
+    """`--meta`: a JSON object as the API takes it (its own rules check it further)."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise CliError(EXIT_USAGE, '--meta: not valid JSON (give an object, e.g. \'{"plan": "pro"}\')') from None
 
 
 def update_body(args: argparse.Namespace, now: float) -> dict[str, Any]:
@@ -207,10 +212,7 @@ def update_body(args: argparse.Namespace, now: float) -> dict[str, Any]:
     if args.scope:
         body["scopes"] = list(args.scope)
     if args.meta is not None:
-        try:
-            body["meta"] = orjson.loads(args.meta)
-        except orjson.JSONDecodeError:
-            raise CliError(EXIT_USAGE, '--meta: not valid JSON (give an object, e.g. \'{"plan": "pro"}\')') from None
+        body["meta"] = _meta_flag(args.meta)
     if args.expires_at is not None:
         body["expires_at"] = expiry(args.expires_at)
     elif args.no_expiry:
