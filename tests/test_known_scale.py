@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import hashlib
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -154,6 +155,24 @@ async def scans(redis: Redis) -> int:
     return int(stats.get("cmdstat_scan", {}).get("calls", 0))
 
 
+async def migrations_done(gw: Gateway, redis: Redis) -> None:
+    """Both replicas' one-time audit migration (runtime/replica.py) scans the database once its
+    key filter is ready: wait until it is over (audit-moved set, SCAN calls steady) before
+    counting the scans that resubscribing causes."""
+    deadline = time.monotonic() + 15
+    while not await redis.exists(gw.replica.store.prefix + "audit-moved"):
+        assert time.monotonic() < deadline, "the audit migration did not finish"
+        await asyncio.sleep(0.05)
+    last = await scans(redis)
+    while True:
+        await asyncio.sleep(0.3)
+        now = await scans(redis)
+        if now == last:
+            return
+        assert time.monotonic() < deadline, "the SCAN calls never settled"
+        last = now
+
+
 async def out_and_back(
     gw_b: Gateway,
     gw_a: Gateway,
@@ -198,6 +217,8 @@ async def test_a_resubscribing_replica_catches_up_from_the_change_log_without_a_
     gw_a, gw_b = await two_replicas(gateway_factory)
     known_b = await filter_ready(gw_b)
     assert known_b.checkpoint is not None, "the first build must remember where the log stood"
+    await filter_ready(gw_a)
+    await migrations_done(gw_a, redis)
     rebuilds = dict(gw_b.replica.subscriber.rebuilds)
     size = len(known_b)
     scans_before = await scans(redis)
