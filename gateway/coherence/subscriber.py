@@ -116,11 +116,22 @@ class Subscriber:
                     await asyncio.wait_for(self.registry.leave(), self.interval)
                 except Exception:  # noqa: S110 - expiry covers it
                     pass
-                # Idle command connections go too: after a failover, one kept to the demoted master
-                # would read its stale table; new ones ask Sentinel for the master (runtime/connect.py).
-                await self.redis.connection_pool.disconnect(inuse_connections=False)
+                await self._follow_master()
             backoff = 0.05 if self.sessions != established else min(backoff * 2, 1.0)
             await asyncio.sleep(backoff)
+
+    async def _follow_master(self) -> None:
+        """With Sentinel (runtime/connect.py): ask the sentinels where the master is now; redis-py's
+        SentinelConnectionPool drops its idle connections when it moved, so after a failover no
+        lookup reads the demoted master's stale table. A plain pool has nothing to ask (and closing
+        its idle connections here would race the lookups taking them: 503s for nothing)."""
+        where = getattr(self.redis.connection_pool, "get_master_address", None)
+        if where is None:
+            return
+        try:  # best effort: if no sentinel answers, every new connection asks again anyway
+            await asyncio.wait_for(where(), self.interval)
+        except Exception:  # noqa: S110 - the next connection asks the sentinels itself
+            pass
 
     async def _session(self) -> None:
         pubsub = self.listen_client.pubsub()

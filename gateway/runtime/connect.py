@@ -6,8 +6,9 @@ coherence/subscriber.py). With Sentinel, both come from redis-py's `Sentinel.mas
 new connection asks the sentinels for the current master, and a connection that finds its server
 demoted (READONLY) fails instead of writing to a replica. A failover therefore looks to the replica
 like any other break of the subscription (spec 8): the lease lapses, the cache is not trusted, the
-subscriber reconnects (to the new master) and drops the command client's idle connections, so no
-lookup reads a demoted master's stale table.
+subscriber reconnects (to the new master) and asks the sentinels where the master is, which makes
+redis-py drop the command client's idle connections when it moved, so no lookup reads a demoted
+master's stale table.
 
 May import: config, redis-py. Nothing of the gateway's own above config.
 """
