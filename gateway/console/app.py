@@ -383,8 +383,7 @@ class Console:
         if self.usage is not None:
             usage = _chart(await self.usage.usage(key_id, window))
         (row,) = await self._rows([record])
-        if isinstance(record, KeyRecord) and record.credits is not None:
-            row["credits"] = (await self.api.shown(record))["credits"]  # with its balance (spec 12)
+        await self._with_balance(record, row)
         return self.render(
             request,
             "key.html",
@@ -406,9 +405,12 @@ class Console:
         record = await self.api.key_record(signed.caller, _key_id(request))
         if record is None:
             return None
-        row = _row(record)
+        return await self._with_balance(record, _row(record))
+
+    async def _with_balance(self, record: KeyRecord | Unreadable, row: dict[str, Any]) -> dict[str, Any]:
+        """`row` with the key's credits as the API shows them: their balance, read from Redis (spec 12)."""
         if isinstance(record, KeyRecord) and record.credits is not None:
-            row["credits"] = (await self.api.shown(record))["credits"]  # with its balance (spec 12)
+            row["credits"] = (await self.api.shown(record))["credits"]
         return row
 
     async def confirm(self, request: web.Request, signed: Signed) -> web.StreamResponse:
