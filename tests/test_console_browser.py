@@ -87,11 +87,23 @@ def wait_for(d: WebDriver, by: str, what: str) -> Any:
     return WebDriverWait(d, 15).until(ec.presence_of_element_located((by, what)))
 
 
+def click_through(d: WebDriver, by: str, what: str) -> None:
+    """Click something that loads a new page, and wait until the old page is gone.
+
+    Without the wait, a lookup right after the click can find an element of the page being
+    left (the keys list shows the same link before and after a search) and then fail with a
+    stale element when the new page replaces it.
+    """
+    old = d.find_element(By.TAG_NAME, "html")
+    d.find_element(by, what).click()
+    WebDriverWait(d, 15).until(ec.staleness_of(old))
+
+
 def sign_in(d: WebDriver, base: str, token: str) -> None:
     d.delete_all_cookies()
     d.get(base + "/sign-in")
     d.find_element(By.ID, "token").send_keys(token)
-    d.find_element(By.ID, "sign-in").click()
+    click_through(d, By.ID, "sign-in")
     try:
         wait_for(d, By.ID, "q")
     except Exception:
@@ -134,11 +146,11 @@ async def test_find_disable_confirm_enable_create_in_chromium(gw: Gateway, drive
         box = d.find_element(By.ID, "q")
         box.clear()
         box.send_keys("acme-corp")
-        d.find_element(By.ID, "search").click()
-        link = wait_for(d, By.LINK_TEXT, "billing-prod")
+        click_through(d, By.ID, "search")
+        wait_for(d, By.LINK_TEXT, "billing-prod")
         assert len(d.find_elements(By.CSS_SELECTOR, "a.key-link")) == 1
         shot(d, "keys")
-        link.click()
+        click_through(d, By.LINK_TEXT, "billing-prod")
         wait_for(d, By.ID, "key-id")
         assert d.find_element(By.ID, "key-id").text == target["id"]
 
@@ -151,7 +163,7 @@ async def test_find_disable_confirm_enable_create_in_chromium(gw: Gateway, drive
         WebDriverWait(d, 5).until(lambda _: dialog.is_displayed())
         d.find_element(By.ID, "dialog-reason").send_keys("leaked in a public repo")
         shot(d, "disable-dialog")
-        d.find_element(By.ID, "dialog-confirm").click()
+        click_through(d, By.ID, "dialog-confirm")
         wait_for(d, By.ID, "result")
         shot(d, "disabled")
         return {name: d.find_element(By.ID, name).text for name in ("result-action", "replicas", "confirmed", "fenced")}
@@ -162,7 +174,7 @@ async def test_find_disable_confirm_enable_create_in_chromium(gw: Gateway, drive
 
     # Enable brings it back.
     def enable() -> str:
-        d.find_element(By.ID, "enable").click()
+        click_through(d, By.ID, "enable")
         wait_for(d, By.ID, "result")
         return str(d.find_element(By.ID, "result-action").text)
 
@@ -171,10 +183,10 @@ async def test_find_disable_confirm_enable_create_in_chromium(gw: Gateway, drive
 
     # Create: the plaintext once, with a copy button; reloading does not show it again.
     def create() -> tuple[str, str]:
-        d.find_element(By.LINK_TEXT, "Create a key").click()
+        click_through(d, By.LINK_TEXT, "Create a key")
         wait_for(d, By.ID, "name").send_keys("ci-runner")
         d.find_element(By.ID, "owner").send_keys("acme-corp")
-        d.find_element(By.ID, "create").click()
+        click_through(d, By.ID, "create")
         secret = wait_for(d, By.ID, "secret").get_attribute("value")
         assert d.find_element(By.CSS_SELECTOR, "[data-copy]").is_displayed()  # the script un-hid it
         shot(d, "created")
@@ -190,7 +202,7 @@ async def test_find_disable_confirm_enable_create_in_chromium(gw: Gateway, drive
     def sign_out() -> str:
         cookie = d.get_cookie(COOKIE)
         assert cookie and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
-        d.find_element(By.CSS_SELECTOR, "form.signout button").click()
+        click_through(d, By.CSS_SELECTOR, "form.signout button")
         wait_for(d, By.ID, "token")
         return str(cookie["value"])
 
@@ -251,7 +263,7 @@ async def test_a_cross_site_form_post_without_the_csrf_token_is_refused(gw: Gate
 
         def attack() -> str:
             d.get(str(attacker.make_url("/")))
-            d.find_element(By.ID, "go").click()
+            click_through(d, By.ID, "go")
             return str(wait_for(d, By.ID, "error-code").text)
 
         assert await run(attack) == "csrf_rejected"
@@ -274,7 +286,7 @@ async def test_every_page_has_no_serious_accessibility_violation(gw: Gateway, dr
         d.get(gw.admin_url + "/sign-in")
         problems += axe_check(d)
         d.find_element(By.ID, "token").send_keys("gwadm_wrong_" + "x" * 20)
-        d.find_element(By.ID, "sign-in").click()
+        click_through(d, By.ID, "sign-in")
         wait_for(d, By.ID, "token")
         problems += axe_check(d)  # the sign-in page with its error
         sign_in(d, gw.admin_url, gw.tokens.admin)
@@ -293,7 +305,7 @@ async def test_every_page_has_no_serious_accessibility_violation(gw: Gateway, dr
         # The shown-once page, and the dialog open.
         d.get(gw.admin_url + "/keys/new")
         d.find_element(By.ID, "name").send_keys("a11y-new")
-        d.find_element(By.ID, "create").click()
+        click_through(d, By.ID, "create")
         wait_for(d, By.ID, "secret")
         problems += axe_check(d)
         d.get(gw.admin_url + f"/keys/{key['id']}")
