@@ -60,7 +60,7 @@ async def test_a_keys_trail_is_in_the_global_stream_and_the_index_with_no_redis_
             async with await gw.admin_call("POST", f"/v1/keys/{a['id']}/{path}", json={"reason": f"r{n}"}) as r:
                 assert r.status == 200, await r.text()
     prefix = prefix_of(gw)
-    names = {name.decode() async for name in redis.scan_iter(match=prefix + "*")}
+    names = {name.decode() async for name in redis.scan_iter(match=prefix + "*", count=1000)}
     for key in (a, b):  # the record's id index is the only name with the id in it
         assert {n for n in names if key["id"] in n} == {prefix + "id:" + key["id"]}, names
     assert not [n for n in names if n.startswith(prefix + "audit:")]

@@ -311,7 +311,7 @@ async def test_create_shows_the_plaintext_once_and_never_in_a_url_or_later_page(
         assert plaintext not in page, path
         assert gw.tokens.admin not in page, path
     # Nor does Redis hold it past the page that showed it.
-    keys = [k async for k in gw.replica.store.redis.scan_iter(match=gw.replica.store.prefix + "console:*")]
+    keys = [k async for k in gw.replica.store.redis.scan_iter(match=gw.replica.store.prefix + "console:*", count=1000)]
     for k in keys:
         if await gw.replica.store.redis.type(k) == b"string":
             assert plaintext.encode() not in (await gw.replica.store.redis.get(k) or b"")

@@ -97,7 +97,7 @@ async def window_start(redis: Redis, window_seconds: int, within: float = 0.3) -
 async def counters(redis: Redis, prefix: str, key_id: str) -> dict[str, int]:
     """Each window counter of the key, by its scope (the window index left out)."""
     out: dict[str, int] = {}
-    async for name in redis.scan_iter(match=f"{prefix}rl:{key_id}:*"):
+    async for name in redis.scan_iter(match=f"{prefix}rl:{key_id}:*", count=1000):
         scope = name.decode().removeprefix(f"{prefix}rl:{key_id}:").rsplit(":", 2)[0]
         out[scope] = int(await redis.get(name) or 0)
     return out

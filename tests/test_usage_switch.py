@@ -144,10 +144,10 @@ def test_a_gateway_process_with_counting_off_writes_no_usage_even_on_sigterm(
         client = redis.Redis.from_url(redis_server.url)
         try:
             on_prefix, off_prefix = nodes["on"][1], nodes["off"][1]
-            assert list(client.scan_iter(match=on_prefix + "u:*"))  # the control: SIGTERM's last write
+            assert list(client.scan_iter(match=on_prefix + "u:*", count=1000))  # the control: SIGTERM's last write
             assert client.hget(on_prefix + "u:last", keys["on"]["id"]) is not None
-            assert list(client.scan_iter(match=off_prefix + "u:*")) == []
-            assert list(client.scan_iter(match=off_prefix + "k*"))  # the key table is there: same Redis
+            assert list(client.scan_iter(match=off_prefix + "u:*", count=1000)) == []
+            assert list(client.scan_iter(match=off_prefix + "k*", count=1000))  # the key table is there: same Redis
         finally:
             client.close()
     finally:
