@@ -31,7 +31,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import free_port, wait_ready  # noqa: E402
 from gateway.admin.auth import hash_token  # noqa: E402
 
 REPLICAS = 3
@@ -57,12 +57,6 @@ REPLICAS = 3
 WINDOWS = {10: 1, 100: 1, 1000: 3, 10_000: 20}
 OVERLOAD = 1.2  # offered / limit, at least, for a window's admitted count to be judged
 SPREADS = {"even": (1 / 3, 1 / 3, 1 / 3), "90/10": (0.9, 0.05, 0.05)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # the upstream (its own process): answers 200, remembers when each request arrived ----------------
@@ -190,19 +184,6 @@ class Cluster:
         self.redis.terminate()
         self.redis.wait(timeout=10)
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-async def wait_ready(session: aiohttp.ClientSession, url: str, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            async with session.get(url) as r:
-                if r.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.1)
-    raise SystemExit(f"not ready: {url}")
 
 
 async def create_key(session: aiohttp.ClientSession, cluster: Cluster, body: dict[str, Any]) -> str:
