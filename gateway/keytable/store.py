@@ -231,9 +231,12 @@ class KeyStore:
                 cursor, names = await pending
                 if int(cursor) != 0:
                     pending = asyncio.ensure_future(self.redis.scan(cursor, match=pattern, count=count))
-                fitting = [raw for raw in (as_bytes(name) for name in names) if len(raw) == size]
-                if fitting:
-                    rows = np.frombuffer(b"".join(fitting), dtype=np.uint8).reshape(-1, size)[:, len(head) :]
+                raws = names if not names or isinstance(names[0], bytes) else [as_bytes(n) for n in names]
+                joined = b"".join(raws)  # every name ours, as a rule: one join, no per-name Python work
+                if len(joined) != size * len(raws):  # some other name under the prefix: only those that fit
+                    joined = b"".join(raw for raw in raws if len(raw) == size)
+                if joined:
+                    rows = np.frombuffer(joined, dtype=np.uint8).reshape(-1, size)[:, len(head) :]
                     nibbles = _NIBBLE[rows]
                     valid = (nibbles < 16).all(axis=1)  # lowercase hex only, as SHA256_HEX: not ours otherwise
                     yield (nibbles[valid, :16].astype(np.uint64) << _SHIFTS).sum(axis=1, dtype=np.uint64)
