@@ -231,7 +231,9 @@ class KeyStore:
                 cursor, names = await pending
                 if int(cursor) != 0:
                     pending = asyncio.ensure_future(self.redis.scan(cursor, match=pattern, count=count))
-                raws = names if not names or isinstance(names[0], bytes) else [as_bytes(n) for n in names]
+                raws = cast(
+                    list[bytes], names if not names or isinstance(names[0], bytes) else [as_bytes(n) for n in names]
+                )
                 joined = b"".join(raws)  # every name ours, as a rule: one join, no per-name Python work
                 if len(joined) != size * len(raws):  # some other name under the prefix: only those that fit
                     joined = b"".join(raw for raw in raws if len(raw) == size)
