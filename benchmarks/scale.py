@@ -81,6 +81,7 @@ class Table:
         self.token = "gwadm_bench_" + secrets.token_urlsafe(16)
         self.entry = {"name": "bench", "role": "admin", "hash": hash_token(self.token)}
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.bytecode = True  # gateways start with cached bytecode (see gateway())
 
     def gateway(self) -> tuple[subprocess.Popen[bytes], str, str]:
         """A new `gateway serve`: (process, proxy URL, admin URL)."""
@@ -100,6 +101,8 @@ class Table:
             # PYTHONDONTWRITEBYTECODE applies after that): with it off here, every start would
             # compile the gateway's modules again (~0.3 s of the replica's start on this machine).
             env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+            if not self.bytecode:
+                env["PYTHONDONTWRITEBYTECODE"] = "1"
             proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=log, env=env)
         self.procs.append(proc)
         return proc, f"http://127.0.0.1:{proxy_port}", f"http://127.0.0.1:{admin_port}"

@@ -8,6 +8,8 @@ Against the session's real redis-server (and in-process gateways for the admin A
 - a table written by the version before (`P id:<id>` strings) keeps working unchanged under this
   one, and `migrate_ids` moves it into the index: idempotent, safe on two replicas at once, and
   without changing an answer;
+- the key filter's scan, which sends each SCAN before it decodes the reply before it, leaves no
+  reply unread on a connection it gives back when it is stopped midway;
 - rolling upgrade: while a replica of the version before (which reads only `P id:<id>`) is live,
   writes go on writing `P id:<id>` too, and what that version runs to read a key by id (its script,
   verbatim from before this change) finds the keys this one writes; the move waits until no such
@@ -25,7 +27,8 @@ from redis.asyncio import Redis
 
 from gateway.keytable.record import KeyRecord, digest, generate, new_id
 from gateway.keytable.store import AuditEntry, KeyStore
-from tests.conftest import Gateway
+from tests.conftest import Gateway, RedisProcess
+from tests.test_known_scale import FILL, filled_hashes
 
 # What the version before this change ran to read a key by id (its store.py's _READ_BY_ID).
 OLD_READ_BY_ID = """
@@ -198,3 +201,29 @@ async def test_while_a_replica_of_the_version_before_is_live_writes_keep_its_lay
     late = await write_old_record(redis, prefix, "late")
     assert await store.get_by_id(late.id) == late
     await redis.delete(*[n async for n in redis.scan_iter(match=prefix + "*")])
+
+
+async def test_a_scan_stopped_midway_leaves_no_reply_for_the_next_command_on_its_connection(
+    redis_server: RedisProcess,
+) -> None:
+    """The key filter's scan drives its connection by hand (the next SCAN is sent before a reply
+    is decoded). Stopped midway (a break), that connection goes back to the pool with a SCAN in
+    flight: it must be closed, not reused, or the next command would read the SCAN's reply.
+    One connection in the pool, so the next command gets the same one if it is reused."""
+    client = Redis.from_url(redis_server.url, max_connections=1)
+    prefix = f"t{time.monotonic_ns()}:"
+    try:
+        await client.eval(FILL, 0, prefix, "seed", 3000)  # type: ignore[misc]
+        await client.set(prefix + "probe", "the probe's value")
+        store = KeyStore(client, prefix)
+        scan = store.hash_prefixes(count=200)
+        first = await anext(scan)
+        assert len(first) > 0
+        await scan.aclose()  # stopped with the next SCAN sent and its reply unread
+        assert await client.get(prefix + "probe") == b"the probe's value"
+        got = {int(x) for batch in [b async for b in store.hash_prefixes(count=200)] for x in batch.tolist()}
+        assert got == {int(h[:16], 16) for h in filled_hashes("seed", 3000)}
+        assert await client.get(prefix + "probe") == b"the probe's value"
+    finally:
+        await client.delete(*[n async for n in client.scan_iter(match=prefix + "*")])
+        await client.aclose()
