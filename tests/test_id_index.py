@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 
 from gateway.keytable.record import KeyRecord, digest, generate, new_id
 from gateway.keytable.store import AuditEntry, KeyStore
+from gateway.runtime.replica import _migrate_audit
 from tests.conftest import Gateway, RedisProcess
 from tests.test_known_scale import FILL, filled_hashes
 
@@ -227,3 +228,31 @@ async def test_a_scan_stopped_midway_leaves_no_reply_for_the_next_command_on_its
     finally:
         await client.delete(*[n async for n in client.scan_iter(match=prefix + "*")])
         await client.aclose()
+
+
+async def test_a_replica_started_beside_one_of_the_version_before_moves_the_ids_once_it_is_gone(
+    gw: Gateway, redis: Redis
+) -> None:
+    """The startup task (runtime/replica.py) tries again while a replica of the version before is live."""
+    store: KeyStore = gw.replica.store
+    prefix = store.prefix
+    await moved(redis, prefix)
+    await redis.delete(prefix + "ids-bucketed")
+    old = await write_old_record(redis, prefix, "old")
+    await redis.zadd(prefix + "replicas", {"r_old": time.time() * 1000 + 60_000})
+    task = asyncio.create_task(_migrate_audit(store, gw.replica.lookup.known, gw.replica.replica_id, retry=0.02))
+    try:
+        readers = prefix + "id-readers"
+        deadline = time.monotonic() + 5
+        while not await redis.hexists(readers, gw.replica.replica_id):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # several tries
+        assert not task.done() and not await redis.exists(prefix + "ids-bucketed")
+        assert await redis.get(prefix + "id:" + old.id) == old.hash.encode()
+        await redis.zrem(prefix + "replicas", "r_old")
+        await asyncio.wait_for(task, 5)
+    finally:
+        task.cancel()
+    assert not await redis.exists(prefix + "id:" + old.id)
+    assert (await store.get_by_id(old.id)) == old
