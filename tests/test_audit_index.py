@@ -61,8 +61,9 @@ async def test_a_keys_trail_is_in_the_global_stream_and_the_index_with_no_redis_
                 assert r.status == 200, await r.text()
     prefix = prefix_of(gw)
     names = {name.decode() async for name in redis.scan_iter(match=prefix + "*", count=1000)}
-    for key in (a, b):  # the record's id index is the only name with the id in it
-        assert {n for n in names if key["id"] in n} == {prefix + "id:" + key["id"]}, names
+    for key in (a, b):  # no name has the id in it but P id:<id>, written only while the id index's
+        # migration has not run (tests/test_id_index.py)
+        assert {n for n in names if key["id"] in n} <= {prefix + "id:" + key["id"]}, names
     assert not [n for n in names if n.startswith(prefix + "audit:")]
 
     trail = await key_audit(gw, a["id"], limit=2)  # four pages

@@ -2,7 +2,15 @@
 
 Layout, every name under `redis.prefix` (P):
   P k:<sha256>       record JSON (the request path's one GET)
-  P id:<id>          sha256 of the key with that id
+  P idix:<4 hex>     which key has an id: 65,536 hashes bucketed by the first 4 hex digits of
+                     SHA-1(key id), as the audit index is: field <id> = the key's SHA-256, its 32
+                     bytes (not hex). ~70 bytes a key at 1M keys where a string per id cost ~170,
+                     and half as many Redis keys for the key filter's SCAN to walk (docs/scale.md).
+  P id:<id>          the same as a string (hex): the layout before idix, still read (after idix),
+                     written beside idix only until `P ids-bucketed` is set, moved into idix by
+                     `migrate_ids` once no replica of an earlier version is live.
+  P ids-bucketed     set when writes stopped writing P id:<id> ("moving"; "moved <time>" once
+                     every earlier P id:<id> was moved). P id-readers: replicas that read idix.
   P ids              sorted set of ids by creation time (listing)
   P owner:<owner>    sorted set of that owner's ids by creation time
   P audit            stream of every change (never trimmed: the audit trail is complete)
@@ -211,31 +219,40 @@ class KeyStore:
     async def hash_prefixes(self, count: int = 5000) -> AsyncIterator[Prefixes]:
         """Every key hash in the table as its first 64 bits, a SCAN reply at a time (the key filter's
         rebuild at scale; what `hashes` returns, with the same guarantee). Names are decoded with
-        numpy, and each reply while Redis already works on the next SCAN: on a 1M-key table the
-        scan takes about Redis's own SCAN time. `count`: SCAN's COUNT, the buckets Redis walks a
-        call (about 3-6 ms of its time at 5,000 on this machine, docs/scale.md)."""
+        numpy, and each reply while Redis already works on the next SCAN (sent before the decode):
+        on a 1M-key table the scan takes Redis's own SCAN time plus ~0.3 s. `count`: SCAN's COUNT,
+        the buckets Redis walks a call (about 5-8 ms of its time at 5,000 on this machine,
+        docs/scale.md)."""
         head = self._k("").encode()
-        size = len(head) + 64
-        pattern = _glob_escape(self._k("")) + "*"
-        pending = asyncio.ensure_future(self.redis.scan(0, match=pattern, count=count))
+        command = ("SCAN", "MATCH", _glob_escape(self._k("")) + "*", "COUNT", count)
+        # A connection of its own, driven by hand: the next SCAN is on the wire before this reply is
+        # decoded (with `await redis.scan()` in a task it went out only once the decode was done).
+        pool = self.redis.connection_pool
+        connect = cast(Callable[..., Awaitable[Any]], pool.get_connection)
         try:
+            conn = await connect()  # redis-py >= 5.3 (which deprecates its arguments)
+        except TypeError:
+            conn = await connect("SCAN")  # before 5.3 the command's name is required
+        in_flight = False
+        try:
+            await conn.send_command(command[0], 0, *command[1:])
+            in_flight = True
             while True:
-                cursor, names = await pending
+                cursor, names = await conn.read_response()
+                in_flight = False
                 if int(cursor) != 0:
-                    pending = asyncio.ensure_future(self.redis.scan(cursor, match=pattern, count=count))
-                fitting = [raw for raw in (as_bytes(name) for name in names) if len(raw) == size]
-                if fitting:
-                    rows = np.frombuffer(b"".join(fitting), dtype=np.uint8).reshape(-1, size)[:, len(head) :]
-                    nibbles = _NIBBLE[rows]
-                    valid = (nibbles < 16).all(axis=1)  # lowercase hex only, as SHA256_HEX: not ours otherwise
-                    yield (nibbles[valid, :16].astype(np.uint64) << _SHIFTS).sum(axis=1, dtype=np.uint64)
+                    await conn.send_command(command[0], cursor, *command[1:])
+                    in_flight = True
+                batch = _prefixes(names, len(head))
+                if len(batch):
+                    yield batch
                 if int(cursor) == 0:
                     return
         finally:
-            if not pending.done():  # the consumer stopped early (a break): the SCAN in flight goes
-                pending.cancel()
-                with contextlib.suppress(BaseException):
-                    await pending
+            if in_flight:  # stopped early (a break, an error): a reply may come that no one reads
+                with contextlib.suppress(Exception):
+                    await conn.disconnect()
+            await pool.release(conn)
 
     async def checkpoint(self) -> Checkpoint | None:
         """Where the change log stands now (see KnownKeys.checkpoint): the global audit stream,
@@ -287,23 +304,43 @@ class KeyStore:
         ordered = sorted(key_ids)
         hashes: list[str] = []
         for start in range(0, len(ordered), 1000):
-            found = await self.redis.mget([self._id(i) for i in ordered[start : start + 1000]])
-            hashes += [h for h in (as_text(v) for v in found if v is not None) if SHA256_HEX.fullmatch(h)]
+            hashes += [h for h in await self._hashes_of(ordered[start : start + 1000]) if h is not None]
         return hashes
 
     async def get_by_id(self, key_id: str) -> KeyRecord | None:
-        key_hash = await self.redis.get(self._id(key_id))
-        if key_hash is None:
-            return None
-        return await self.get_by_hash(as_text(key_hash))
+        raw = await self._raw_by_id(key_id)
+        return None if raw is None else KeyRecord.from_json(raw[1])
 
     async def record_by_id(self, key_id: str) -> KeyRecord | Unreadable | None:
         """The record with this id for the admin API: one that does not decode is `Unreadable`."""
-        key_hash = await self.redis.get(self._id(key_id))
-        if key_hash is None:
+        raw = await self._raw_by_id(key_id)
+        return None if raw is None else _decoded(key_id, raw[1])
+
+    async def _raw_by_id(self, key_id: str) -> tuple[str, bytes | str] | None:
+        """(hash, stored JSON) of the key with this id, either layout (idix, else P id:<id>): one
+        round trip; None when no such id or its record is gone."""
+        read = await self._read_by_id(args=[self.prefix, key_id])
+        if not read or not read[1]:
             return None
-        raw = await self.redis.get(self._k(as_text(key_hash)))
-        return None if raw is None else _decoded(key_id, raw)
+        return as_text(read[0]), read[1]
+
+    async def _hashes_of(self, key_ids: list[str]) -> list[str | None]:
+        """The key hash of each id, either layout (idix first, then P id:<id>), one pipelined round
+        trip; None where there is no such id (or what is stored is not a key hash)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key_id in key_ids:
+                pipe.hget(self.id_index(key_id), key_id)
+                pipe.get(self._id(key_id))
+            replies = await pipe.execute()
+        out: list[str | None] = []
+        for bucketed, legacy in zip(replies[::2], replies[1::2], strict=True):
+            if bucketed is not None and len(raw := as_bytes(bucketed)) == 32:
+                out.append(raw.hex())
+            elif legacy is not None and SHA256_HEX.fullmatch(text := as_text(legacy)):
+                out.append(text)
+            else:
+                out.append(None)
+        return out
 
     async def page(
         self,
@@ -330,8 +367,8 @@ class KeyStore:
             ids = [as_text(i) for i in page]
             if not ids:
                 return out, None
-            hashes = await self.redis.mget([self._id(i) for i in ids])
-            present = [(i, as_text(h)) for i, h in zip(ids, hashes, strict=True) if h is not None]
+            hashes = await self._hashes_of(ids)
+            present = [(i, h) for i, h in zip(ids, hashes, strict=True) if h is not None]
             raws = await self.redis.mget([self._k(h) for _, h in present]) if present else []
             by_id = {i: raw for (i, _), raw in zip(present, raws, strict=True)}
             kept = await keep(ids) if keep is not None else None
@@ -400,7 +437,11 @@ class KeyStore:
 
     def audit_index(self, key_id: str) -> str:
         """The hash holding `key_id`'s entry ids (the bucket _AUDIT_INDEXED computes alike)."""
-        return f"{self.prefix}auditix:{hashlib.sha1(key_id.encode(), usedforsecurity=False).hexdigest()[:4]}"
+        return f"{self.prefix}auditix:{_bucket(key_id)}"
+
+    def id_index(self, key_id: str) -> str:
+        """The hash holding `key_id`'s key hash (the bucket the change scripts' insert() computes alike)."""
+        return f"{self.prefix}idix:{_bucket(key_id)}"
 
     def _old_audit(self, key_id: str) -> str:
         return f"{self.prefix}audit:{key_id}"
@@ -422,6 +463,39 @@ class KeyStore:
             key_id = as_text(name)[start:]
             moved += int(await self.redis.eval(_MIGRATE_AUDIT, 2, name, self.audit_index(key_id), key_id))
         await self.redis.set(done, rfc3339(time.time()) or "")
+        return moved
+
+    async def migrate_ids(self, replica_id: str) -> int | None:
+        """Move every `P id:<id>` of the layout before the id index into it; how many were moved, or
+        None when not now: a live replica has not declared that it reads the index (an earlier
+        version, which reads only `P id:<id>`), so the writes go on writing both; try again later.
+
+        The first step declares this replica a reader (`P id-readers`) and, in the same script, if
+        every live replica is one, sets `P ids-bucketed`: from then on writes write only the index.
+        Then a SCAN moves each earlier `P id:<id>` (one script a SCAN reply: into the index unless
+        it has the id already, then deleted). A complete pass marks `P ids-bucketed` "moved", and
+        later starts skip the scan. Idempotent, safe on several replicas at once and while keys
+        are written: the index is read first and `P id:<id>` after it, so either layout answers."""
+        marker = self.prefix + "ids-bucketed"
+        state = await self.redis.eval(
+            _IDS_GATE, 3, self.prefix + "replicas", self.prefix + "id-readers", marker, replica_id
+        )
+        if as_text(state).startswith("moved"):
+            return 0
+        if as_text(state) != "moving":
+            return None
+        head = self.prefix + "id:"
+        moved = 0
+        cursor = 0
+        while True:
+            reply, names = await self.redis.scan(cursor, match=_glob_escape(head) + "*", count=1000)
+            cursor = int(reply)
+            if names:
+                moved += int(await self.redis.eval(_MIGRATE_IDS, len(names), *names, self.prefix, len(head)))
+            if int(cursor) == 0:
+                break
+        await self.redis.set(marker, "moved " + (rfc3339(time.time()) or ""))
+        await self.redis.delete(self.prefix + "id-readers")
         return moved
 
     async def announce(self, announcer: Announcer, keys: list[tuple[str, int]]) -> None:
@@ -450,11 +524,12 @@ class KeyStore:
         effects = SideEffects()
         if also is not None:
             also(effects)
-        args = [self.prefix, *self._record_args(record), self._audit_args(audit)]
+        *fields, raw_hash = self._record_args(record)
+        args = [self.prefix, *fields, self._audit_args(audit)]
         async with self._writing() as client:
             # A negative answer cached anywhere for this hash must go too.
             message = announcer.message([(record.hash, record.version)])
-            reply = await self._create(args=[*args, message, effects.encoded()], client=client)
+            reply = await self._create(args=[*args, message, effects.encoded(), raw_hash], client=client)
             if not int(reply[0]):
                 return False
             await self._durable()
@@ -474,7 +549,7 @@ class KeyStore:
         for record, entry in zip(records, audit, strict=True):
             fields = [part for pair in entry.fields(now).items() for part in pair]
             args += [record.hash, record.id, record.to_json(), repr(record.created_at), record.owner or "",
-                     orjson.dumps(fields).decode()]  # fmt: skip
+                     bytes.fromhex(record.hash), orjson.dumps(fields).decode()]  # fmt: skip
         message = announcer.message([(r.hash, r.version) for r in records])
         async with self._writing() as client:
             reply = await self._insert_many(args=[self.prefix, message, *args], client=client)
@@ -533,7 +608,8 @@ class KeyStore:
 
     def _record_args(self, record: KeyRecord) -> list[str | bytes]:
         """A record as _CREATE's and _UPDATE's insert() takes it."""
-        return [record.hash, record.id, record.to_json(), repr(record.created_at), record.owner or ""]
+        return [record.hash, record.id, record.to_json(), repr(record.created_at), record.owner or "",
+                bytes.fromhex(record.hash)]  # fmt: skip
 
     def _audit_args(self, entries: list[AuditEntry]) -> str:
         """Audit entries as the change scripts' audit() takes them: [key id, flat fields] each."""
@@ -586,6 +662,42 @@ redis.call('HSET', KEYS[2], ARGV[1], table.concat(ids, ' '))
 return 1
 """
 
+# The id index's gate (store.migrate_ids): KEYS live replicas (coherence/replicas.py), the readers of
+# the index, P ids-bucketed; ARGV this replica. This replica is declared a reader; then, unless set
+# already, P ids-bucketed is set to "moving" if every live replica is a reader. Its value, or
+# "wait <replica>" naming a live replica that is not (yet) one.
+_IDS_GATE = """
+redis.call('HSET', KEYS[2], ARGV[1], '1')
+local state = redis.call('GET', KEYS[3])
+if state then return state end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')) do
+  if redis.call('HEXISTS', KEYS[2], id) == 0 then return 'wait ' .. id end
+end
+redis.call('SET', KEYS[3], 'moving')
+return 'moving'
+"""
+
+# Earlier P id:<id> strings moved into the id index: KEYS the names (a SCAN reply), ARGV prefix and
+# the length of P id:. A name that is not a string holding a key hash is left alone (not ours).
+_MIGRATE_IDS = """
+local moved = 0
+for _, name in ipairs(KEYS) do
+  if redis.call('TYPE', name).ok == 'string' then
+    local hash = redis.call('GET', name)
+    if #hash == 64 and string.match(hash, '^[0-9a-f]+$') then
+      local id = string.sub(name, tonumber(ARGV[2]) + 1)
+      local raw = string.gsub(hash, '..', function(cc) return string.char(tonumber(cc, 16)) end)
+      redis.call('HSETNX', ARGV[1] .. 'idix:' .. string.sub(redis.sha1hex(id), 1, 4), id, raw)
+      redis.call('DEL', name)
+      moved = moved + 1
+    end
+  end
+end
+return moved
+"""
+
 # A change in one round trip (spec 13: the disable's latency): the write, its audit entries, its
 # announcement, the Redis time and the live replicas (coherence/replicas.py's sorted set and epochs,
 # expired members dropped), all in one script, so the answer can start waiting for acks at once.
@@ -608,9 +720,12 @@ local function announce_and_read(prefix, message)
   end
   return out
 end
-local function insert(prefix, hash, id, json, created, owner)
+-- A new record. `raw`: its hash's 32 bytes, for the id index (P idix:, see store.py); P id:<id>
+-- too until P ids-bucketed is set (a replica of an earlier version, which reads only that, may be live).
+local function insert(prefix, hash, id, json, created, owner, raw)
   redis.call('SET', prefix .. 'k:' .. hash, json)
-  redis.call('SET', prefix .. 'id:' .. id, hash)
+  redis.call('HSET', prefix .. 'idix:' .. string.sub(redis.sha1hex(id), 1, 4), id, raw)
+  if redis.call('EXISTS', prefix .. 'ids-bucketed') == 0 then redis.call('SET', prefix .. 'id:' .. id, hash) end
   redis.call('ZADD', prefix .. 'ids', created, id)
   if owner ~= '' then redis.call('ZADD', prefix .. 'owner:' .. owner, created, id) end
 end
@@ -649,14 +764,15 @@ end
 _ANNOUNCE = _ANNOUNCE_LUA + "return announce_and_read(ARGV[1], ARGV[2])\n"
 
 # A new record: ARGV prefix, hash, id, json, created_at, owner or "", audit entries (JSON list of
-# [key id, fields]), message, side effects. {0} when a record with that hash exists (nothing written).
+# [key id, fields]), message, side effects, the hash's 32 bytes. {0} when a record with that hash
+# exists (nothing written).
 _CREATE = (
     _AUDIT_INDEXED
     + _ANNOUNCE_LUA
     + """
 local prefix = ARGV[1]
 if redis.call('EXISTS', prefix .. 'k:' .. ARGV[2]) == 1 then return {0} end
-insert(prefix, ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+insert(prefix, ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[10])
 side_effects(ARGV[9])
 audit(prefix, ARGV[7])
 return {1, announce_and_read(prefix, ARGV[8])}
@@ -666,16 +782,24 @@ return {1, announce_and_read(prefix, ARGV[8])}
 # Audit entries alone (no record changes): ARGV prefix, entries.
 _APPEND_AUDIT = _AUDIT_INDEXED + _ANNOUNCE_LUA + "audit(ARGV[1], ARGV[2])\nreturn 1\n"
 
-# A record and its id, read together: ARGV prefix, id. nil when no such id.
+# A record and its id, read together: ARGV prefix, id. nil when no such id. The id index (32 bytes,
+# shown as hex), else P id:<id> (the layout before it: tables not yet moved, replicas of an earlier version).
 _READ_BY_ID = """
-local hash = redis.call('GET', ARGV[1] .. 'id:' .. ARGV[2])
+local raw = redis.call('HGET', ARGV[1] .. 'idix:' .. string.sub(redis.sha1hex(ARGV[2]), 1, 4), ARGV[2])
+local hash
+if raw and #raw == 32 then
+  hash = string.gsub(raw, '.', function(c) return string.format('%02x', string.byte(c)) end)
+else
+  hash = redis.call('GET', ARGV[1] .. 'id:' .. ARGV[2])
+end
 if not hash then return false end
 return {hash, redis.call('GET', ARGV[1] .. 'k:' .. hash) or false}
 """
 
 # A change to a record read before, if it is still as read (compare and set): ARGV prefix, hash,
 # the JSON read, the new JSON, audit entries, message, side effects, then an optional record to
-# insert beside it (rotate: hash, id, json, created_at, owner). {0} when the record changed meanwhile.
+# insert beside it (rotate: hash, id, json, created_at, owner, the hash's 32 bytes). {0} when the
+# record changed meanwhile.
 _UPDATE = (
     _AUDIT_INDEXED
     + _ANNOUNCE_LUA
@@ -683,7 +807,7 @@ _UPDATE = (
 local prefix, k = ARGV[1], ARGV[1] .. 'k:' .. ARGV[2]
 if redis.call('GET', k) ~= ARGV[3] then return {0} end
 redis.call('SET', k, ARGV[4])
-if #ARGV >= 12 then insert(prefix, ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[12]) end
+if #ARGV >= 13 then insert(prefix, ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[12], ARGV[13]) end
 side_effects(ARGV[7])
 audit(prefix, ARGV[5])
 return {1, announce_and_read(prefix, ARGV[6])}
@@ -691,8 +815,9 @@ return {1, announce_and_read(prefix, ARGV[6])}
 )
 
 
-# A bulk import's batch (insert_many), atomic: ARGV is the prefix, the announcement, then six values
-# a record (hash, id, record JSON, created_at, owner or "", its audit entry's fields as a JSON list).
+# A bulk import's batch (insert_many), atomic: ARGV is the prefix, the announcement, then seven values
+# a record (hash, id, record JSON, created_at, owner or "", the hash's 32 bytes, its audit entry's
+# fields as a JSON list).
 # A record whose hash exists (or came earlier in the batch) writes nothing. Keys are built here from
 # the prefix: Redis Cluster is not supported (docs/deployment.md).
 _INSERT_MANY = (
@@ -701,14 +826,14 @@ _INSERT_MANY = (
     + """
 local prefix = ARGV[1]
 local added = {}
-for i = 3, #ARGV, 6 do
+for i = 3, #ARGV, 7 do
   local hash, id, json, created, owner = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   if redis.call('EXISTS', prefix .. 'k:' .. hash) == 1 then
     added[#added + 1] = 0
   else
-    insert(prefix, hash, id, json, created, owner)
+    insert(prefix, hash, id, json, created, owner, ARGV[i + 5])
     local bucket = prefix .. 'auditix:' .. string.sub(redis.sha1hex(id), 1, 4)
-    audit_indexed(prefix .. 'audit', bucket, id, cjson.decode(ARGV[i + 5]))
+    audit_indexed(prefix .. 'audit', bucket, id, cjson.decode(ARGV[i + 6]))
     added[#added + 1] = 1
   end
 end
@@ -720,6 +845,27 @@ return {added, announce_and_read(prefix, ARGV[2])}
 _NIBBLE = np.full(256, 255, dtype=np.uint8)  # a lowercase hex digit's value; 255 for any other byte
 _NIBBLE[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16, dtype=np.uint8)
 _SHIFTS = np.arange(60, -4, -4, dtype=np.uint64)  # where each of the first 16 digits goes in 64 bits
+
+
+def _prefixes(names: list[bytes] | list[str], start: int) -> Prefixes:
+    """The first 64 bits of each name's digest (the name less its first `start` characters), for
+    the names that are a record of the table: 64 lowercase hex digits after `start`."""
+    size = start + 64
+    raws = cast(list[bytes], names if not names or isinstance(names[0], bytes) else [as_bytes(n) for n in names])
+    joined = b"".join(raws)  # every name ours, as a rule: one join, no per-name Python work
+    if len(joined) != size * len(raws):  # some other name under the prefix: only those that fit
+        joined = b"".join(raw for raw in raws if len(raw) == size)
+    rows = np.frombuffer(joined, dtype=np.uint8).reshape(-1, size)[:, start:]
+    nibbles = _NIBBLE[rows]
+    valid = (nibbles < 16).all(axis=1)  # lowercase hex only, as SHA256_HEX: not ours otherwise
+    prefixes: Prefixes = (nibbles[valid, :16].astype(np.uint64) << _SHIFTS).sum(axis=1, dtype=np.uint64)
+    return prefixes
+
+
+def _bucket(key_id: str) -> str:
+    """A key id's index bucket (P auditix:, P idix:): the first 4 hex digits of its SHA-1, as the
+    scripts compute it (redis.sha1hex)."""
+    return hashlib.sha1(key_id.encode(), usedforsecurity=False).hexdigest()[:4]
 
 
 def _glob_escape(text: str) -> str:

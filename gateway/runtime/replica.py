@@ -90,7 +90,7 @@ class Replica:
         if self.usage is not None:
             self.usage.start()
         migration = asyncio.get_running_loop().create_task(
-            _migrate_audit(self.store, self.lookup.known), name="audit-migration"
+            _migrate_audit(self.store, self.lookup.known, self.replica_id), name="audit-migration"
         )
         try:
             if self.webhooks is not None:
@@ -115,11 +115,12 @@ _RESTART_SECTIONS = ("listen", "admin", "redis", "cache", "keys", "logging", "li
                      "verify", "webhooks", "usage")  # fmt: skip
 
 
-async def _migrate_audit(store: KeyStore, known: KnownKeys) -> None:
+async def _migrate_audit(store: KeyStore, known: KnownKeys, replica_id: str, retry: float = 30.0) -> None:
     """Per-key audit streams of the layout before the audit index, moved into it (store.py). Best
     effort: until it has run, the audit API reads both layouts, so nothing is lost meanwhile.
     Its SCAN of the whole database waits for the key filter's (a first start on a large table
-    would otherwise take twice as long to be ready), for at most two minutes."""
+    would otherwise take twice as long to be ready), for at most two minutes. Then the same for the
+    key ids (store.migrate_ids), every `retry` seconds while a replica of an earlier version is live."""
     for _ in range(240):
         if not known.enabled or known.ready:
             break
@@ -128,9 +129,21 @@ async def _migrate_audit(store: KeyStore, known: KnownKeys) -> None:
         moved = await store.migrate_audit()
     except Exception as exc:  # Redis down at startup: the next start tries again
         log.warning("audit index migration not run (%s): old per-key streams are read as they are", type(exc).__name__)
-        return
-    if moved:
-        log.info("audit index migration: %d per-key audit stream(s) moved into the index", moved)
+    else:
+        if moved:
+            log.info("audit index migration: %d per-key audit stream(s) moved into the index", moved)
+    # The id index (store.migrate_ids): waits while a replica of an earlier version is live.
+    while True:
+        try:
+            ids = await store.migrate_ids(replica_id)
+        except Exception as exc:  # Redis down: both layouts go on being read and written; next start
+            log.warning("id index migration not run (%s): ids are read from both layouts", type(exc).__name__)
+            return
+        if ids is not None:
+            if ids:
+                log.info("id index migration: %d key id(s) moved into the index", ids)
+            return
+        await asyncio.sleep(retry)
 
 
 async def _cancel(task: asyncio.Task[None], seconds: float = 5.0) -> None:
