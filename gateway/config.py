@@ -33,7 +33,9 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -471,8 +473,12 @@ def _read_secret_files(environ: Mapping[str, str], problems: list[Problem]) -> d
         if var in environ:
             problems.append(Problem(file_var, where, f"set {var} or {file_var}, not both"))
             continue
-        try:
-            with open(where, "rb") as f:
+        try:  # non-blocking: a FIFO or a device must be refused, not block the start until a writer comes
+            fd = os.open(where, os.O_RDONLY | os.O_NONBLOCK)
+            with open(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    problems.append(Problem(file_var, where, "must be a regular file"))
+                    continue
                 data = f.read(MAX_SECRET_FILE + 1)
         except OSError as exc:
             problems.append(Problem(file_var, where, f"cannot be read: {exc.strerror}"))
@@ -504,7 +510,9 @@ def _apply_env(raw: dict[object, object], environ: Mapping[str, str], problems: 
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
-            shown: object = _SECRET if path in _SECRET_PATHS else text
+            # Never the text of a file (a secret's) nor of the token list (argon2id hashes).
+            hidden = path in _SECRET_PATHS or path == ("admin", "tokens") or var.endswith("_FILE")
+            shown: object = _SECRET if hidden else text
             problems.append(Problem(var, shown, "not a valid value"))
             continue
         if path in _VERBATIM_PATHS:
@@ -844,6 +852,8 @@ def parse_sentinel_url(v: str) -> tuple[SentinelConfig, str | None] | _Broken:
     addresses = _sentinels(hosts)
     if isinstance(addresses, _Broken):
         return addresses
+    if at and not credentials.startswith(":"):  # a user would be dropped (there is no redis.username)
+        return _Broken("must not name a user: give the master's password as :<password>@, or in redis.password")
     password = unquote(credentials.partition(":")[2]) or None
     return SentinelConfig(master, addresses, None, scheme.startswith("rediss")), password
 
