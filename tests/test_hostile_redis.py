@@ -9,14 +9,21 @@ and held, so that it stays held.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway import config as config_mod
+from tests.conftest import AdminTokens, free_port
+from tests.sentinel_topology import MASTER_NAME, Topology, topology
 from tests.test_config import SECRET, only_problem, problems_of, valid_raw, write
+from tests.test_lease import recording_upstream
+from tests.test_replicas import Node, gateway_config, start_gateway, stop_gateway
 
 # secrets from files and URLs: never echoed, never a hang ------------------------------------
 
@@ -113,3 +120,77 @@ def test_a_plaintext_admin_token_put_where_the_hashes_go_is_not_echoed(tmp_path:
     problems, text = problems_of(write(tmp_path, valid_raw()), {"GATEWAY_ADMIN_TOKENS_FILE": str(tokens)})
     assert problems
     assert SECRET not in text
+
+
+# real processes: sentinels that do not answer, or answer wrong ---------------------------------
+
+STARTED_WITHIN = 10.0  # seconds from `gateway serve` to listening, whatever the sentinels do
+ANSWERED_WITHIN = 3.0  # seconds a probe, a request or an admin call waits for its 503
+
+
+def sentinel_node(
+    workdir: Path,
+    name: str,
+    upstream_url: str,
+    tokens: AdminTokens,
+    master_name: str,
+    addresses: list[str],
+    **redis: Any,
+) -> Node:
+    raw = gateway_config(upstream_url, tokens, "redis://unused", f"{name}:", health_check_seconds=0.5)
+    section = raw["redis"]
+    del section["url"]
+    section.update(lease_seconds=0.5, sentinel={"master_name": master_name, "sentinels": addresses}, **redis)
+    return start_gateway(workdir, name, raw, tokens)
+
+
+def wait_listening(node: Node, seconds: float) -> float:
+    """Seconds until the admin listener answers /readyz (any status)."""
+    started = time.monotonic()
+    while True:
+        with contextlib.suppress(OSError):
+            node.readyz()
+            return time.monotonic() - started
+        assert node.proc.poll() is None, f"{node.name} exited:\n{node.output()}"
+        assert time.monotonic() - started < seconds, f"{node.name} not listening after {seconds} s:\n{node.output()}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def topo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
+    with topology(tmp_path_factory.mktemp("hostile-redis")) as started:
+        yield started
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["wrong-master-name", "no-sentinel-answers"])
+def test_no_master_to_be_found_fails_closed_in_bounded_time_and_the_log_says_why(
+    tmp_path: Path, admin_tokens: AdminTokens, topo: Topology, where: str
+) -> None:
+    """A typo in the master name, or sentinels that are all down: the gateway must listen soon
+    (a probe can see it), answer 503 (readiness and every key) without forwarding anything, and
+    say in its log what is wrong, without the Redis password."""
+    if where == "wrong-master-name":
+        master, addresses = "gwmastr", topo.addresses
+    else:
+        master, addresses = MASTER_NAME, [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    with recording_upstream() as (upstream_url, arrivals):
+        node = sentinel_node(tmp_path, "gw", upstream_url, admin_tokens, master, addresses, password=SECRET)
+        try:
+            took = wait_listening(node, STARTED_WITHIN)
+            for answer in (
+                lambda: node.readyz() == 503,
+                lambda: node.proxy("gw_" + "a" * 40) == (503, "auth_unavailable"),
+                lambda: node.admin("POST", "/v1/keys", {"name": "x", "owner": "hostile"})[0] == 503,
+            ):
+                asked = time.monotonic()
+                assert answer()
+                assert time.monotonic() - asked < ANSWERED_WITHIN, time.monotonic() - asked
+            assert arrivals.by_key == {}, arrivals.by_key
+            log = node.log.read_text()
+            assert SECRET not in log
+            problems = [line for line in log.splitlines() if '"level":"error"' in line or '"level":"warning"' in line]
+            assert any(master in line and "redis.sentinel" in line for line in problems), (took, log)
+            assert "writes no AOF" not in log, log  # it could not be checked: no claim either way
+        finally:
+            stop_gateway(node)

@@ -62,6 +62,12 @@ async def embedded_or_external(config: Config) -> AsyncIterator[RedisTarget]:
         await embedded.stop()
 
 
+# Each startup look at Redis (persistence, topology) waits this long at most: a Redis that does not
+# answer (no sentinel does, or a master that hangs) must not keep the listeners closed (redis-py
+# retries a refused connection with a backoff of several seconds).
+STARTUP_CHECK_SECONDS = 2.0
+
+
 async def check_topology(redis: Redis, config: Config, persistence: Persistence) -> dict[str, Any]:
     """Role and replicas (INFO replication), logged, with a warning when an acknowledged change
     could be lost: no replica must acknowledge it and Redis does not write an AOF."""
@@ -69,8 +75,8 @@ async def check_topology(redis: Redis, config: Config, persistence: Persistence)
     mode = "embedded" if config.redis.embedded else "sentinel" if config.redis.sentinel else "single"
     topology: dict[str, Any] = {"mode": mode, "min_replicas_acked": wanted}
     try:
-        info = await redis.info("replication")
-    except (RedisError, OSError):
+        info = await asyncio.wait_for(redis.info("replication"), STARTUP_CHECK_SECONDS)
+    except (RedisError, OSError, TimeoutError):
         info = {}
     topology["role"] = str(info.get("role", "unknown"))
     replicas = info.get("connected_slaves")
@@ -78,8 +84,9 @@ async def check_topology(redis: Redis, config: Config, persistence: Persistence)
     log.info("redis topology: %s, role %s, %s replica(s) connected, changes wait for %d",
              mode, topology["role"], topology["replicas"], wanted, extra={"redis_topology": topology})  # fmt: skip
     if wanted == 0 and persistence != "aof":
+        aof = "Redis writes no AOF" if persistence == "off" else "Redis's AOF could not be checked"
         topology["warning"] = (
-            "an acknowledged change can be lost: Redis writes no AOF and redis.min_replicas_acked is 0 "
+            f"an acknowledged change can be lost: {aof} and redis.min_replicas_acked is 0 "
             "(a restart or failover forgets the latest changes)"
         )
     elif isinstance(topology["replicas"], int) and topology["replicas"] < wanted:
@@ -92,14 +99,15 @@ async def check_topology(redis: Redis, config: Config, persistence: Persistence)
     return topology
 
 
-async def check_persistence(redis: Redis) -> Persistence:
-    """'aof', 'off' or 'unknown' (CONFIG refused, as managed Redis often does); logged."""
+async def check_persistence(redis: Redis, config: Config | None = None) -> Persistence:
+    """'aof', 'off' or 'unknown' (CONFIG refused, as managed Redis often does, or no answer); logged."""
     try:
-        reply = await redis.config_get("appendonly")
+        reply = await asyncio.wait_for(redis.config_get("appendonly"), STARTUP_CHECK_SECONDS)
     except ResponseError:
         log.info("redis persistence cannot be checked (CONFIG GET not allowed); make sure AOF is on")
         return "unknown"
-    except (RedisError, OSError):
+    except (RedisError, OSError, TimeoutError) as exc:
+        _no_answer(exc, config)
         return "unknown"
     settings = {as_text(k): as_text(v) for k, v in cast(dict[Any, Any], reply).items()}
     value = settings.get("appendonly")
@@ -110,6 +118,21 @@ async def check_persistence(redis: Redis) -> Persistence:
         "can be lost if Redis restarts; turn on appendonly with appendfsync always or everysec"
     )
     return "off"
+
+
+def _no_answer(exc: BaseException, config: Config | None) -> None:
+    """Why Redis did not answer at startup, for the operator: the error's type only (its text may
+    name an address from a URL that holds a password) and the settings to look at."""
+    sentinel = config.redis.sentinel if config is not None else None
+    where = (
+        "redis.url and redis.password"
+        if sentinel is None
+        else f"redis.sentinel (master_name {sentinel.master_name!r}, the sentinels' addresses, the passwords)"
+    )
+    log.error(
+        "redis does not answer at startup (%s): readiness and every key answer 503 until it does; check %s",
+        type(exc).__name__, where,
+    )  # fmt: skip
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
@@ -171,7 +194,7 @@ async def _serve_replica(
     writer: Redis | None = None,
 ) -> None:
     replica = build(config, redis, listener, writer=writer)
-    replica.api.persistence = await check_persistence(redis)
+    replica.api.persistence = await check_persistence(redis, config)
     log.info("redis persistence: %s", replica.api.persistence)
     replica.api.topology = await check_topology(redis, config, replica.api.persistence)
     drain = config.lifecycle.drain_seconds
