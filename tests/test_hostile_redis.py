@@ -10,20 +10,36 @@ and held, so that it stays held.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
+import yaml
 
 from gateway import config as config_mod
-from tests.conftest import AdminTokens, free_port
+from tests.conftest import AdminTokens, RedisProcess, free_port
+from tests.kernel_stamps import stamped_call
 from tests.sentinel_topology import MASTER_NAME, Topology, topology
 from tests.test_config import SECRET, only_problem, problems_of, valid_raw, write
 from tests.test_lease import recording_upstream
-from tests.test_replicas import Node, gateway_config, start_gateway, stop_gateway
+from tests.test_replicas import (
+    Node,
+    base_env,
+    gateway_config,
+    request,
+    start_gateway,
+    stop_gateway,
+    wait_ready,
+    wait_until,
+)
 
 # secrets from files and URLs: never echoed, never a hang ------------------------------------
 
@@ -192,5 +208,148 @@ def test_no_master_to_be_found_fails_closed_in_bounded_time_and_the_log_says_why
             problems = [line for line in log.splitlines() if '"level":"error"' in line or '"level":"warning"' in line]
             assert any(master in line and "redis.sentinel" in line for line in problems), (took, log)
             assert "writes no AOF" not in log, log  # it could not be checked: no claim either way
+        finally:
+            stop_gateway(node)
+
+
+@contextlib.contextmanager
+def frozen(procs: list[subprocess.Popen[bytes]]) -> Iterator[None]:
+    """SIGSTOP these processes (hung, not dead: their sockets accept and never answer); SIGCONT after."""
+    for proc in procs:
+        proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGCONT)
+
+
+def sentinel_procs(topo: Topology) -> list[subprocess.Popen[bytes]]:
+    procs = [s.proc for s in topo.sentinels]
+    assert all(p is not None for p in procs)
+    return [p for p in procs if p is not None]
+
+
+@pytest.mark.slow
+def test_hung_sentinels_at_startup_and_at_runtime_never_let_a_disabled_key_through(
+    tmp_path: Path, admin_tokens: AdminTokens, topo: Topology
+) -> None:
+    """The first sentinel listed hangs from the start: the gateway asks the next and becomes ready.
+    Then every sentinel hangs and the subscription breaks (CLIENT KILL on the master): the gateway
+    cannot ask where the master is, so it must not trust its cache; a disable made meanwhile is in
+    force at once, and nothing with that key reaches the upstream after the answer. Once the
+    sentinels answer again the gateway is ready again, without a restart."""
+    hung_first = sentinel_procs(topo)[:1]
+    with recording_upstream() as (upstream_url, arrivals), frozen(hung_first):
+        node = sentinel_node(tmp_path, "hung", upstream_url, admin_tokens, MASTER_NAME, topo.addresses)
+        try:
+            wait_ready(node, 15)
+            status, key = node.admin("POST", "/v1/keys", {"name": "hung", "owner": "hostile"})
+            assert status == 201, key
+            assert node.proxy(key["key"]) == (200, None)
+            with frozen(sentinel_procs(topo)[1:]):
+                assert node.proxy(key["key"]) == (200, None)  # a healthy master needs no sentinel
+                with redis.Redis(port=topo.master.port, socket_timeout=2) as master:
+                    assert int(master.client_kill_filter(_type="pubsub")) >= 1
+                wait_until(lambda: node.readyz() == 503, 5, "readiness never went 503 without a subscription")
+                answer = stamped_call(
+                    "POST",
+                    f"{node.admin_url}/v1/keys/{key['id']}/disable",
+                    {"Authorization": f"Bearer {admin_tokens.developer}", "Content-Type": "application/json"},
+                    json.dumps({"reason": "hostile"}).encode(),
+                )
+                status = answer.status
+                assert status in (200, 503), answer
+                for _ in range(20):
+                    assert node.proxy(key["key"])[0] in (403, 503)
+            wait_ready(node, 15)
+            if status != 200:
+                status, body = node.admin("POST", f"/v1/keys/{key['id']}/disable", {"reason": "hostile"})
+                assert status == 200, body
+            assert node.proxy(key["key"]) == (403, "key_disabled")
+            # Both moments stamped by the kernel as the bytes arrived (tests/kernel_stamps.py).
+            assert [at for at in arrivals.of(key["id"]) if at > answer.stamp] == []
+        finally:
+            stop_gateway(node)
+
+
+# secrets in what the gateway shows ------------------------------------------------------------
+
+
+def shown_everywhere(node: Node) -> str:
+    """Everything an operator or a scraper can read from a running gateway, and its log."""
+    texts = [node.log.read_text()]
+    for path in ("/readyz", "/healthz", "/metrics"):
+        with contextlib.suppress(OSError):
+            texts.append(request("GET", node.admin_url + path)[1].decode())
+    with contextlib.suppress(OSError, ValueError):
+        texts.append(json.dumps(node.admin("GET", "/v1/status", role="viewer")[1]))
+    return "\n".join(texts)
+
+
+@pytest.mark.slow
+def test_the_redis_password_is_never_shown_right_or_wrong(tmp_path: Path, admin_tokens: AdminTokens) -> None:
+    """A password-protected Redis: the right password in the URL, from a *_FILE; then a wrong one,
+    and a Sentinel topology that wants none. No log line, page, metric or status shows either; the
+    wrong one is a clear 503 and a log line saying authentication failed."""
+    right, wrong = "Right" + SECRET, "Wrong" + SECRET
+    server = RedisProcess(free_port(), tmp_path / "redis")
+    server.start()
+    try:
+        with redis.Redis(port=server.port, socket_timeout=2) as client:
+            client.config_set("requirepass", right)
+        with recording_upstream() as (upstream_url, _):
+            password_file = tmp_path / "password"
+            for name, password in (("right", right), ("wrong", wrong)):
+                password_file.write_text(password + "\n")
+                raw = gateway_config(upstream_url, admin_tokens, server.url, f"{name}:", health_check_seconds=0.5)
+                node = start_gateway(tmp_path, name, raw, admin_tokens,
+                                     env={"GATEWAY_REDIS_PASSWORD_FILE": str(password_file)})  # fmt: skip
+                try:
+                    if password == right:
+                        wait_ready(node, 15)
+                        status, key = node.admin("POST", "/v1/keys", {"name": "pw", "owner": "hostile"})
+                        assert status == 201, key
+                        assert node.proxy(key["key"]) == (200, None)
+                    else:
+                        wait_listening(node, STARTED_WITHIN)
+                        assert node.readyz() == 503
+                        assert node.proxy("gw_" + "b" * 40) == (503, "auth_unavailable")
+                        assert "AuthenticationError" in node.log.read_text(), node.output()
+                    seen = shown_everywhere(node)
+                    assert right not in seen and wrong not in seen
+                finally:
+                    stop_gateway(node)
+            # The URL form, with the password in it, through check-config with another problem.
+            raw = gateway_config(upstream_url, admin_tokens, f"redis://:{right}@127.0.0.1:{server.port}/0", "x:")
+            raw["redis"]["health_check_seconds"] = 0
+            config = tmp_path / "bad.yaml"
+            config.write_text(yaml.safe_dump(raw))
+            checked = subprocess.run(
+                [sys.executable, "-m", "gateway", "check-config", "--config", str(config)],
+                capture_output=True, text=True, env=base_env(), timeout=30,
+            )  # fmt: skip
+            assert checked.returncode == 2, checked
+            assert "health_check_seconds" in checked.stderr
+            assert right not in checked.stdout + checked.stderr
+    finally:
+        server.kill()
+
+
+@pytest.mark.slow
+def test_a_password_the_sentinels_servers_do_not_want_is_harmless_and_never_shown(
+    tmp_path: Path, admin_tokens: AdminTokens, topo: Topology
+) -> None:
+    """redis-py sends AUTH and goes on when the server has no password (Redis answers that none is
+    configured): the gateway works; the password is in nothing it shows."""
+    with recording_upstream() as (upstream_url, _):
+        node = sentinel_node(tmp_path, "nopw", upstream_url, admin_tokens, MASTER_NAME, topo.addresses,
+                             password=SECRET)  # fmt: skip
+        try:
+            wait_ready(node, 15)
+            status, key = node.admin("POST", "/v1/keys", {"name": "nopw", "owner": "hostile"})
+            assert status == 201, key
+            assert node.proxy(key["key"]) == (200, None)
+            assert SECRET not in shown_everywhere(node)
         finally:
             stop_gateway(node)
