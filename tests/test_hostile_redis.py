@@ -353,3 +353,65 @@ def test_a_password_the_sentinels_servers_do_not_want_is_harmless_and_never_show
             assert SECRET not in shown_everywhere(node)
         finally:
             stop_gateway(node)
+
+
+# min_replicas_acked against the replicas there are ---------------------------------------------
+
+
+@pytest.mark.slow
+def test_more_replicas_wanted_than_exist_is_warned_and_every_change_is_a_bounded_503(
+    tmp_path: Path, admin_tokens: AdminTokens, topo: Topology
+) -> None:
+    with recording_upstream() as (upstream_url, _):
+        node = sentinel_node(tmp_path, "more", upstream_url, admin_tokens, MASTER_NAME, topo.addresses,
+                             min_replicas_acked=3, min_replicas_timeout_seconds=0.3)  # fmt: skip
+        try:
+            wait_ready(node, 15)
+            ready = json.loads(request("GET", node.admin_url + "/readyz")[1])
+            assert ready["topology"]["replicas"] == 2
+            assert "fewer than redis.min_replicas_acked (3)" in ready["warning"], ready
+            asked = time.monotonic()
+            answer = stamped_call(
+                "POST", f"{node.admin_url}/v1/keys",
+                {"Authorization": f"Bearer {admin_tokens.developer}", "Content-Type": "application/json"},
+                json.dumps({"name": "more", "owner": "hostile"}).encode(),
+            )  # fmt: skip
+            assert time.monotonic() - asked < 2.0
+            assert answer.status == 503, answer
+            assert json.loads(answer.body)["error"]["code"] == "store_unavailable"
+            assert answer.headers.get("Retry-After") == "1"
+        finally:
+            stop_gateway(node)
+
+
+@pytest.mark.slow
+def test_the_reported_topology_follows_a_lost_replica_instead_of_the_one_seen_at_startup(
+    tmp_path: Path, admin_tokens: AdminTokens
+) -> None:
+    """min_replicas_acked: 2 with two replicas: fine at startup. One replica dies: every change now
+    answers 503, and /v1/status and /readyz must say so (replicas 1, and the warning), not keep
+    reporting the two replicas seen at startup."""
+    with recording_upstream() as (upstream_url, _), topology(tmp_path / "redis") as own:
+        node = sentinel_node(tmp_path, "lost", upstream_url, admin_tokens, MASTER_NAME, own.addresses,
+                             min_replicas_acked=2)  # fmt: skip
+        try:
+            wait_ready(node, 15)
+            status, report = node.admin("GET", "/v1/status", role="viewer")
+            assert status == 200 and report["redis"]["replicas"] == 2 and "warning" not in report, report
+            own.replicas[0].kill()
+            with redis.Redis(port=own.master.port, socket_timeout=2) as master:
+                wait_until(lambda: master.info("replication")["connected_slaves"] == 1, 10, "replica still connected")
+
+            def reported() -> bool:
+                report = node.admin("GET", "/v1/status", role="viewer")[1]
+                ready = json.loads(request("GET", node.admin_url + "/readyz")[1])
+                return (
+                    report["redis"]["replicas"] == 1
+                    and "fewer than redis.min_replicas_acked (2)" in report.get("warning", "")
+                    and ready["topology"]["replicas"] == 1
+                    and "fewer than redis.min_replicas_acked (2)" in ready.get("warning", "")
+                )
+
+            wait_until(reported, 15, "the status still reports the topology seen at startup")
+        finally:
+            stop_gateway(node)

@@ -66,11 +66,14 @@ async def embedded_or_external(config: Config) -> AsyncIterator[RedisTarget]:
 # answer (no sentinel does, or a master that hangs) must not keep the listeners closed (redis-py
 # retries a refused connection with a backoff of several seconds).
 STARTUP_CHECK_SECONDS = 2.0
+TOPOLOGY_REFRESH_SECONDS = 5.0  # how stale the reported topology may be
 
 
-async def check_topology(redis: Redis, config: Config, persistence: Persistence) -> dict[str, Any]:
-    """Role and replicas (INFO replication), logged, with a warning when an acknowledged change
-    could be lost: no replica must acknowledge it and Redis does not write an AOF."""
+async def check_topology(
+    redis: Redis, config: Config, persistence: Persistence, *, quiet: bool = False
+) -> dict[str, Any]:
+    """Role and replicas (INFO replication), logged unless `quiet`, with a warning when an
+    acknowledged change could be lost: no replica must acknowledge it and Redis does not write an AOF."""
     wanted = config.redis.min_replicas_acked
     mode = "embedded" if config.redis.embedded else "sentinel" if config.redis.sentinel else "single"
     topology: dict[str, Any] = {"mode": mode, "min_replicas_acked": wanted}
@@ -81,8 +84,9 @@ async def check_topology(redis: Redis, config: Config, persistence: Persistence)
     topology["role"] = str(info.get("role", "unknown"))
     replicas = info.get("connected_slaves")
     topology["replicas"] = int(replicas) if isinstance(replicas, int) else None
-    log.info("redis topology: %s, role %s, %s replica(s) connected, changes wait for %d",
-             mode, topology["role"], topology["replicas"], wanted, extra={"redis_topology": topology})  # fmt: skip
+    if not quiet:
+        log.info("redis topology: %s, role %s, %s replica(s) connected, changes wait for %d",
+                 mode, topology["role"], topology["replicas"], wanted, extra={"redis_topology": topology})  # fmt: skip
     if wanted == 0 and persistence != "aof":
         aof = "Redis writes no AOF" if persistence == "off" else "Redis's AOF could not be checked"
         topology["warning"] = (
@@ -94,9 +98,24 @@ async def check_topology(redis: Redis, config: Config, persistence: Persistence)
             f"{topology['replicas']} Redis replica(s) connected, fewer than redis.min_replicas_acked ({wanted}): "
             "every change will answer 503 until enough replicas are in sync"
         )
-    if "warning" in topology:
+    if "warning" in topology and not quiet:
         log.warning("redis: %s", topology["warning"])
     return topology
+
+
+async def follow_topology(replica: Replica, redis: Redis, config: Config) -> None:
+    """The topology /readyz and /v1/status report, again every few seconds: a replica lost (or
+    back) or a failover changes what a change waits for. Logged when it changes."""
+    while True:
+        await asyncio.sleep(TOPOLOGY_REFRESH_SECONDS)
+        topology = await check_topology(redis, config, replica.api.persistence, quiet=True)
+        if topology == replica.api.topology:
+            continue
+        log.info("redis topology now: role %s, %s replica(s) connected", topology["role"], topology["replicas"],
+                 extra={"redis_topology": topology})  # fmt: skip
+        if "warning" in topology and topology["warning"] != replica.api.topology.get("warning"):
+            log.warning("redis: %s", topology["warning"])
+        replica.api.topology = topology
 
 
 async def check_persistence(redis: Redis, config: Config | None = None) -> Persistence:
@@ -208,6 +227,7 @@ async def _serve_replica(
     if config_path is not None:
         loop.add_signal_handler(signal.SIGHUP, reload_routes, replica, config_path)
     drained = False
+    topology: asyncio.Task[None] | None = None
     try:
         async with replica.running():
             await web.TCPSite(admin, config.admin.listen.host, config.admin.listen.port, reuse_port=reuse_port).start()
@@ -217,8 +237,11 @@ async def _serve_replica(
                     listen = config.verify.listen
                     await replica.verify_server.start(listen.host, listen.port, reuse_port=reuse_port)
                 _log_start(config, replica)
+                topology = asyncio.get_running_loop().create_task(follow_topology(replica, redis, config))
                 await stop.wait()
             finally:
+                if topology is not None:
+                    topology.cancel()
                 # Still subscribed while draining: a disable during the drain applies to
                 # requests that arrive on connections that are still open.
                 replica.api.draining = True
