@@ -27,7 +27,7 @@ import yaml
 from gateway import config as config_mod
 from tests.conftest import AdminTokens, RedisProcess, free_port
 from tests.kernel_stamps import stamped_call
-from tests.sentinel_topology import MASTER_NAME, Topology, topology
+from tests.sentinel_topology import MASTER_NAME, SentinelProcess, Topology, topology
 from tests.test_config import SECRET, only_problem, problems_of, valid_raw, write
 from tests.test_lease import recording_upstream
 from tests.test_replicas import (
@@ -179,7 +179,7 @@ def topo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["wrong-master-name", "no-sentinel-answers"])
+@pytest.mark.parametrize("where", ["wrong-master-name", "no-sentinel-answers", "master-refuses"])
 def test_no_master_to_be_found_fails_closed_in_bounded_time_and_the_log_says_why(
     tmp_path: Path, admin_tokens: AdminTokens, topo: Topology, where: str
 ) -> None:
@@ -188,9 +188,17 @@ def test_no_master_to_be_found_fails_closed_in_bounded_time_and_the_log_says_why
     say in its log what is wrong, without the Redis password."""
     if where == "wrong-master-name":
         master, addresses = "gwmastr", topo.addresses
-    else:
+    elif where == "no-sentinel-answers":
         master, addresses = MASTER_NAME, [f"127.0.0.1:{free_port()}" for _ in range(3)]
-    with recording_upstream() as (upstream_url, arrivals):
+    else:  # a sentinel that names a master at an address where nothing listens
+        lone = SentinelProcess(free_port(), tmp_path / "sentinel", free_port())
+        lone.start()
+        wait_until(lambda: answers(lone), 10, "the sentinel did not start")
+        master, addresses = MASTER_NAME, [f"127.0.0.1:{lone.port}"]
+    with contextlib.ExitStack() as stack:
+        if where == "master-refuses":
+            stack.callback(lone.kill)
+        upstream_url, arrivals = stack.enter_context(recording_upstream())
         node = sentinel_node(tmp_path, "gw", upstream_url, admin_tokens, master, addresses, password=SECRET)
         try:
             took = wait_listening(node, STARTED_WITHIN)
@@ -222,6 +230,12 @@ def frozen(procs: list[subprocess.Popen[bytes]]) -> Iterator[None]:
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGCONT)
+
+
+def answers(sentinel: SentinelProcess) -> bool:
+    with contextlib.suppress(redis.RedisError, OSError), sentinel.client() as client:
+        return bool(client.execute_command("SENTINEL", "get-master-addr-by-name", MASTER_NAME))
+    return False
 
 
 def sentinel_procs(topo: Topology) -> list[subprocess.Popen[bytes]]:
@@ -414,4 +428,53 @@ def test_the_reported_topology_follows_a_lost_replica_instead_of_the_one_seen_at
 
             wait_until(reported, 15, "the status still reports the topology seen at startup")
         finally:
+            stop_gateway(node)
+
+
+# a hung master that comes back after the failover ------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_hung_master_that_resumes_after_the_failover_serves_no_stale_key_table(
+    tmp_path: Path, admin_tokens: AdminTokens
+) -> None:
+    """The master hangs (SIGSTOP) while the gateway is idle; the sentinels promote a replica; the
+    gateway resubscribes to the new master and a key is disabled there (acknowledged, WAIT 1). Then
+    the old master wakes up (a VM stall or a long fork ends): until the sentinels demote it, it
+    still holds the old table, with the key enabled. No lookup may read it there: the key must
+    never be forwarded after the disable's answer."""
+    with recording_upstream() as (upstream_url, arrivals), topology(tmp_path / "redis") as own:
+        node = sentinel_node(tmp_path, "resume", upstream_url, admin_tokens, MASTER_NAME, own.addresses,
+                             min_replicas_acked=1)  # fmt: skip
+        try:
+            wait_ready(node, 15)
+            status, key = node.admin("POST", "/v1/keys", {"name": "resume", "owner": "hostile"})
+            assert status == 201, key
+            for _ in range(5):  # connections to the master in the command client's pool, then idle
+                assert node.proxy(key["key"]) == (200, None)
+            old = own.master.port
+            own.freeze_master()
+            wait_until(lambda: own.master_port() not in (None, old), 20, "no failover")
+            wait_until(node.ready, 20, "the gateway did not resubscribe to the new master")
+            answer = stamped_call(
+                "POST", f"{node.admin_url}/v1/keys/{key['id']}/disable",
+                {"Authorization": f"Bearer {admin_tokens.developer}", "Content-Type": "application/json"},
+                json.dumps({"reason": "hostile"}).encode(), timeout=10,
+            )  # fmt: skip
+            for _ in range(20):
+                if answer.status == 200:
+                    break
+                time.sleep(0.2)
+                answer = stamped_call(
+                    "POST", f"{node.admin_url}/v1/keys/{key['id']}/disable",
+                    {"Authorization": f"Bearer {admin_tokens.developer}", "Content-Type": "application/json"},
+                    json.dumps({"reason": "hostile"}).encode(), timeout=10,
+                )  # fmt: skip
+            assert answer.status == 200, answer
+            own.thaw()  # the old master is back, still a master with the old table until demoted
+            seen = [node.proxy(key["key"]) for _ in range(150)]
+            assert (200, None) not in seen, seen
+            assert [at for at in arrivals.of(key["id"]) if at > answer.stamp] == []
+        finally:
+            own.thaw()
             stop_gateway(node)
