@@ -852,7 +852,7 @@ def parse_sentinel_url(v: str) -> tuple[SentinelConfig, str | None] | _Broken:
     addresses = _sentinels(hosts)
     if isinstance(addresses, _Broken):
         return addresses
-    if at and not credentials.startswith(":"):  # a user would be dropped (there is no redis.username)
+    if credentials.partition(":")[0]:  # a user would be dropped (there is no redis.username)
         return _Broken("must not name a user: give the master's password as :<password>@, or in redis.password")
     password = unquote(credentials.partition(":")[2]) or None
     return SentinelConfig(master, addresses, None, scheme.startswith("rediss")), password
