@@ -455,8 +455,9 @@ def parse(text: str, *, source: str = "<config>", environ: Mapping[str, str] | N
 
 
 def _noting_env(problem: Problem, from_env: Mapping[str, str]) -> Problem:
-    """The problem with "(from GATEWAY_X)" after its path when that variable set the value or a parent of it."""
-    for key_path, var in from_env.items():
+    """The problem with "(from GATEWAY_X)" after its path when that variable set the value or a parent of it
+    (or made the section it is in): the variable of the longest such path."""
+    for key_path, var in sorted(from_env.items(), key=lambda item: -len(item[0])):
         if problem.path == key_path or problem.path.startswith((f"{key_path}.", f"{key_path}[")):
             return Problem(f"{problem.path} (from {var})", problem.value, problem.rule)
     return problem
@@ -518,11 +519,13 @@ def _apply_env(raw: dict[object, object], environ: Mapping[str, str], problems: 
         if path in _VERBATIM_PATHS:
             value = text
         node = raw
-        for part in path[:-1]:
+        for depth, part in enumerate(path[:-1], 1):
             child = node.get(part)
             if not _is_table(child):
                 child = {}
                 node[part] = child
+                if depth > 1:  # a section only this variable gives (not a top-level one like `redis`)
+                    applied.setdefault(".".join(path[:depth]), var)
             node = child
         node[path[-1]] = value
         applied[".".join(path)] = var

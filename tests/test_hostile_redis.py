@@ -478,3 +478,20 @@ def test_a_hung_master_that_resumes_after_the_failover_serves_no_stale_key_table
         finally:
             own.thaw()
             stop_gateway(node)
+
+
+def test_a_sentinel_section_made_only_by_the_environment_names_the_variable_in_its_problems(tmp_path: Path) -> None:
+    """GATEWAY_REDIS_SENTINEL_PASSWORD alone (a leftover in a Deployment) makes a redis.sentinel
+    section the file never had: its problems must say which variable made it, and a problem of
+    another variable's value must still name that variable."""
+    problems, text = problems_of(write(tmp_path, valid_raw()), {"GATEWAY_REDIS_SENTINEL_PASSWORD": SECRET})
+    assert {p.path for p in problems} == {
+        "redis.sentinel.master_name (from GATEWAY_REDIS_SENTINEL_PASSWORD)",
+        "redis.sentinel.sentinels (from GATEWAY_REDIS_SENTINEL_PASSWORD)",
+    }, problems
+    assert SECRET not in text
+    problems, _ = problems_of(
+        write(tmp_path, valid_raw()),
+        {"GATEWAY_REDIS_SENTINEL_MASTER_NAME": "gw", "GATEWAY_REDIS_SENTINEL_SENTINELS": "a:1,,b"},
+    )
+    assert [p.path for p in problems] == ["redis.sentinel.sentinels (from GATEWAY_REDIS_SENTINEL_SENTINELS)"]
