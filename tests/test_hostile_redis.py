@@ -495,3 +495,23 @@ def test_a_sentinel_section_made_only_by_the_environment_names_the_variable_in_i
         {"GATEWAY_REDIS_SENTINEL_MASTER_NAME": "gw", "GATEWAY_REDIS_SENTINEL_SENTINELS": "a:1,,b"},
     )
     assert [p.path for p in problems] == ["redis.sentinel.sentinels (from GATEWAY_REDIS_SENTINEL_SENTINELS)"]
+
+
+@pytest.mark.slow
+def test_sentinel_without_min_replicas_acked_is_warned_about_even_with_aof(
+    tmp_path: Path, admin_tokens: AdminTokens, topo: Topology
+) -> None:
+    """Every server of the topology writes an AOF, but AOF does not survive a failover: the
+    promoted replica never had what the master did not pass on. A Sentinel setup that forgot
+    redis.min_replicas_acked must be warned about, at startup and in /readyz."""
+    with recording_upstream() as (upstream_url, _):
+        node = sentinel_node(tmp_path, "noack", upstream_url, admin_tokens, MASTER_NAME, topo.addresses)
+        try:
+            wait_ready(node, 15)
+            ready = json.loads(request("GET", node.admin_url + "/readyz")[1])
+            assert ready["persistence"] == "aof", ready
+            assert "min_replicas_acked" in ready.get("warning", ""), ready
+            assert "failover" in ready["warning"]
+            assert "min_replicas_acked" in node.log.read_text()
+        finally:
+            stop_gateway(node)

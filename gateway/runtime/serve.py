@@ -93,6 +93,11 @@ async def check_topology(
             f"an acknowledged change can be lost: {aof} and redis.min_replicas_acked is 0 "
             "(a restart or failover forgets the latest changes)"
         )
+    elif wanted == 0 and mode == "sentinel":  # AOF does not help: the promoted replica never had it
+        topology["warning"] = (
+            "an acknowledged change can be lost in a failover: redis.min_replicas_acked is 0, so a change the "
+            "master had not yet passed to a replica is gone once Sentinel promotes one (AOF does not help)"
+        )
     elif isinstance(topology["replicas"], int) and topology["replicas"] < wanted:
         topology["warning"] = (
             f"{topology['replicas']} Redis replica(s) connected, fewer than redis.min_replicas_acked ({wanted}): "
