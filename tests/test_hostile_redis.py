@@ -179,7 +179,9 @@ def topo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["wrong-master-name", "no-sentinel-answers", "master-refuses"])
+@pytest.mark.parametrize(
+    "where", ["wrong-master-name", "no-sentinel-answers", "every-sentinel-hangs", "master-refuses"]
+)
 def test_no_master_to_be_found_fails_closed_in_bounded_time_and_the_log_says_why(
     tmp_path: Path, admin_tokens: AdminTokens, topo: Topology, where: str
 ) -> None:
@@ -190,6 +192,8 @@ def test_no_master_to_be_found_fails_closed_in_bounded_time_and_the_log_says_why
         master, addresses = "gwmastr", topo.addresses
     elif where == "no-sentinel-answers":
         master, addresses = MASTER_NAME, [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    elif where == "every-sentinel-hangs":
+        master, addresses = MASTER_NAME, topo.addresses
     else:  # a sentinel that names a master at an address where nothing listens
         lone = SentinelProcess(free_port(), tmp_path / "sentinel", free_port())
         lone.start()
@@ -198,6 +202,8 @@ def test_no_master_to_be_found_fails_closed_in_bounded_time_and_the_log_says_why
     with contextlib.ExitStack() as stack:
         if where == "master-refuses":
             stack.callback(lone.kill)
+        if where == "every-sentinel-hangs":
+            stack.enter_context(frozen(sentinel_procs(topo)))
         upstream_url, arrivals = stack.enter_context(recording_upstream())
         node = sentinel_node(tmp_path, "gw", upstream_url, admin_tokens, master, addresses, password=SECRET)
         try:
