@@ -33,7 +33,9 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -453,8 +455,9 @@ def parse(text: str, *, source: str = "<config>", environ: Mapping[str, str] | N
 
 
 def _noting_env(problem: Problem, from_env: Mapping[str, str]) -> Problem:
-    """The problem with "(from GATEWAY_X)" after its path when that variable set the value or a parent of it."""
-    for key_path, var in from_env.items():
+    """The problem with "(from GATEWAY_X)" after its path when that variable set the value or a parent of it
+    (or made the section it is in): the variable of the longest such path."""
+    for key_path, var in sorted(from_env.items(), key=lambda item: -len(item[0])):
         if problem.path == key_path or problem.path.startswith((f"{key_path}.", f"{key_path}[")):
             return Problem(f"{problem.path} (from {var})", problem.value, problem.rule)
     return problem
@@ -471,8 +474,12 @@ def _read_secret_files(environ: Mapping[str, str], problems: list[Problem]) -> d
         if var in environ:
             problems.append(Problem(file_var, where, f"set {var} or {file_var}, not both"))
             continue
-        try:
-            with open(where, "rb") as f:
+        try:  # non-blocking: a FIFO or a device must be refused, not block the start until a writer comes
+            fd = os.open(where, os.O_RDONLY | os.O_NONBLOCK)
+            with open(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    problems.append(Problem(file_var, where, "must be a regular file"))
+                    continue
                 data = f.read(MAX_SECRET_FILE + 1)
         except OSError as exc:
             problems.append(Problem(file_var, where, f"cannot be read: {exc.strerror}"))
@@ -504,17 +511,21 @@ def _apply_env(raw: dict[object, object], environ: Mapping[str, str], problems: 
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
-            shown: object = _SECRET if path in _SECRET_PATHS else text
+            # Never the text of a file (a secret's) nor of the token list (argon2id hashes).
+            hidden = path in _SECRET_PATHS or path == ("admin", "tokens") or var.endswith("_FILE")
+            shown: object = _SECRET if hidden else text
             problems.append(Problem(var, shown, "not a valid value"))
             continue
         if path in _VERBATIM_PATHS:
             value = text
         node = raw
-        for part in path[:-1]:
+        for depth, part in enumerate(path[:-1], 1):
             child = node.get(part)
             if not _is_table(child):
                 child = {}
                 node[part] = child
+                if depth > 1:  # a section only this variable gives (not a top-level one like `redis`)
+                    applied.setdefault(".".join(path[:depth]), var)
             node = child
         node[path[-1]] = value
         applied[".".join(path)] = var
@@ -844,6 +855,8 @@ def parse_sentinel_url(v: str) -> tuple[SentinelConfig, str | None] | _Broken:
     addresses = _sentinels(hosts)
     if isinstance(addresses, _Broken):
         return addresses
+    if credentials.partition(":")[0]:  # a user would be dropped (there is no redis.username)
+        return _Broken("must not name a user: give the master's password as :<password>@, or in redis.password")
     password = unquote(credentials.partition(":")[2]) or None
     return SentinelConfig(master, addresses, None, scheme.startswith("rediss")), password
 

@@ -60,6 +60,7 @@ def json_response(data: Any, request_id: str, status: int = 200) -> web.Response
 IMPORT_BATCH = 500  # records a bulk import writes in one transaction, under one announcement
 IMPORT_MAX_LINES = 100_000  # lines one bulk import request may carry
 IMPORT_MAX_LINE = 16 * 1024  # bytes one line may take
+READY_PING_SECONDS = 1.0  # /readyz: a Redis that does not answer PING this fast is not ready
 
 
 def _ndjson_response(request_id: str) -> web.StreamResponse:
@@ -783,8 +784,8 @@ class AdminApi:
         request_id = errors.request_id_from(request.headers.get("X-Request-Id"))
         if self.draining:
             return errors.render(Denial("not_ready", "The gateway is shutting down"), request_id)
-        try:
-            ok = await self.store.ping()
+        try:  # bounded: a probe must get its answer, not wait out redis-py's reconnect backoff
+            ok = await asyncio.wait_for(self.store.ping(), READY_PING_SECONDS)
         except Exception:
             ok = False
         if not ok:

@@ -20,7 +20,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import Sentinel
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from gateway.config import RedisConfig, SentinelConfig
@@ -29,6 +29,11 @@ from gateway.config import RedisConfig, SentinelConfig
 CONNECT_TIMEOUT = 1.0
 COMMAND_TIMEOUT = 2.0
 SENTINEL_TIMEOUT = 0.5  # one sentinel's answer; the next one is asked after it
+# A refused connection (no master, no sentinel) is retried this often, this soon: redis-py's default
+# (3 retries, backoff up to 10 s) held an admin write or a /readyz ~11 s before its 503.
+RETRIES = 2
+RETRY_BACKOFF_BASE = 0.05
+RETRY_BACKOFF_CAP = 0.25
 
 
 @dataclass
@@ -68,6 +73,7 @@ class RedisTarget:
 
     def _client(self, **options: Any) -> Redis:
         options.update(socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=COMMAND_TIMEOUT)
+        options.setdefault("retry", Retry(ExponentialBackoff(cap=RETRY_BACKOFF_CAP, base=RETRY_BACKOFF_BASE), RETRIES))
         if self.password is not None:
             options["password"] = self.password
         if self.sentinel is None:
@@ -76,6 +82,7 @@ class RedisTarget:
         sentinel_options: dict[str, Any] = {
             "socket_connect_timeout": SENTINEL_TIMEOUT,
             "socket_timeout": SENTINEL_TIMEOUT,
+            "retry": Retry(NoBackoff(), 0),  # a sentinel that does not answer: the next one is asked
         }
         if self.sentinel.password is not None:
             sentinel_options["password"] = self.sentinel.password

@@ -62,44 +62,76 @@ async def embedded_or_external(config: Config) -> AsyncIterator[RedisTarget]:
         await embedded.stop()
 
 
-async def check_topology(redis: Redis, config: Config, persistence: Persistence) -> dict[str, Any]:
-    """Role and replicas (INFO replication), logged, with a warning when an acknowledged change
-    could be lost: no replica must acknowledge it and Redis does not write an AOF."""
+# Each startup look at Redis (persistence, topology) waits this long at most: a Redis that does not
+# answer (no sentinel does, or a master that hangs) must not keep the listeners closed (redis-py
+# retries a refused connection with a backoff of several seconds).
+STARTUP_CHECK_SECONDS = 2.0
+TOPOLOGY_REFRESH_SECONDS = 5.0  # how stale the reported topology may be
+
+
+async def check_topology(
+    redis: Redis, config: Config, persistence: Persistence, *, quiet: bool = False
+) -> dict[str, Any]:
+    """Role and replicas (INFO replication), logged unless `quiet`, with a warning when an
+    acknowledged change could be lost: no replica must acknowledge it and Redis does not write an AOF."""
     wanted = config.redis.min_replicas_acked
     mode = "embedded" if config.redis.embedded else "sentinel" if config.redis.sentinel else "single"
     topology: dict[str, Any] = {"mode": mode, "min_replicas_acked": wanted}
     try:
-        info = await redis.info("replication")
-    except (RedisError, OSError):
+        info = await asyncio.wait_for(redis.info("replication"), STARTUP_CHECK_SECONDS)
+    except (RedisError, OSError, TimeoutError):
         info = {}
     topology["role"] = str(info.get("role", "unknown"))
     replicas = info.get("connected_slaves")
     topology["replicas"] = int(replicas) if isinstance(replicas, int) else None
-    log.info("redis topology: %s, role %s, %s replica(s) connected, changes wait for %d",
-             mode, topology["role"], topology["replicas"], wanted, extra={"redis_topology": topology})  # fmt: skip
+    if not quiet:
+        log.info("redis topology: %s, role %s, %s replica(s) connected, changes wait for %d",
+                 mode, topology["role"], topology["replicas"], wanted, extra={"redis_topology": topology})  # fmt: skip
     if wanted == 0 and persistence != "aof":
+        aof = "Redis writes no AOF" if persistence == "off" else "Redis's AOF could not be checked"
         topology["warning"] = (
-            "an acknowledged change can be lost: Redis writes no AOF and redis.min_replicas_acked is 0 "
+            f"an acknowledged change can be lost: {aof} and redis.min_replicas_acked is 0 "
             "(a restart or failover forgets the latest changes)"
+        )
+    elif wanted == 0 and mode == "sentinel":  # AOF does not help: the promoted replica never had it
+        topology["warning"] = (
+            "an acknowledged change can be lost in a failover: redis.min_replicas_acked is 0, so a change the "
+            "master had not yet passed to a replica is gone once Sentinel promotes one (AOF does not help)"
         )
     elif isinstance(topology["replicas"], int) and topology["replicas"] < wanted:
         topology["warning"] = (
             f"{topology['replicas']} Redis replica(s) connected, fewer than redis.min_replicas_acked ({wanted}): "
             "every change will answer 503 until enough replicas are in sync"
         )
-    if "warning" in topology:
+    if "warning" in topology and not quiet:
         log.warning("redis: %s", topology["warning"])
     return topology
 
 
-async def check_persistence(redis: Redis) -> Persistence:
-    """'aof', 'off' or 'unknown' (CONFIG refused, as managed Redis often does); logged."""
+async def follow_topology(replica: Replica, redis: Redis, config: Config) -> None:
+    """The topology /readyz and /v1/status report, again every few seconds: a replica lost (or
+    back) or a failover changes what a change waits for. Logged when it changes."""
+    while True:
+        await asyncio.sleep(TOPOLOGY_REFRESH_SECONDS)
+        topology = await check_topology(redis, config, replica.api.persistence, quiet=True)
+        if topology == replica.api.topology:
+            continue
+        log.info("redis topology now: role %s, %s replica(s) connected", topology["role"], topology["replicas"],
+                 extra={"redis_topology": topology})  # fmt: skip
+        if "warning" in topology and topology["warning"] != replica.api.topology.get("warning"):
+            log.warning("redis: %s", topology["warning"])
+        replica.api.topology = topology
+
+
+async def check_persistence(redis: Redis, config: Config | None = None) -> Persistence:
+    """'aof', 'off' or 'unknown' (CONFIG refused, as managed Redis often does, or no answer); logged."""
     try:
-        reply = await redis.config_get("appendonly")
+        reply = await asyncio.wait_for(redis.config_get("appendonly"), STARTUP_CHECK_SECONDS)
     except ResponseError:
         log.info("redis persistence cannot be checked (CONFIG GET not allowed); make sure AOF is on")
         return "unknown"
-    except (RedisError, OSError):
+    except (RedisError, OSError, TimeoutError) as exc:
+        _no_answer(exc, config)
         return "unknown"
     settings = {as_text(k): as_text(v) for k, v in cast(dict[Any, Any], reply).items()}
     value = settings.get("appendonly")
@@ -110,6 +142,21 @@ async def check_persistence(redis: Redis) -> Persistence:
         "can be lost if Redis restarts; turn on appendonly with appendfsync always or everysec"
     )
     return "off"
+
+
+def _no_answer(exc: BaseException, config: Config | None) -> None:
+    """Why Redis did not answer at startup, for the operator: the error's type only (its text may
+    name an address from a URL that holds a password) and the settings to look at."""
+    sentinel = config.redis.sentinel if config is not None else None
+    where = (
+        "redis.url and redis.password"
+        if sentinel is None
+        else f"redis.sentinel (master_name {sentinel.master_name!r}, the sentinels' addresses, the passwords)"
+    )
+    log.error(
+        "redis does not answer at startup (%s): readiness and every key answer 503 until it does; check %s",
+        type(exc).__name__, where,
+    )  # fmt: skip
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
@@ -171,7 +218,7 @@ async def _serve_replica(
     writer: Redis | None = None,
 ) -> None:
     replica = build(config, redis, listener, writer=writer)
-    replica.api.persistence = await check_persistence(redis)
+    replica.api.persistence = await check_persistence(redis, config)
     log.info("redis persistence: %s", replica.api.persistence)
     replica.api.topology = await check_topology(redis, config, replica.api.persistence)
     drain = config.lifecycle.drain_seconds
@@ -185,6 +232,7 @@ async def _serve_replica(
     if config_path is not None:
         loop.add_signal_handler(signal.SIGHUP, reload_routes, replica, config_path)
     drained = False
+    topology: asyncio.Task[None] | None = None
     try:
         async with replica.running():
             await web.TCPSite(admin, config.admin.listen.host, config.admin.listen.port, reuse_port=reuse_port).start()
@@ -194,8 +242,11 @@ async def _serve_replica(
                     listen = config.verify.listen
                     await replica.verify_server.start(listen.host, listen.port, reuse_port=reuse_port)
                 _log_start(config, replica)
+                topology = asyncio.get_running_loop().create_task(follow_topology(replica, redis, config))
                 await stop.wait()
             finally:
+                if topology is not None:
+                    topology.cancel()
                 # Still subscribed while draining: a disable during the drain applies to
                 # requests that arrive on connections that are still open.
                 replica.api.draining = True
