@@ -257,3 +257,48 @@ async def test_a_table_of_the_layout_before_the_index_is_built_by_the_scan(
     assert not any(known_gw.absent(keys.digest(k)) for k in made)
     assert await proxy(gw, made[0]) == (200, None)
     assert len(known_gw) == len(made)
+
+
+async def test_a_read_of_the_index_stopped_midway_leaves_no_reply_for_the_next_command(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled with HVALS replies in flight (a break ends the rebuild task), the index read's
+    connection is closed, not given back to the pool with them unread: one connection in the pool,
+    so the next command would get the same one and read an HVALS reply."""
+    client = Redis(port=redis.connection_pool.connection_kwargs["port"], max_connections=1)
+    prefix = new_prefix()
+    try:
+        await client.set(prefix + "ids-bucketed", "moved test")
+        await client.set(prefix + "probe", "the probe's value")
+        store = KeyStore(client, prefix)
+        real_connection = store._own_connection
+        reading = asyncio.Event()
+
+        async def hooked() -> Any:
+            conn = await real_connection()
+            real_read, count = conn.read_response, 0
+
+            async def read_response(*args: Any, **kwargs: Any) -> Any:
+                nonlocal count
+                count += 1
+                if count == 10:
+                    reading.set()
+                    await asyncio.Event().wait()  # held here until cancelled, replies unread
+                return await real_read(*args, **kwargs)
+
+            conn.read_response = read_response
+            return conn
+
+        monkeypatch.setattr(store, "_own_connection", hooked)
+        task = asyncio.create_task(store.indexed_prefixes())
+        await asyncio.wait_for(reading.wait(), WAIT)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await client.get(prefix + "probe") == b"the probe's value"
+        monkeypatch.undo()
+        assert await store.indexed_prefixes() == []  # an empty table, complete: nothing to hold
+        assert await client.get(prefix + "probe") == b"the probe's value"
+    finally:
+        await client.delete(prefix + "ids-bucketed", prefix + "probe")
+        await client.aclose()

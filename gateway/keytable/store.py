@@ -232,8 +232,12 @@ class KeyStore:
             for batch in indexed:
                 yield batch
             return
-        async for batch in self.scanned_prefixes(count):
-            yield batch
+        scan = self.scanned_prefixes(count)
+        try:
+            async for batch in scan:
+                yield batch
+        finally:  # closed early (a break): the scan's connection is closed now, not when collected
+            await scan.aclose()
 
     async def indexed_prefixes(self, chunk: int = 1024) -> list[Prefixes] | None:
         """Every key hash as its first 64 bits, read from the id index (`HVALS` of its 65,536 buckets,
