@@ -47,7 +47,7 @@ import logging
 import re
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -325,7 +325,7 @@ class KeyStore:
         except TypeError:
             return await connect("SCAN")  # before 5.3 the command's name is required
 
-    async def scanned_prefixes(self, count: int = 5000) -> AsyncIterator[Prefixes]:
+    async def scanned_prefixes(self, count: int = 5000) -> AsyncGenerator[Prefixes, None]:
         """Every key hash in the table as its first 64 bits, a SCAN reply at a time (what `hashes`
         returns, with the same guarantee). Names are decoded with
         numpy, and each reply while Redis already works on the next SCAN (sent before the decode):
