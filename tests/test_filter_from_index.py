@@ -13,7 +13,9 @@ Against the session's real redis-server, and real replicas in process:
   read after the pass is then one more than the fields read: never a false match);
 - keys created on another replica while a replica's full build reads the index are never absent
   from it afterwards (they are announced to it: its delta set), whichever way the build went;
-- a table of the layout before the index (`id:<id>` strings, no index) is still built by the scan.
+- a table of the layout before the index (`id:<id>` strings, no index) is still built by the scan;
+- a table smaller than KeyStore.index_min keys is built by the scan (cheaper there), complete or not;
+- a read of the index cancelled midway leaves no reply on its connection.
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ from gateway.keytable.store import KeyStore
 from tests.conftest import Gateway
 from tests.test_known import WAIT, filter_ready, new_prefix, proxy, random_key, settle, two_replicas, until
 from tests.test_known_scale import made_on, migrations_done, scans
+
+
+@pytest.fixture(autouse=True)
+def index_at_any_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index path at the tables of these tests (below KeyStore.index_min a SCAN is cheaper)."""
+    monkeypatch.setattr(KeyStore, "index_min", 0)
 
 
 async def built(store: KeyStore, *, scan: bool = False) -> KnownKeys:
@@ -296,9 +304,24 @@ async def test_a_read_of_the_index_stopped_midway_leaves_no_reply_for_the_next_c
         with pytest.raises(asyncio.CancelledError):
             await task
         assert await client.get(prefix + "probe") == b"the probe's value"
-        monkeypatch.undo()
+        monkeypatch.setattr(store, "_own_connection", real_connection)
         assert await store.indexed_prefixes() == []  # an empty table, complete: nothing to hold
         assert await client.get(prefix + "probe") == b"the probe's value"
     finally:
         await client.delete(prefix + "ids-bucketed", prefix + "probe")
         await client.aclose()
+
+
+async def test_a_table_smaller_than_index_min_is_built_by_the_scan(
+    gateway_factory: Callable[..., Any], redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw, made = await a_moved_table(gateway_factory, redis)
+    store = KeyStore(redis, gw.replica.store.prefix)
+    monkeypatch.setattr(KeyStore, "index_min", len(made) + 1)
+    before = await scans(redis)
+    known = await built(store)
+    assert store.filter_source == "scan"
+    assert await scans(redis) > before
+    monkeypatch.setattr(KeyStore, "index_min", len(made))
+    assert same(await built(store), known)
+    assert store.filter_source == "index"
