@@ -11,7 +11,9 @@ Layout, every name under `redis.prefix` (P):
                      `migrate_ids` once no replica of an earlier version is live.
   P ids-bucketed     set when writes stopped writing P id:<id> ("moving"; "moved <time>" once
                      every earlier P id:<id> was moved). P id-readers: replicas that read idix.
-  P ids              sorted set of ids by creation time (listing)
+  P ids              sorted set of ids by creation time (listing; every key ever created: the key
+                     filter reads the id index instead of a SCAN when the two agree, see
+                     `indexed_prefixes`)
   P owner:<owner>    sorted set of that owner's ids by creation time
   P audit            stream of every change (never trimmed: the audit trail is complete)
   P auditix:<4 hex>  per-key index of that stream, 65,536 hashes bucketed by the first 4 hex
