@@ -1,17 +1,23 @@
 """A replica's ready time on a large table, started again and again (issue 15: at most 3 s on 1M keys).
 
-Two tables of N keys each on two fresh redis-servers, written directly (not through the gateway,
-which `benchmarks/scale.py` does: minutes for 1M keys), the same keys in both:
+Three tables of N keys each on fresh redis-servers, written directly (not through the gateway,
+which `benchmarks/scale.py` does: minutes for 1M keys), the same keys in each, each with the `ids`
+listing (a sorted set of every id):
 
 - `idix`: this version's layout: `k:<sha256>` records, the id index in 65,536 bucketed hashes
-  (`idix:`), the audit index (`auditix:`, one entry a key);
+  (`idix:`), the audit index (`auditix:`, one entry a key), `ids-bucketed` "moved": the key
+  filter is built from the id index (KeyStore.indexed_prefixes: the index holds every listed id);
+- `idix, scan`: the same layout with `ids-bucketed` "moving" (set again before each start: the
+  id move a replica then runs once its filter is ready would mark it "moved"), so the filter is
+  built by the SCAN of the key space, as before the index path;
 - `id:<id>`: the layout before it, a string `id:<id>` a key instead of `idix:` (twice the Redis
-  keys for the key filter's SCAN to walk; `ids-bucketed` is set so that no replica moves them).
+  keys for the key filter's SCAN to walk; `ids-bucketed` is set so that no replica moves them,
+  and the index, empty, does not match `ids`: the SCAN).
 
 Then `--starts` rounds, each starting one `gateway serve` on each table in turn (interleaved, so
 the machine's other load falls on both alike): seconds from spawn until its admin listener
 answers, and until /metrics shows gateway_key_filter_ready 1 (polled every 10 ms), and Redis's
-own time in SCAN during that start (INFO commandstats). Prints each start, then the medians with
+own time in SCAN and in HVALS during that start (INFO commandstats). Prints each start, then the medians with
 their ranges. `--no-bytecode` starts them with PYTHONDONTWRITEBYTECODE=1 (every start compiles the
 gateway's modules again); by default replicas start with cached bytecode, as an installed
 gateway does.
@@ -44,7 +50,7 @@ def bucket(key_id: str) -> str:
     return hashlib.sha1(key_id.encode(), usedforsecurity=False).hexdigest()[:4]
 
 
-def fill(port: int, n: int, legacy: bool) -> int:
+def fill(port: int, n: int, legacy: bool, marker: str) -> int:
     """N records under the prefix `scale:` (Table's); the Redis keys the table has."""
     r = redis.Redis(port=port)
     pipe = r.pipeline(transaction=False)
@@ -60,17 +66,19 @@ def fill(port: int, n: int, legacy: bool) -> int:
         else:
             pipe.hset(f"scale:idix:{bucket(key_id)}", key_id, bytes.fromhex(key_hash))
         pipe.hset(f"scale:auditix:{bucket(key_id)}", key_id, f"{1_700_000_000_000 + i}-0")
+        pipe.zadd("scale:ids", {key_id: 1.7e9 + i})
         if i % 10_000 == 9_999:
             pipe.execute()
     pipe.execute()
     r.set("scale:audit-moved", "bench")
-    r.set("scale:ids-bucketed", "moved bench")  # no replica moves anything: each table stays as written
+    r.set("scale:ids-bucketed", marker)
     return int(r.dbsize())
 
 
-async def start(table: Table, session: aiohttp.ClientSession) -> tuple[float, float, float]:
-    """(admin up s, filter ready s, Redis SCAN s) of one `gateway serve` on the table."""
+async def start(table: Table, session: aiohttp.ClientSession, marker: str) -> tuple[float, float, float, float]:
+    """(admin up s, filter ready s, Redis SCAN s, Redis HVALS s) of one `gateway serve` on the table."""
     r = redis.Redis(port=table.redis_port)
+    r.set("scale:ids-bucketed", marker)
     r.config_resetstat()
     t0 = time.perf_counter()
     proc, _, admin = table.gateway()
@@ -83,8 +91,10 @@ async def start(table: Table, session: aiohttp.ClientSession) -> tuple[float, fl
                 up = up if up is not None else time.perf_counter() - t0
                 if "gateway_key_filter_ready 1.0" in text:
                     ready = time.perf_counter() - t0
-                    scan = r.info("commandstats").get("cmdstat_scan", {}).get("usec", 0) / 1e6
-                    return up, ready, scan
+                    stats = r.info("commandstats")
+                    scan = stats.get("cmdstat_scan", {}).get("usec", 0) / 1e6
+                    hvals = stats.get("cmdstat_hvals", {}).get("usec", 0) / 1e6
+                    return up, ready, scan, hvals
             except aiohttp.ClientError:
                 pass
             await asyncio.sleep(0.01)
@@ -102,20 +112,23 @@ async def main() -> None:
     parser.add_argument("--starts", type=int, default=3)
     parser.add_argument("--no-bytecode", action="store_true")
     args = parser.parse_args()
-    tables = {"idix": Table(free_port()), "id:<id>": Table(free_port())}
-    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in tables}
+    # name: (table, written in the layout before the index, ids-bucketed before each start)
+    layouts = {"idix": (False, "moved bench"), "idix, scan": (False, "moving"), "id:<id>": (True, "moved bench")}
+    tables = {name: Table(free_port()) for name in layouts}
+    results: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in tables}
     try:
         await asyncio.sleep(0.5)  # the redis-servers start
         for name, table in tables.items():
             table.bytecode = not args.no_bytecode
-            print(f"{name}: {fill(table.redis_port, args.keys, name != 'idix'):,} Redis keys", flush=True)
+            legacy, marker = layouts[name]
+            print(f"{name}: {fill(table.redis_port, args.keys, legacy, marker):,} Redis keys", flush=True)
         async with aiohttp.ClientSession() as session:
             for _ in range(args.starts):
                 for name, table in tables.items():
-                    got = await start(table, session)
+                    got = await start(table, session, layouts[name][1])
                     results[name].append(got)
-                    print(f"  {name}: admin up {got[0]:.2f} s, ready {got[1]:.2f} s, Redis SCAN {got[2]:.2f} s",
-                          flush=True)  # fmt: skip
+                    print(f"  {name}: admin up {got[0]:.2f} s, ready {got[1]:.2f} s, Redis SCAN {got[2]:.2f} s, "
+                          f"HVALS {got[3]:.2f} s", flush=True)  # fmt: skip
     finally:
         for table in tables.values():
             table.stop()
@@ -123,7 +136,7 @@ async def main() -> None:
     for name, rows in results.items():
         cols = [
             f"{label} {statistics.median(v):.2f} s ({min(v):.2f}-{max(v):.2f})"
-            for label, v in zip(("admin up", "ready", "Redis SCAN"), zip(*rows, strict=True), strict=True)
+            for label, v in zip(("admin up", "ready", "Redis SCAN", "HVALS"), zip(*rows, strict=True), strict=True)
         ]
         print(f"  {name}: " + ", ".join(cols))
 

@@ -135,11 +135,16 @@ async def scrape(gw: Gateway) -> dict[str, float]:
 
 
 async def put_records(redis: Redis, prefix: str, hashes: list[str]) -> None:
-    """Key records written straight into the table (no announcement: nobody is told)."""
+    """Key records written straight into the table (no announcement: nobody is told), with their
+    `ids` member and id index field as the gateway writes them: a replica may build its filter from
+    that index once the table's ids are moved (KeyStore.indexed_prefixes)."""
+    store = KeyStore(redis, prefix)
     async with redis.pipeline(transaction=False) as pipe:
         for key_hash in hashes:
             rec = KeyRecord(id=keys.new_id(), hash=key_hash, name="direct", created_at=time.time())
             pipe.set(f"{prefix}k:{key_hash}", rec.to_json())
+            pipe.hset(store.id_index(rec.id), rec.id, bytes.fromhex(key_hash))
+            pipe.zadd(f"{prefix}ids", {rec.id: rec.created_at})
         await pipe.execute()
 
 

@@ -12,8 +12,9 @@ whose lease ran out (a silent subscription) refuses nothing from it. It is built
 after the invalidation subscription is live: from then on every new key is
 announced on the channel (its hash is added as the announcement is handled,
 before the ack, so an admin call that creates a key returns only once every
-live replica knows it), and a SCAN of the table finds every key written
-before. Only when that scan has finished, in the same subscription session,
+live replica knows it), and a full build finds every key written before
+(KeyStore.hash_prefixes: the id index when it is known complete, else a SCAN
+of the table). Only when that scan has finished, in the same subscription session,
 does the set refuse anything. Any break of the subscription stops it refusing
 until a new session has rebuilt it. Keys are never deleted from the table
 (revoked keys stay), so nothing is ever removed from the set.
@@ -23,8 +24,8 @@ sorted numpy array (8 bytes a key), searched by bisection within the run of
 values sharing the hash's top bits (~0.9 us where a set took ~0.5, and only on a
 cache miss), plus a small set of the hashes announced since the array was last
 sorted (~70 bytes each), merged into the array once it holds more than 1/64 of
-it. The rebuild takes the scan in numpy batches (KeyStore.hash_prefixes) and
-sorts once.
+it. The rebuild takes the full build's numpy batches (KeyStore.hash_prefixes)
+and sorts once.
 A resubscription need not scan again: the filter remembers where the change log
 (the global audit stream, appended to in every key change's transaction) stood
 when it was last complete (`checkpoint`, read once the subscription is live and

@@ -11,7 +11,9 @@ Layout, every name under `redis.prefix` (P):
                      `migrate_ids` once no replica of an earlier version is live.
   P ids-bucketed     set when writes stopped writing P id:<id> ("moving"; "moved <time>" once
                      every earlier P id:<id> was moved). P id-readers: replicas that read idix.
-  P ids              sorted set of ids by creation time (listing)
+  P ids              sorted set of ids by creation time (listing; every key ever created: the key
+                     filter reads the id index instead of a SCAN when the two agree, see
+                     `indexed_prefixes`)
   P owner:<owner>    sorted set of that owner's ids by creation time
   P audit            stream of every change (never trimmed: the audit trail is complete)
   P auditix:<4 hex>  per-key index of that stream, 65,536 hashes bucketed by the first 4 hex
@@ -42,10 +44,12 @@ import binascii
 import contextlib
 import hashlib
 import hmac
+import itertools
+import logging
 import re
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -57,6 +61,8 @@ from redis.exceptions import ResponseError
 from gateway.errors import ErrorCode
 from gateway.keytable.keyfilter import Checkpoint, Prefixes
 from gateway.keytable.record import SHA256_HEX, KeyRecord, rfc3339
+
+log = logging.getLogger("gateway.store")
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +159,12 @@ class SideEffects:
 
 
 class KeyStore:
+    # Below this many keys the key filter is built by the SCAN even from a complete id index: the
+    # index read costs ~0.5 s whatever the table's size (65,536 replies, each ~5-8 us of the
+    # gateway's time), the SCAN ~1.5-2 us a Redis key (measured: 100k keys 0.18 s against 0.53-0.69
+    # s; 300k 0.47-0.54 s against 0.56-0.71 s; 1M 1.8-3.0 s against 0.66-0.9 s; docs/scale.md).
+    index_min = 250_000
+
     def __init__(self, redis: Redis, prefix: str, *, durability: Durability | None = None) -> None:
         self.redis = redis
         self.prefix = prefix
@@ -166,6 +178,7 @@ class KeyStore:
         self._update = redis.register_script(_UPDATE)
         self._insert_many = redis.register_script(_INSERT_MANY)
         self._append_audit = redis.register_script(_APPEND_AUDIT)
+        self.filter_source = ""  # what the last hash_prefixes read: "index" (the id index) or "scan"
 
     @contextlib.asynccontextmanager
     async def _writing(self) -> AsyncIterator[Redis]:
@@ -217,8 +230,117 @@ class KeyStore:
                 yield key_hash
 
     async def hash_prefixes(self, count: int = 5000) -> AsyncIterator[Prefixes]:
-        """Every key hash in the table as its first 64 bits, a SCAN reply at a time (the key filter's
-        rebuild at scale; what `hashes` returns, with the same guarantee). Names are decoded with
+        """Every key hash in the table as its first 64 bits, in batches (the key filter's rebuild at
+        scale): every record present when it begins is in them. From the id index when it is known
+        complete (`indexed_prefixes`: ~0.3 s of Redis time for 1M keys), else from a SCAN of the
+        key space (`scanned_prefixes`: 1.4-2 s). `filter_source` says which the last call took."""
+        indexed = await self.indexed_prefixes()
+        self.filter_source = "scan" if indexed is None else "index"
+        if indexed is not None:
+            for batch in indexed:
+                yield batch
+            return
+        scan = self.scanned_prefixes(count)
+        try:
+            async for batch in scan:
+                yield batch
+        finally:  # closed early (a break): the scan's connection is closed now, not when collected
+            await scan.aclose()
+
+    async def indexed_prefixes(self, chunk: int = 1024) -> list[Prefixes] | None:
+        """Every key hash as its first 64 bits, read from the id index (`HVALS` of its 65,536 buckets,
+        `chunk` buckets a pipelined batch, each batch sent before the one before it is decoded, on a
+        connection of its own); None when the index is not known to hold every record, or the table
+        is smaller than `index_min` keys (a SCAN is then cheaper), and the caller must scan instead.
+
+        Known complete: `P ids-bucketed` says "moved" (no `P id:<id>` of the layout before is left
+        to move: without it the index is not read at all), and the fields read equal the members of
+        `P ids`, read by a ZCARD on the same connection after the last HVALS. Why equality proves
+        it, without a race with concurrent writes (docs/scale.md, "The key filter at scale"):
+          - an `ids` member and an index field are only ever added, never removed (keys are never
+            deleted; rotated-away and revoked keys keep both);
+          - every record's id is in `ids` (insert() writes the record, its `ids` member and, from
+            this version on, its index field in one script; every earlier version wrote `ids` too);
+          - every index field names an id in `ids` with its record's hash (insert() writes both;
+            migrate_ids moves `P id:<id>` strings, which insert() wrote beside the `ids` member).
+        So with `fields(t)` the index's fields and `ids(t)` the members at time t, fields(t) is a
+        subset of ids(t), and each bucket only grows: what the pass reads, bucket by bucket at
+        times up to T (the ZCARD's), is at most |fields(T)| <= |ids(T)|. Equality with |ids(T)|
+        therefore means the pass read exactly fields(T) = ids(T): every record there at T, so
+        every record there when the subscription went live (before this began). A record without
+        its field (an earlier version's replica writing only `P id:<id>` after the move, which
+        still adds to `ids`; a field that is not 32 bytes) makes the read short of the count: a
+        mismatch, and the scan. A create during the pass can do the same (its field in a bucket
+        already read, its `ids` member counted): also a mismatch, so a start during a bulk import
+        scans; never a false match. Only writing the index by hand (a field without its `ids`
+        member) could mask a missing one: the Redis structures are the gateway's own (spec), and a
+        record written by hand is found only by the scan (docs/scale.md)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(self.prefix + "ids-bucketed")
+            pipe.zcard(self.prefix + "ids")
+            state, size = await pipe.execute()
+        if state is None or not as_text(state).startswith("moved"):
+            return None
+        if int(size) < self.index_min:  # a small table: its SCAN costs less than 65,536 replies
+            return None
+        # Packed here, each batch one write: redis-py's packing took ~0.4 s of the ~1.5 s on 1M keys.
+        head = f"{self.prefix}idix:".encode()
+        commands = [b"*2\r\n$5\r\nHVALS\r\n$%d\r\n%s%04x\r\n" % (len(head) + 4, head, i) for i in range(_BUCKETS)]
+        chunks = [commands[i : i + chunk] for i in range(0, len(commands), chunk)]
+        sends = [b"".join(part) for part in chunks]
+        # After every HVALS, on the same connection: the count they must match (see above).
+        ids = f"{self.prefix}ids".encode()
+        sends[-1] += b"*2\r\n$5\r\nZCARD\r\n$%d\r\n%s\r\n" % (len(ids), ids)
+        conn = await self._own_connection()
+        pool = self.redis.connection_pool
+        pending = 0  # replies sent for and not yet read
+        batches: list[Prefixes] = []
+        fields = 0
+        try:
+            for n in range(min(2, len(sends))):
+                await conn.send_packed_command(sends[n])
+                pending += len(chunks[n]) + (n == len(sends) - 1)
+            for n, part in enumerate(chunks):
+                replies = []
+                for _ in part:
+                    replies.append(await conn.read_response(disable_decoding=True))
+                    pending -= 1
+                if n + 2 < len(sends):  # two batches in flight: Redis works while this one is decoded
+                    await conn.send_packed_command(sends[n + 2])
+                    pending += len(chunks[n + 2]) + (n + 2 == len(sends) - 1)
+                values = list(itertools.chain.from_iterable(cast(list[list[bytes]], replies)))
+                batch = _index_prefixes(values)
+                fields += len(batch)
+                if len(batch):
+                    batches.append(batch)
+            listed = int(await conn.read_response())
+            pending -= 1
+        except ResponseError as exc:  # a bucket that is not a hash (not written by the gateway)
+            log.warning("key filter: the id index could not be read (%s); scanning the table instead", exc)
+            return None
+        finally:
+            if pending:  # stopped early (a break, an error): replies may come that no one reads
+                with contextlib.suppress(Exception):
+                    await conn.disconnect()
+            await pool.release(conn)
+        if fields != listed:
+            log.info("key filter: the id index holds %d key(s), the table lists %d; scanning the table instead",
+                     fields, listed)  # fmt: skip
+            return None
+        return batches
+
+    async def _own_connection(self) -> Any:
+        """A connection of the command client's pool, driven by hand (given back with pool.release)."""
+        pool = self.redis.connection_pool
+        connect = cast(Callable[..., Awaitable[Any]], pool.get_connection)
+        try:
+            return await connect()  # redis-py >= 5.3 (which deprecates its arguments)
+        except TypeError:
+            return await connect("SCAN")  # before 5.3 the command's name is required
+
+    async def scanned_prefixes(self, count: int = 5000) -> AsyncGenerator[Prefixes, None]:
+        """Every key hash in the table as its first 64 bits, a SCAN reply at a time (what `hashes`
+        returns, with the same guarantee). Names are decoded with
         numpy, and each reply while Redis already works on the next SCAN (sent before the decode):
         on a 1M-key table the scan takes Redis's own SCAN time plus ~0.3 s. `count`: SCAN's COUNT,
         the buckets Redis walks a call (about 5-8 ms of its time at 5,000 on this machine,
@@ -228,11 +350,7 @@ class KeyStore:
         # A connection of its own, driven by hand: the next SCAN is on the wire before this reply is
         # decoded (with `await redis.scan()` in a task it went out only once the decode was done).
         pool = self.redis.connection_pool
-        connect = cast(Callable[..., Awaitable[Any]], pool.get_connection)
-        try:
-            conn = await connect()  # redis-py >= 5.3 (which deprecates its arguments)
-        except TypeError:
-            conn = await connect("SCAN")  # before 5.3 the command's name is required
+        conn = await self._own_connection()
         in_flight = False
         try:
             await conn.send_command(command[0], 0, *command[1:])
@@ -860,6 +978,18 @@ def _prefixes(names: list[bytes] | list[str], start: int) -> Prefixes:
     valid = (nibbles < 16).all(axis=1)  # lowercase hex only, as SHA256_HEX: not ours otherwise
     prefixes: Prefixes = (nibbles[valid, :16].astype(np.uint64) << _SHIFTS).sum(axis=1, dtype=np.uint64)
     return prefixes
+
+
+_BUCKETS = 65_536  # P idix:<4 hex> and P auditix:<4 hex>: every 4-hex-digit bucket name
+
+
+def _index_prefixes(values: list[bytes]) -> Prefixes:
+    """The first 64 bits of each id index value (a key's SHA-256, its 32 bytes), for the values
+    that are 32 bytes (any other is not the gateway's: left out, so the caller's count check fails)."""
+    joined = b"".join(values)  # every value 32 bytes, as a rule: one join, no per-value Python work
+    if len(joined) != 32 * len(values):
+        joined = b"".join(value for value in values if len(value) == 32)
+    return np.frombuffer(joined, dtype=">u8")[::4].astype(np.uint64)
 
 
 def _bucket(key_id: str) -> str:
