@@ -169,6 +169,13 @@ class Metrics:
             "subscription PING, bounded by its live-set membership); 0 while it reads every key from Redis",
             registry=self.registry,
         )
+        self.migration_pending = Gauge(
+            "gateway_layout_migration_pending",
+            "1 while this replica's startup move of an earlier version's Redis layout (per-key audit "
+            "streams, P id:<id> strings) is running or waiting for a replica of that version to leave; "
+            "0 once it is done (or given up with a warning: Redis down)",
+            registry=self.registry,
+        )
         self.live_replicas = Gauge(
             "gateway_live_replicas",
             "Live replicas seen by this replica's last eviction wait",

@@ -82,6 +82,14 @@ class Replica:
             self.api.usage_flush_seconds = self.usage.interval  # at most 5 s with policies
         return [name for name in _RESTART_SECTIONS if getattr(self.config, name) != getattr(new, name)]
 
+    async def _migrate(self) -> None:
+        """The startup migrations (`_migrate_audit`); `gateway_layout_migration_pending` is 1 from
+        before this task starts until it ends."""
+        try:
+            await _migrate_audit(self.store, self.lookup.known, self.replica_id)
+        finally:
+            self.metrics.migration_pending.set(0)
+
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """The subscriber runs (and the replica is in the live set) and the upstream pool is open inside this block."""
@@ -89,9 +97,8 @@ class Replica:
         task = asyncio.get_running_loop().create_task(self.subscriber.run(), name="invalidation-subscriber")
         if self.usage is not None:
             self.usage.start()
-        migration = asyncio.get_running_loop().create_task(
-            _migrate_audit(self.store, self.lookup.known, self.replica_id), name="audit-migration"
-        )
+        self.metrics.migration_pending.set(1)
+        migration = asyncio.get_running_loop().create_task(self._migrate(), name="audit-migration")
         try:
             if self.webhooks is not None:
                 await self.webhooks.start()
@@ -120,7 +127,8 @@ async def _migrate_audit(store: KeyStore, known: KnownKeys, replica_id: str, ret
     effort: until it has run, the audit API reads both layouts, so nothing is lost meanwhile.
     Its SCAN of the whole database waits for the key filter's (a first start on a large table
     would otherwise take twice as long to be ready), for at most two minutes. Then the same for the
-    key ids (store.migrate_ids), every `retry` seconds while a replica of an earlier version is live."""
+    key ids (store.migrate_ids), again after 1, 2, 4, ... and at most every `retry` seconds while a
+    replica of an earlier version is live."""
     for _ in range(240):
         if not known.enabled or known.ready:
             break
@@ -132,7 +140,10 @@ async def _migrate_audit(store: KeyStore, known: KnownKeys, replica_id: str, ret
     else:
         if moved:
             log.info("audit index migration: %d per-key audit stream(s) moved into the index", moved)
-    # The id index (store.migrate_ids): waits while a replica of an earlier version is live.
+    # The id index (store.migrate_ids): waits while a replica of an earlier version is live. The
+    # first waits are short: replicas started together declare themselves within a moment of each
+    # other, and one that asked first need not wait `retry` for the others.
+    delay = min(1.0, retry)
     while True:
         try:
             ids = await store.migrate_ids(replica_id)
@@ -143,7 +154,8 @@ async def _migrate_audit(store: KeyStore, known: KnownKeys, replica_id: str, ret
             if ids:
                 log.info("id index migration: %d key id(s) moved into the index", ids)
             return
-        await asyncio.sleep(retry)
+        await asyncio.sleep(delay)
+        delay = min(retry, delay * 2)
 
 
 async def _cancel(task: asyncio.Task[None], seconds: float = 5.0) -> None:
