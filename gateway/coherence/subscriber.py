@@ -10,12 +10,20 @@ and only then trusts it.
 
 Trust is also a lease, so that a link that goes silent without closing (a
 half-open connection through a relay) cannot keep it alive until the health
-check notices: a PING sent on the subscription connection at monotonic time t
-whose reply came back extends the trust to t + redis.lease_seconds (from the
-send, not the reply). Pings go out every quarter of the lease, each tagged with
-its own payload, so a reply is matched to its own send time and a healthy link
-keeps the lease alive without a gap. The SUBSCRIBE that opened the session
-counts as the first such command. Why this lets a disable's answer stop
+check notices: a probe PUBLISHed at monotonic time t by this replica's command
+client (the connections changes are written and published on) to a channel of
+its own, and heard on the subscription connection, extends the trust to t +
+redis.lease_seconds (from the send, not the arrival). Redis delivers what it
+publishes to a subscriber in the order it ran the PUBLISHes, whatever their
+channel, so every change published before the probe ran was handled before the
+probe is heard. Probes go out every quarter of the lease, each with its own
+random payload, so an arrival is matched to its own send time and a healthy
+link keeps the lease alive without a gap. A probe, not a PING on the
+subscription connection: a subscription left on another server than the one
+the commands reach (a demoted master that still answers, after a failover the
+sentinels told the command pool about) answers PINGs, but hears none of the
+probes, so its trust lapses instead of outliving the changes it never hears.
+The SUBSCRIBE that opened the session counts as the first lease. Why this lets a disable's answer stop
 waiting for a replica that never acked is argued in gateway/coherence/propagation.py.
 
 Trust also ends before the replica's live-set membership can have expired:
@@ -34,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -77,6 +86,7 @@ class Subscriber:
         self.redis = redis
         self.events = prefix + "events"
         self.acks = prefix + "acks"
+        self.probes = f"{prefix}probe:{registry.replica_id}"  # this replica's lease probes (above)
         self.codec = codec
         self.cache = cache
         self.coherence = coherence
@@ -138,7 +148,7 @@ class Subscriber:
         rebuild: asyncio.Task[bool] | None = None
         try:
             subscribe_sent = self.clock()  # the session's first lease counts from this send
-            await pubsub.subscribe(self.events, self.acks)
+            await pubsub.subscribe(self.events, self.acks, self.probes)
             await self._await_confirmations(pubsub)
             # Subscribed: anything published from now on reaches us. What we
             # may have missed before is wiped with the cache. The epoch is read
@@ -201,7 +211,7 @@ class Subscriber:
         return done
 
     async def _await_confirmations(self, pubsub: Any) -> None:
-        wanted = {self.events.encode(), self.acks.encode()}
+        wanted = {self.events.encode(), self.acks.encode(), self.probes.encode()}
         deadline = time.monotonic() + max(self.interval, 1.0) * 2
         while wanted:
             remaining = deadline - time.monotonic()
@@ -218,16 +228,20 @@ class Subscriber:
     async def _listen(self, pubsub: Any, beat: float) -> None:
         """Messages, lease pings and heartbeats until a break. `beat`: when the join was sent."""
         clock = self.clock
-        pings: dict[bytes, float] = {}  # payload -> send time of every unanswered PING, oldest first
-        serial = 0
+        pings: dict[bytes, float] = {}  # payload -> send time of every probe not yet heard, oldest first
+        sending: set[asyncio.Task[Any]] = set()
         next_ping = clock()
+        probes = self.probes.encode()
         while True:
             now = clock()
             if now >= next_ping:
-                serial += 1
-                payload = b"lease-%d" % serial
-                pings[payload] = now  # taken before the send: Redis runs the PING later than this
-                await self._bounded(pubsub.ping(payload), "ping")
+                payload = secrets.token_bytes(12)  # not guessable: only our own probe renews the lease
+                pings[payload] = now  # taken before the send: Redis runs the PUBLISH later than this
+                # Not awaited here (messages keep flowing meanwhile); a probe that fails is never
+                # heard, and the silence check below ends the session.
+                probe = asyncio.get_running_loop().create_task(self._probe(payload))
+                sending.add(probe)
+                probe.add_done_callback(_forget(sending))
                 next_ping = now + self.ping_every
             if now - beat >= self.interval:
                 # Bounded: a stalled link must not keep this loop from noticing the silence.
@@ -244,12 +258,12 @@ class Subscriber:
             if message is None:
                 continue
             kind = message["type"]
-            if kind == "pong":
+            if kind == "message" and as_bytes(message["channel"]) == probes:
                 sent_at = pings.get(as_bytes(message["data"]))
                 if sent_at is not None:
-                    # Replies come in order: every older PING is answered or never will be.
+                    # Probes are heard in the order Redis ran them: an older one is heard or never will be.
                     pings = {p: t for p, t in pings.items() if t > sent_at}
-                    # Every message Redis published before it ran this PING was handled above.
+                    # Every message Redis published before it ran this probe was handled above.
                     self.coherence.renew(sent_at)
             elif kind == "message":
                 await self._handle(message)
@@ -274,8 +288,23 @@ class Subscriber:
             self.redis.publish(self.acks, self.codec.ack(decoded.nonce, self.registry.replica_id)), "ack"
         )
 
+    async def _probe(self, payload: bytes) -> None:
+        await self.redis.publish(self.probes, payload)
+
     async def _bounded(self, call: Awaitable[Any], what: str) -> None:
         try:
             await asyncio.wait_for(call, self.interval / 2)
         except TimeoutError:
             raise Break(f"{what} took longer than half the health-check interval") from None
+
+
+def _forget(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
+    """A done callback: the probe's task leaves `tasks`, its error (the probe is then never heard)
+    retrieved so that asyncio does not log it."""
+
+    def done(task: asyncio.Task[Any]) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()
+
+    return done
