@@ -9,16 +9,18 @@ that has done neither, until its cache lease has certainly lapsed: the answer
 reports `fenced` for those.
 
 Why a lapsed lease is enough (gateway/keytable/lease.py keeps the lease): a
-replica trusts its cache until t + lease, where t is when it sent a PING on its
-subscription connection whose reply it has received. Redis runs the PING and
-the change's MULTI/EXEC (which holds the PUBLISH) one after the other.
+replica trusts its cache until t + lease, where t is when it published a probe
+(through its command client, to a channel of its own) that it has heard on its
+subscription connection (coherence/subscriber.py). Redis runs the probe's
+PUBLISH and the change's script (which holds the change's PUBLISH) one after
+the other, and delivers to a subscriber in that order.
 
-- If Redis ran the PING after the PUBLISH, the evict message was written to
-  that replica's connection before the PING's reply: the replica's loop, which
-  handles messages in the order they arrive, evicted the key before it read
-  the reply that extends its lease. Any later lease is earned with the key
+- If Redis ran the probe after the change, the evict message was written to
+  that replica's subscription before the probe: the replica's loop, which
+  handles messages in the order they arrive, evicted the key before it heard
+  the probe that extends its lease. Any later lease is earned with the key
   already gone.
-- If Redis ran the PING before the PUBLISH, then t (taken before the send)
+- If Redis ran the probe before the change, then t (taken before the send)
   came before the EXEC ran, which came before this process saw the EXEC's
   reply, where `written` takes its monotonic time. So that lease ends before
   written + lease on any clock that runs within CLOCK_RATE_MARGIN of ours; the

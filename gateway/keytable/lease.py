@@ -2,7 +2,7 @@
 
 `Coherence` holds the trust state the coherence subscriber (gateway/coherence/subscriber.py)
 drives and the lookup (gateway/keytable/lookup.py) reads on every request: a subscription session
-that is live, a lease extended by each answered PING (from its send time), and the live-set
+that is live, a lease extended by each lease probe heard on the subscription (from its send time), and the live-set
 membership's end. The lease arithmetic lives here too, so the writer's side
 (gateway/coherence/propagation.py: how long a change's answer waits for a replica that never acked)
 and the reader's side (the proxy's in-flight margin) compute from the same constants.
@@ -28,7 +28,7 @@ IN_FLIGHT_MARGIN: Final = 0.075
 
 def lease_lapsed_by(written_at: float, lease_seconds: float) -> float:
     """When (on the clock that read `written_at`, taken after the change's write returned) every
-    lease granted for a PING that Redis processed before the write has certainly run out, and
+    lease granted for a probe that Redis processed before the write has certainly run out, and
     every request admitted under it has reached the upstream."""
     return written_at + lease_seconds * (1 + CLOCK_RATE_MARGIN) + IN_FLIGHT_MARGIN
 
@@ -73,7 +73,7 @@ class Coherence:
         self._recompute()
 
     def renew(self, sent_at: float) -> None:
-        """A PING sent at `sent_at` on the subscription connection was answered."""
+        """A lease probe published at `sent_at` was heard on the subscription connection."""
         until = sent_at + self.lease_seconds
         if until > self.lease_until:
             self.lease_until = until
