@@ -87,6 +87,7 @@ class Subscriber:
         self.events = prefix + "events"
         self.acks = prefix + "acks"
         self.probes = f"{prefix}probe:{registry.replica_id}"  # this replica's lease probes (above)
+        self._probing: set[asyncio.Task[Any]] = set()  # probes being published
         self.codec = codec
         self.cache = cache
         self.coherence = coherence
@@ -229,7 +230,6 @@ class Subscriber:
         """Messages, lease pings and heartbeats until a break. `beat`: when the join was sent."""
         clock = self.clock
         pings: dict[bytes, float] = {}  # payload -> send time of every probe not yet heard, oldest first
-        sending: set[asyncio.Task[Any]] = set()
         next_ping = clock()
         probes = self.probes.encode()
         while True:
@@ -240,8 +240,8 @@ class Subscriber:
                 # Not awaited here (messages keep flowing meanwhile); a probe that fails is never
                 # heard, and the silence check below ends the session.
                 probe = asyncio.get_running_loop().create_task(self._probe(payload))
-                sending.add(probe)
-                probe.add_done_callback(_forget(sending))
+                self._probing.add(probe)  # held until done, past this session if need be
+                probe.add_done_callback(_forget(self._probing))
                 next_ping = now + self.ping_every
             if now - beat >= self.interval:
                 # Bounded: a stalled link must not keep this loop from noticing the silence.
