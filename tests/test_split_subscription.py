@@ -15,7 +15,6 @@ subscription's reconnect, to B instead.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,51 +23,23 @@ from typing import Any
 from redis.asyncio import Redis
 
 from tests.conftest import Gateway, RedisProcess, free_port
+from tests.relays import Relay
 
 
-class Diverting:
-    """A TCP relay to Redis A; the next new connection after `divert()` goes to B instead."""
+class Diverting(Relay):
+    """A relay to Redis A; the next new connection after `divert_next` is set goes to B instead."""
 
     def __init__(self, a_port: int, b_port: int) -> None:
-        self.a_port, self.b_port = a_port, b_port
+        super().__init__(a_port)
+        self.b_port = b_port
         self.divert_next = False
         self.diverted = 0
-        self.server: asyncio.Server | None = None
 
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-
-    async def _link(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        port = self.a_port
-        if self.divert_next:
-            self.divert_next, self.diverted, port = False, self.diverted + 1, self.b_port
-        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", port)
-
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            while data := await r.read(65536):
-                w.write(data)
-                await w.drain()
-
-        tasks = [asyncio.create_task(pipe(client_r, redis_w)), asyncio.create_task(pipe(redis_r, client_w))]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            for w in (client_w, redis_w):
-                w.close()
-                with contextlib.suppress(Exception):
-                    await w.wait_closed()
+    def port(self) -> int:
+        if not self.divert_next:
+            return self.redis_port
+        self.divert_next, self.diverted = False, self.diverted + 1
+        return self.b_port
 
 
 async def test_a_subscription_left_on_another_server_cannot_keep_a_disabled_key_served(

@@ -22,69 +22,44 @@ import pytest
 import redis
 
 from tests.conftest import AdminTokens, RedisProcess, free_port
+from tests.relays import Relay
 from tests.test_replicas import Node, gateway_config, start_gateway, stop_gateway, wait_ready
 
 
-class ReplyEater:
-    """A TCP relay to Redis: the first request holding `marker` reaches Redis, but its reply is
-    never delivered: the client's connection is closed instead. Everything else passes."""
+class ReplyEater(Relay):
+    """A relay to Redis: the first request holding `marker` reaches Redis, but its reply is never
+    delivered: the client's connection is closed instead. Everything else passes."""
 
     def __init__(self, redis_port: int, marker: bytes) -> None:
-        self.redis_port = redis_port
+        super().__init__(redis_port)
         self.marker = marker
         self.eaten = 0
         self.sent = 0  # requests holding the marker that reached Redis
-        self.server: asyncio.Server | None = None
 
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        port = self.server.sockets[0].getsockname()[1]
-        return f"redis://127.0.0.1:{port}/0"
+    async def up(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, link: dict[str, object]) -> None:
+        eat = link.setdefault("eat", asyncio.Event())
+        assert isinstance(eat, asyncio.Event)
+        seen = b""
+        while data := await r.read(65536):
+            seen = (seen + data)[-len(self.marker) - 65536 :]
+            if self.marker in seen:
+                self.sent += 1
+                seen = b""
+                if self.eaten == 0:
+                    self.eaten += 1
+                    eat.set()
+            w.write(data)
+            await w.drain()
 
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-
-    async def _link(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.redis_port)
-        eat = asyncio.Event()
-
-        async def up() -> None:
-            seen = b""
-            while data := await client_r.read(65536):
-                seen = (seen + data)[-len(self.marker) - 65536 :]
-                if self.marker in seen:
-                    self.sent += 1
-                    seen = b""
-                    if self.eaten == 0:
-                        self.eaten += 1
-                        eat.set()
-                redis_w.write(data)
-                await redis_w.drain()
-
-        async def down() -> None:
-            while data := await redis_r.read(65536):
-                if eat.is_set():
-                    await asyncio.sleep(0.2)  # Redis has run it by now
-                    return  # the reply is dropped with the connection
-                client_w.write(data)
-                await client_w.drain()
-
-        tasks = [asyncio.create_task(up()), asyncio.create_task(down())]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            for w in (client_w, redis_w):
-                w.close()
-                with contextlib.suppress(Exception):
-                    await w.wait_closed()
+    async def down(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, link: dict[str, object]) -> None:
+        eat = link.setdefault("eat", asyncio.Event())
+        assert isinstance(eat, asyncio.Event)
+        while data := await r.read(65536):
+            if eat.is_set():
+                await asyncio.sleep(0.2)  # Redis has run it by now
+                return  # the reply is dropped with the connection
+            w.write(data)
+            await w.drain()
 
 
 @contextlib.contextmanager

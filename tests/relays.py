@@ -1,0 +1,63 @@
+"""An asyncio TCP relay to a Redis server, for tests that change what passes on the way.
+
+`Relay` forwards both directions byte for byte and closes both sides as soon as either ends.
+A test subclasses it to choose the server a new connection goes to (`port`) or to change one
+direction (`up`: client -> Redis, `down`: Redis -> client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+
+class Relay:
+    def __init__(self, redis_port: int) -> None:
+        self.redis_port = redis_port
+        self.server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    def port(self) -> int:
+        """The server a new connection goes to."""
+        return self.redis_port
+
+    async def up(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, link: dict[str, object]) -> None:
+        """Client -> Redis. `link`: state the two directions of one connection share."""
+        await pipe(r, w)
+
+    async def down(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, link: dict[str, object]) -> None:
+        """Redis -> client."""
+        await pipe(r, w)
+
+    async def _link(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.port())
+        link: dict[str, object] = {}
+        tasks = [asyncio.create_task(self.up(client_r, redis_w, link)),
+                 asyncio.create_task(self.down(redis_r, client_w, link))]  # fmt: skip
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for w in (client_w, redis_w):
+                w.close()
+                with contextlib.suppress(Exception):
+                    await w.wait_closed()
+
+
+async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    while data := await r.read(65536):
+        w.write(data)
+        await w.drain()
