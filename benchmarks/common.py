@@ -1,12 +1,16 @@
 """Small helpers the benchmark scripts share: a free loopback port, a percentile, waiting for a
-gateway's readiness. Scripts run as `python benchmarks/NAME.py` and put the repository root on
-`sys.path` before importing this module as `benchmarks.common`."""
+gateway's readiness, stopping a run's processes. Scripts run as `python benchmarks/NAME.py` and
+put the repository root on `sys.path` before importing this module as `benchmarks.common`."""
 
 from __future__ import annotations
 
 import asyncio
+import shutil
+import signal
 import socket
+import subprocess
 import time
+from pathlib import Path
 
 import aiohttp
 
@@ -35,3 +39,18 @@ async def wait_ready(session: aiohttp.ClientSession, url: str, seconds: float = 
             pass
         await asyncio.sleep(0.1)
     raise SystemExit(f"not ready: {url}")
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]], redis: subprocess.Popen[bytes], tmp: Path) -> None:
+    """SIGTERM every gateway (and helper) process, SIGKILL what has not exited in 15 s, then stop
+    redis-server and remove the run's directory."""
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    redis.terminate()
+    redis.wait(timeout=10)
+    shutil.rmtree(tmp, ignore_errors=True)

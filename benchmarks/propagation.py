@@ -21,7 +21,6 @@ import asyncio
 import os
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import free_port, pct, wait_ready  # noqa: E402
+from benchmarks.common import free_port, pct, stop_processes, wait_ready  # noqa: E402
 from gateway.admin.auth import hash_token  # noqa: E402
 
 
@@ -74,16 +73,7 @@ class Cluster:
             self.nodes.append((f"http://127.0.0.1:{proxy_port}", f"http://127.0.0.1:{admin_port}"))
 
     def stop(self) -> None:
-        for proc in self.procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        self.redis.terminate()
-        self.redis.wait(timeout=10)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        stop_processes(self.procs, self.redis, self.tmp)
 
 
 async def run(cluster: Cluster, disables: int, replicas: int) -> int:

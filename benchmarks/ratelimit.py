@@ -30,7 +30,6 @@ import math
 import os
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,7 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import free_port, wait_ready  # noqa: E402
+from benchmarks.common import free_port, stop_processes, wait_ready  # noqa: E402
 from gateway.admin.auth import hash_token  # noqa: E402
 
 REPLICAS = 3
@@ -174,16 +173,7 @@ class Cluster:
         return f"redis://127.0.0.1:{self.redis_port}/0"
 
     def stop(self) -> None:
-        for proc in [*self.procs, self.upstream]:
-            proc.send_signal(signal.SIGTERM)
-        for proc in [*self.procs, self.upstream]:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        self.redis.terminate()
-        self.redis.wait(timeout=10)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        stop_processes([*self.procs, self.upstream], self.redis, self.tmp)
 
 
 async def create_key(session: aiohttp.ClientSession, cluster: Cluster, body: dict[str, Any]) -> str:

@@ -27,7 +27,6 @@ import asyncio
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,7 @@ from redis.asyncio import Redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import free_port, pct  # noqa: E402
+from benchmarks.common import free_port, pct, stop_processes  # noqa: E402
 from gateway.admin.api import IMPORT_MAX_LINES  # noqa: E402
 from gateway.admin.auth import hash_token  # noqa: E402
 
@@ -97,16 +96,7 @@ class Table:
         return proc, f"http://127.0.0.1:{proxy_port}", f"http://127.0.0.1:{admin_port}"
 
     def stop(self) -> None:
-        for proc in self.procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        self.redis.terminate()
-        self.redis.wait(timeout=10)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        stop_processes(self.procs, self.redis, self.tmp)
 
 
 async def filter_ready(session: aiohttp.ClientSession, admin: str, seconds: float) -> None:
