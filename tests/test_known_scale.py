@@ -275,3 +275,16 @@ async def test_the_log_cannot_tell_across_redis_processes_removals_or_past_its_l
     assert await store.hashes_since(empty, three, limit=2) is None  # a scan is cheaper
     assert await redis.xtrim(prefix + "audit", maxlen=1, approximate=False) == 2
     assert await store.hashes_since(empty, three) is None
+
+
+def test_names_of_other_lengths_that_add_up_to_ours_do_not_shift_the_decoding() -> None:
+    """A 63- and a 65-digit name (not the gateway's) in one SCAN reply add up to two of ours: only
+    the records are decoded, each to its own first 64 bits. The same for id index values."""
+    from gateway.keytable.store import _index_prefixes, _prefixes
+
+    head = b"P k:"
+    ours = [hashlib.sha256(bytes([i])).hexdigest() for i in range(4)]
+    names = [head + ours[0].encode(), head + b"a" * 63, head + b"a" * 65, *(head + h.encode() for h in ours[1:])]
+    assert sorted(int(x) for x in _prefixes(names, len(head)).tolist()) == sorted(int(h[:16], 16) for h in ours)
+    values = [bytes.fromhex(ours[0]), b"x" * 31, b"y" * 33, *(bytes.fromhex(h) for h in ours[1:])]
+    assert sorted(int(x) for x in _index_prefixes(values).tolist()) == sorted(int(h[:16], 16) for h in ours)

@@ -970,8 +970,12 @@ def _prefixes(names: list[bytes] | list[str], start: int) -> Prefixes:
     the names that are a record of the table: 64 lowercase hex digits after `start`."""
     size = start + 64
     raws = cast(list[bytes], names if not names or isinstance(names[0], bytes) else [as_bytes(n) for n in names])
-    joined = b"".join(raws)  # every name ours, as a rule: one join, no per-name Python work
-    if len(joined) != size * len(raws):  # some other name under the prefix: only those that fit
+    # Every name ours, as a rule: one join. The lengths are checked one by one (in C), not by the
+    # joined total: a shorter and a longer name of someone else's would add up to two of ours and
+    # shift every row after them.
+    if set(map(len, raws)) <= {size}:
+        joined = b"".join(raws)
+    else:  # some other name under the prefix: only those that fit
         joined = b"".join(raw for raw in raws if len(raw) == size)
     rows = np.frombuffer(joined, dtype=np.uint8).reshape(-1, size)[:, start:]
     nibbles = _NIBBLE[rows]
@@ -986,8 +990,11 @@ _BUCKETS = 65_536  # P idix:<4 hex> and P auditix:<4 hex>: every 4-hex-digit buc
 def _index_prefixes(values: list[bytes]) -> Prefixes:
     """The first 64 bits of each id index value (a key's SHA-256, its 32 bytes), for the values
     that are 32 bytes (any other is not the gateway's: left out, so the caller's count check fails)."""
-    joined = b"".join(values)  # every value 32 bytes, as a rule: one join, no per-value Python work
-    if len(joined) != 32 * len(values):
+    # Every value 32 bytes, as a rule: one join; lengths checked one by one, as in _prefixes (a
+    # 31- and a 33-byte value add up to two of 32, and would shift the rest and pass the count).
+    if set(map(len, values)) <= {32}:
+        joined = b"".join(values)
+    else:
         joined = b"".join(value for value in values if len(value) == 32)
     return np.frombuffer(joined, dtype=">u8")[::4].astype(np.uint64)
 
