@@ -1,6 +1,8 @@
 """An asyncio TCP relay to a Redis server, for tests that change what passes on the way.
 
-`Relay` forwards both directions byte for byte and closes both sides as soon as either ends.
+`Relay` forwards both directions byte for byte and closes both sides as soon as either ends;
+`close` ends the listener and every connection still open, and waits for them, so nothing is
+left for the garbage collector to warn about after the event loop is gone.
 A test subclasses it to choose the server a new connection goes to (`port`) or to change one
 direction (`up`: client -> Redis, `down`: Redis -> client).
 """
@@ -15,6 +17,7 @@ class Relay:
     def __init__(self, redis_port: int) -> None:
         self.redis_port = redis_port
         self.server: asyncio.Server | None = None
+        self.links: set[asyncio.Task[None]] = set()
 
     @property
     def url(self) -> str:
@@ -27,7 +30,11 @@ class Relay:
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
-            await self.server.wait_closed()
+        for task in list(self.links):
+            task.cancel()
+        await asyncio.gather(*self.links, return_exceptions=True)
+        if self.server is not None:
+            await self.server.wait_closed()  # on 3.12+ this waits for the connections, ended above
 
     def port(self) -> int:
         """The server a new connection goes to."""
@@ -42,19 +49,27 @@ class Relay:
         await pipe(r, w)
 
     async def _link(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.port())
-        link: dict[str, object] = {}
-        tasks = [asyncio.create_task(self.up(client_r, redis_w, link)),
-                 asyncio.create_task(self.down(redis_r, client_w, link))]  # fmt: skip
+        this = asyncio.current_task()
+        assert this is not None
+        self.links.add(this)
+        writers = [client_w]
+        tasks: list[asyncio.Task[None]] = []
         try:
+            redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.port())
+            writers.append(redis_w)
+            link: dict[str, object] = {}
+            tasks = [asyncio.create_task(self.up(client_r, redis_w, link)),
+                     asyncio.create_task(self.down(redis_r, client_w, link))]  # fmt: skip
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in tasks:
                 task.cancel()
-            for w in (client_w, redis_w):
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for w in writers:
                 w.close()
                 with contextlib.suppress(Exception):
                     await w.wait_closed()
+            self.links.discard(this)
 
 
 async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
