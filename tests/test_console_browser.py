@@ -28,6 +28,7 @@ from tests.conftest import Gateway
 
 selenium = pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[dev]')")
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
@@ -96,7 +97,21 @@ def click_through(d: WebDriver, by: str, what: str) -> None:
     """
     old = d.find_element(By.TAG_NAME, "html")
     d.find_element(by, what).click()
-    WebDriverWait(d, 15).until(ec.staleness_of(old))
+
+    def gone(_: WebDriver) -> bool:
+        try:
+            old.is_enabled()
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as exc:
+            # Asked mid-navigation, chromedriver can answer with an inspector error instead of
+            # "stale": the node's document is gone, which is what this waits for.
+            if "does not belong to the document" in (exc.msg or ""):
+                return True
+            raise
+        return False
+
+    WebDriverWait(d, 15).until(gone)
 
 
 def sign_in(d: WebDriver, base: str, token: str) -> None:
