@@ -371,6 +371,17 @@ async def start_replica(cfg: config_mod.Config, stack: contextlib.AsyncExitStack
     return replica
 
 
+async def migrations_over(*replicas: Replica, seconds: float = 15.0) -> None:
+    """Wait until each replica's startup layout migrations (runtime/replica.py `_migrate`) have
+    ended: they SCAN the database and run a script that GETs, so a test that counts Redis commands
+    server-wide must not start counting before (`gateway_layout_migration_pending` is 0)."""
+    deadline = time.monotonic() + seconds
+    for replica in replicas:
+        while replica.metrics.registry.get_sample_value("gateway_layout_migration_pending") != 0:
+            assert time.monotonic() < deadline, "the startup layout migration did not end"
+            await asyncio.sleep(0.01)
+
+
 async def serve_replica(
     replica: Replica, stack: contextlib.AsyncExitStack, tokens: AdminTokens, **session_kw: Any
 ) -> Gateway:
@@ -417,7 +428,17 @@ async def gw(gateway_factory: Callable[..., Any]) -> Gateway:
     return gateway
 
 
-__all__ = ["Gateway", "PortTaken", "ProxyTestServer", "RedisProcess", "cheap_hash", "free_port", "make_config", "web"]
+__all__ = [
+    "Gateway",
+    "PortTaken",
+    "ProxyTestServer",
+    "RedisProcess",
+    "cheap_hash",
+    "free_port",
+    "make_config",
+    "migrations_over",
+    "web",
+]
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:

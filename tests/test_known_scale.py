@@ -33,7 +33,7 @@ from redis.asyncio import Redis
 from gateway.keytable import record as keys
 from gateway.keytable.keyfilter import KnownKeys, Prefixes
 from gateway.keytable.store import KeyStore
-from tests.conftest import Gateway
+from tests.conftest import Gateway, migrations_over
 from tests.test_known import WAIT, filter_ready, hold_resubscription, proxy, random_key, settle, two_replicas, until
 
 # Writes n records' names server-side (fast): hash i = sha1(seed..i) .. first 24 hex of sha1('x'..seed..i).
@@ -159,6 +159,7 @@ async def migrations_done(gw: Gateway, redis: Redis) -> None:
     """Both replicas' one-time audit migration (runtime/replica.py) scans the database once its
     key filter is ready: wait until it is over (audit-moved set, SCAN calls steady) before
     counting the scans that resubscribing causes."""
+    await migrations_over(gw.replica)
     deadline = time.monotonic() + 15
     while not await redis.exists(gw.replica.store.prefix + "audit-moved"):
         assert time.monotonic() < deadline, "the audit migration did not finish"

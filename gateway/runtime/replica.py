@@ -129,10 +129,10 @@ async def _migrate_audit(store: KeyStore, known: KnownKeys, replica_id: str, ret
     would otherwise take twice as long to be ready), for at most two minutes. Then the same for the
     key ids (store.migrate_ids), again after 1, 2, 4, ... and at most every `retry` seconds while a
     replica of an earlier version is live."""
-    for _ in range(240):
+    for _ in range(2400):
         if not known.enabled or known.ready:
             break
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.05)
     try:
         moved = await store.migrate_audit()
     except Exception as exc:  # Redis down at startup: the next start tries again
