@@ -94,6 +94,24 @@ async def window_start(redis: Redis, window_seconds: int, within: float = 0.3) -
         await asyncio.sleep((w - now % w) / 1000 + 0.002)
 
 
+def until_clear_of_window_end(window_seconds: int, margin: float) -> float:
+    """Seconds to sleep so that at least `margin` seconds of a window are left: 0, or past its end.
+
+    Windows are aligned to Redis's clock (docs/ratelimits.md), and every redis-server of the suite
+    runs on this host, so Redis's TIME is this host's wall clock. A test that counts requests in
+    one window sleeps this long first, so its requests cannot straddle two windows (which would
+    admit them)."""
+    left = window_seconds - time.time() % window_seconds
+    return 0.0 if left >= margin else left + 0.01
+
+
+@pytest.fixture(autouse=True)
+def clear_of_an_hour_end() -> None:
+    """The tests below count in hour windows, each well within 30 s: none straddles two. (Before
+    any gateway of the test starts: nothing in this process is serving yet.)"""
+    time.sleep(until_clear_of_window_end(3600, 30))
+
+
 async def counters(redis: Redis, prefix: str, key_id: str) -> dict[str, int]:
     """Each window counter of the key, by its scope (the window index left out)."""
     out: dict[str, int] = {}

@@ -24,6 +24,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import AdminTokens
+from tests.test_ratelimit import until_clear_of_window_end
 from tests.test_replicas import (
     Cluster,
     EchoHandler,
@@ -96,6 +97,7 @@ def patch(cluster: Cluster, key_id: str, body: dict[str, Any], via: int) -> dict
 
 def test_a_patch_is_in_force_on_the_next_request_on_every_replica(cluster: Cluster) -> None:
     hour = {"name": "hour", "window_seconds": 3600}
+    time.sleep(until_clear_of_window_end(3600, 60))  # every request below counts in one hour window
     created = create(cluster, {"name": "patch-me", "ratelimits": [{**hour, "limit": 1000}]})
     key, key_id = created["key"], created["id"]
     cluster.cache_everywhere(key)  # each replica holds the record (and a slice of the window)
