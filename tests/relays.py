@@ -1,5 +1,10 @@
 """An asyncio TCP relay to a Redis server, for tests that change what passes on the way.
 
+`LoopThread` runs an event loop in a thread (for a relay beside a gateway process, or a gateway
+between hypothesis examples) and stops it the way `asyncio.run` ends: every task left cancelled and
+awaited first, so no socket or task outlives the loop to be found by the garbage collector later
+(where pytest, warnings being errors, charges it to whichever test runs then).
+
 `Relay` forwards both directions byte for byte and closes both sides as soon as either ends;
 `close` ends the listener and every connection still open, and waits for them, so nothing is
 left for the garbage collector to warn about after the event loop is gone.
@@ -11,6 +16,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], seconds: float = 60) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(seconds)
+
+    def stop(self, seconds: float = 10) -> None:
+        async def finish() -> None:
+            this = asyncio.current_task()
+            left = [task for task in asyncio.all_tasks() if task is not this]
+            for task in left:
+                task.cancel()
+            await asyncio.gather(*left, return_exceptions=True)
+            await asyncio.get_running_loop().shutdown_asyncgens()
+
+        with contextlib.suppress(Exception):
+            self.run(finish(), seconds)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(seconds)
+        self.loop.close()
 
 
 class Relay:

@@ -1041,8 +1041,12 @@ class StallableLink:
         self.port = int(self.server.sockets[0].getsockname()[1])
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        this = asyncio.current_task()
+        assert this is not None
+        self.tasks.add(this)  # close() cancels an accept still connecting too
+        self.writers.append(writer)
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        self.writers += [writer, up_writer]
+        self.writers.append(up_writer)
         loop = asyncio.get_running_loop()
         for source, sink in ((reader, up_writer), (up_reader, writer)):
             task = loop.create_task(self._pipe(source, sink))
@@ -1061,9 +1065,11 @@ class StallableLink:
         self.server.close()
         for task in self.tasks:
             task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
         for writer in self.writers:
             writer.close()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
         await self.server.wait_closed()
 
 

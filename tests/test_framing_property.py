@@ -18,10 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
@@ -39,30 +37,20 @@ from tests.recording_upstream import (
     start_gateway,
     upstream_saw_exactly,
 )
+from tests.relays import LoopThread
 from tests.test_framing import REFUSED, SMUGGLED
 
 BAD_ID = "bad"  # the test id every REFUSED case carries (tests/test_framing.py, with_headers)
 
-T = TypeVar("T")
 BAD = sorted(name for name, bad in REFUSED.items() if bad.status == 400)
 EXAMPLE = itertools.count()
 
 
-class Background:
+class Background(LoopThread):
     """An event loop in a thread: the gateway and the upstream live on it between examples."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="framing-property", daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], seconds: float = 60) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(seconds)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+        super().__init__("framing-property")
 
 
 class World:

@@ -38,6 +38,7 @@ from gateway.keytable.record import KeyRecord
 from gateway.runtime.replica import Replica
 from tests.conftest import AdminTokens, Gateway, RedisProcess
 from tests.kernel_stamps import stamped_request, stamped_rfile
+from tests.relays import LoopThread
 from tests.test_replicas import (
     START_TIMEOUT,
     Cluster,
@@ -173,19 +174,19 @@ class FreezingRelay:
         self.port = 0
         self.links: list[_Link] = []
         self._frozen: str | None = None  # None, "subscriptions" or "all"
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="relay", daemon=True)
+        self._background: LoopThread | None = None
         self._thawed: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: list[asyncio.StreamWriter] = []
         self._server: asyncio.Server | None = None
 
     def start(self) -> None:
-        self._thread.start()
+        self._background = LoopThread("relay")
         self._call(self._start())
 
     def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)
+        assert self._background is not None
+        return self._background.run(coro, 10)
 
     async def _start(self) -> None:
         self._thawed = asyncio.Event()
@@ -215,8 +216,9 @@ class FreezingRelay:
         return self._frozen == "all" or (self._frozen == "subscriptions" and link.subscription)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)  # closed by close(), even if Redis is never reached
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        self._writers += [writer, up_writer]
+        self._writers.append(up_writer)
         link = _Link()
         self.links.append(link)
         for source, sink, upward in ((reader, up_writer, True), (up_reader, writer, False)):
@@ -246,11 +248,11 @@ class FreezingRelay:
                 writer.close()
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
+        if self._background is None:
+            return
         with contextlib.suppress(Exception):
             self._call(stop())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
+        self._background.stop()  # what is left (an accept still connecting) cancelled and awaited
 
 
 # a recording upstream ----------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 import redis
 
 from tests.conftest import AdminTokens, RedisProcess, free_port
-from tests.relays import Relay
+from tests.relays import LoopThread, Relay
 from tests.test_replicas import Node, gateway_config, start_gateway, stop_gateway, wait_ready
 
 
@@ -66,17 +65,14 @@ class ReplyEater(Relay):
 def eating(redis_server: RedisProcess, marker: bytes) -> Iterator[ReplyEater]:
     """The relay, on an event loop of its own in a thread (the gateway is another process)."""
     relay = ReplyEater(redis_server.port, marker)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(relay.start(), loop).result(5)
+    background = LoopThread("reply-eater")
     try:
+        background.run(relay.start(), 5)
         yield relay
     finally:
-        asyncio.run_coroutine_threadsafe(relay.close(), loop).result(5)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.close()
+        with contextlib.suppress(Exception):
+            background.run(relay.close(), 5)
+        background.stop()
 
 
 @contextlib.contextmanager
