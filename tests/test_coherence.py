@@ -604,16 +604,16 @@ async def test_registry_join_heartbeat_leave_and_live(redis: Redis) -> None:
 
 async def test_registry_drops_replicas_whose_heartbeat_expired(redis: Redis) -> None:
     prefix = new_prefix()
-    short = Registry(redis, prefix, "r_short", ttl_ms=400)
+    short = Registry(redis, prefix, "r_short", ttl_ms=1000)
     long = Registry(redis, prefix, "r_long", ttl_ms=60_000)
     await short.join(await short.now_us())
     epoch_long = await long.now_us()
     await long.join(epoch_long)
-    await asyncio.sleep(0.25)
-    await short.heartbeat()  # pushes its expiry 400 ms on
-    await asyncio.sleep(0.25)  # 500 ms after the join: alive only thanks to the heartbeat
+    await asyncio.sleep(0.6)
+    await short.heartbeat()  # pushes its expiry 1,000 ms on
+    await asyncio.sleep(0.6)  # 1,200 ms after the join: alive only thanks to the heartbeat
     assert set((await long.live())[1]) == {"r_short", "r_long"}
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(1.0)
     assert (await long.live())[1] == {"r_long": epoch_long}
     assert await redis.hexists(prefix + "replica-epochs", "r_short") == 0  # the epoch went with it
     await long.leave()

@@ -159,7 +159,7 @@ async def test_a_session_ends_after_the_idle_timeout(gateway_factory: Any, brows
         stolen = b.session_id()
         assert stolen
         for _ in range(3):  # used within the idle timeout: it lives on
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.3)
             assert (await b.get("/keys"))[0] == 200
         await asyncio.sleep(1.2)
         status, _, r = await b.get("/keys")
@@ -173,13 +173,14 @@ async def test_a_session_ends_at_the_absolute_timeout_even_when_used(gateway_fac
     gw: Gateway = await gateway_factory(**{"admin.console": {"idle_timeout_seconds": 1, "absolute_timeout_seconds": 2}})
     b = Browser(gw)
     try:
-        assert (await b.sign_in(gw.tokens.viewer))[0] == 303
         loop = asyncio.get_running_loop()
-        start = loop.time()
-        while loop.time() - start < 1.8:
+        start = loop.time()  # before the session exists: its age is at most the time since
+        assert (await b.sign_in(gw.tokens.viewer))[0] == 303
+        signed = loop.time()  # after it exists: its age is at least the time since
+        while loop.time() - start < 1.5:
             assert (await b.get("/keys"))[0] == 200
             await asyncio.sleep(0.3)
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(max(0.0, signed + 2.1 - loop.time()))
         assert (await b.get("/keys"))[0] == 303
     finally:
         await b.close()

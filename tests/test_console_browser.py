@@ -105,8 +105,9 @@ def click_through(d: WebDriver, by: str, what: str) -> None:
             return True
         except WebDriverException as exc:
             # Asked mid-navigation, chromedriver can answer with an inspector error instead of
-            # "stale": the node's document is gone, which is what this waits for.
-            if "does not belong to the document" in (exc.msg or ""):
+            # "stale": the node's document (or its JavaScript context) is gone, which is what this
+            # waits for.
+            if any(gone in (exc.msg or "") for gone in ("does not belong to the document", "Cannot find context")):
                 return True
             raise
         return False
