@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 
 from gateway import config as config_mod
 from gateway.usage.counter import Counter
-from tests.conftest import Gateway, RedisProcess
+from tests.conftest import Gateway, RedisProcess, migrations_over
 
 
 def asker(remote: str | None, *, trusted: bool = False, xff: str | None = None) -> Any:
@@ -211,6 +211,7 @@ async def test_no_redis_write_on_the_request_path(
     key = await gw.create_key(name="u")
     await traffic(gw, key["key"], {"/api/warm": 1})  # the key in cache
     await gw.replica.usage.flush()  # type: ignore[union-attr]
+    await migrations_over(gw.replica)  # the startup layout moves write, once, outside any request
     monitor = Monitor(redis_server.port)
     await traffic(gw, key["key"], {"/api/burst": 200, "/billing/no": 50})
     during = monitor.close()
