@@ -33,6 +33,7 @@ from gateway.keytable.record import KeyRecord
 from gateway.keytable.store import KeyStore
 from gateway.runtime.replica import Replica
 from tests.conftest import AdminTokens, Gateway, RedisProcess, make_config, start_replica
+from tests.relays import Relay
 
 SECRET = "coherence-secret-0123456789abcdef"
 OTHER_SECRET = "some-other-secret-fedcba9876543210"
@@ -1024,53 +1025,30 @@ async def _epoch_after(replica: Replica, old: int) -> bool:
     return live.get(replica.replica_id, 0) > old
 
 
-class StallableLink:
-    """A TCP relay to the redis-server that can stall: bytes stop flowing both ways, nothing is
-    closed (a network black hole, not a disconnect)."""
+class StallableLink(Relay):
+    """A TCP relay to the redis-server (tests/relays.py) that can stall: bytes stop flowing both
+    ways, nothing is closed (a network black hole, not a disconnect)."""
 
     def __init__(self, port: int) -> None:
-        self.target = port
+        super().__init__(port)
         self.flowing = asyncio.Event()
         self.flowing.set()
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.writers: list[asyncio.StreamWriter] = []
-        self.port = 0
 
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = int(self.server.sockets[0].getsockname()[1])
+    async def up(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, link: dict[str, object]) -> None:
+        await self._pipe(r, w)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        this = asyncio.current_task()
-        assert this is not None
-        self.tasks.add(this)  # close() cancels an accept still connecting too
-        self.writers.append(writer)
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        self.writers.append(up_writer)
-        loop = asyncio.get_running_loop()
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            task = loop.create_task(self._pipe(source, sink))
-            self.tasks.add(task)
+    async def down(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, link: dict[str, object]) -> None:
+        await self._pipe(r, w)
 
     async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(Exception):
-            while data := await source.read(65536):
-                await self.flowing.wait()
-                sink.write(data)
-                await sink.drain()
-        sink.close()
+        while data := await source.read(65536):
+            await self.flowing.wait()
+            sink.write(data)
+            await sink.drain()
 
     async def close(self) -> None:
         self.flowing.set()
-        self.server.close()
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        for writer in self.writers:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-        await self.server.wait_closed()
+        await super().close()
 
 
 @pytest.fixture
@@ -1094,7 +1072,7 @@ async def test_a_replica_whose_redis_link_stalls_stops_trusting_its_cache_before
         "admin.propagation_timeout_seconds": 3.0,
     }
     gw_a: Gateway = await gateway_factory(**overrides)
-    gw_b: Gateway = await gateway_factory(redis_url=f"redis://127.0.0.1:{stallable_link.port}/0", **overrides)
+    gw_b: Gateway = await gateway_factory(redis_url=stallable_link.url, **overrides)
     created = await gw_a.create_key()
     key, key_hash = created["key"], keys.digest(created["key"])
     assert await proxy(gw_b, key) == (200, None)

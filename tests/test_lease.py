@@ -38,7 +38,7 @@ from gateway.keytable.record import KeyRecord
 from gateway.runtime.replica import Replica
 from tests.conftest import AdminTokens, Gateway, RedisProcess
 from tests.kernel_stamps import stamped_request, stamped_rfile
-from tests.relays import LoopThread
+from tests.relays import LoopThread, Relay
 from tests.test_replicas import (
     START_TIMEOUT,
     Cluster,
@@ -162,7 +162,7 @@ class _Link:
 
 
 class FreezingRelay:
-    """A TCP relay on loopback to a redis-server, run by its own event loop in a thread.
+    """A TCP relay on loopback to a redis-server (tests/relays.py), run by its own event loop in a thread.
 
     `freeze()` stops the bytes in both directions on the subscription connections (or, with
     everything=True, on every connection) without closing any socket: a held chunk waits, nothing
@@ -170,15 +170,11 @@ class FreezingRelay:
     in order. When `freeze` returns, no further byte crosses a frozen connection."""
 
     def __init__(self, target_port: int) -> None:
-        self.target = target_port
-        self.port = 0
         self.links: list[_Link] = []
         self._frozen: str | None = None  # None, "subscriptions" or "all"
+        self._relay = _Freezable(target_port, self)
         self._background: LoopThread | None = None
         self._thawed: asyncio.Event | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: list[asyncio.StreamWriter] = []
-        self._server: asyncio.Server | None = None
 
     def start(self) -> None:
         self._background = LoopThread("relay")
@@ -191,12 +187,11 @@ class FreezingRelay:
     async def _start(self) -> None:
         self._thawed = asyncio.Event()
         self._thawed.set()
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        await self._relay.start()
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self._relay.url
 
     def freeze(self, *, everything: bool = False) -> None:
         self._call(self._set("all" if everything else "subscriptions"))
@@ -212,47 +207,49 @@ class FreezingRelay:
         else:
             self._thawed.clear()
 
-    def _blocked(self, link: _Link) -> bool:
-        return self._frozen == "all" or (self._frozen == "subscriptions" and link.subscription)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.append(writer)  # closed by close(), even if Redis is never reached
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        self._writers.append(up_writer)
-        link = _Link()
-        self.links.append(link)
-        for source, sink, upward in ((reader, up_writer, True), (up_reader, writer, False)):
-            task = asyncio.get_running_loop().create_task(self._pipe(link, source, sink, upward))
-            self._tasks.add(task)
-
-    async def _pipe(self, link: _Link, source: asyncio.StreamReader, sink: asyncio.StreamWriter, upward: bool) -> None:
+    async def pipe(self, link: _Link, source: asyncio.StreamReader, sink: asyncio.StreamWriter, upward: bool) -> None:
         assert self._thawed is not None
-        with contextlib.suppress(Exception):
-            while data := await source.read(65536):
-                if upward and b"SUBSCRIBE" in data:
-                    link.subscription = True
-                while self._blocked(link):
-                    await self._thawed.wait()
-                sink.write(data)
-                await sink.drain()
-        sink.close()
+        while data := await source.read(65536):
+            if upward and b"SUBSCRIBE" in data:
+                link.subscription = True
+            while self._frozen == "all" or (self._frozen == "subscriptions" and link.subscription):
+                await self._thawed.wait()
+            sink.write(data)
+            await sink.drain()
 
     def close(self) -> None:
-        async def stop() -> None:
-            await self._set(None)
-            if self._server is not None:
-                self._server.close()
-            for task in self._tasks:
-                task.cancel()
-            for writer in self._writers:
-                writer.close()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
         if self._background is None:
             return
+
+        async def stop() -> None:
+            await self._set(None)
+            await self._relay.close()
+
         with contextlib.suppress(Exception):
             self._call(stop())
-        self._background.stop()  # what is left (an accept still connecting) cancelled and awaited
+        self._background.stop()
+
+
+class _Freezable(Relay):
+    """The relay itself, on FreezingRelay's loop: each connection is a `_Link` it can hold."""
+
+    def __init__(self, redis_port: int, owner: FreezingRelay) -> None:
+        super().__init__(redis_port)
+        self.owner = owner
+
+    def _state(self, link: dict[str, object]) -> _Link:
+        state = link.get("state")
+        if state is None:
+            state = link["state"] = _Link()
+            self.owner.links.append(state)
+        assert isinstance(state, _Link)
+        return state
+
+    async def up(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, link: dict[str, object]) -> None:
+        await self.owner.pipe(self._state(link), r, w, True)
+
+    async def down(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, link: dict[str, object]) -> None:
+        await self.owner.pipe(self._state(link), r, w, False)
 
 
 # a recording upstream ----------------------------------------------------------------------------
