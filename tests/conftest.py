@@ -371,6 +371,18 @@ async def start_replica(cfg: config_mod.Config, stack: contextlib.AsyncExitStack
     return replica
 
 
+async def command_calls(redis: Redis, command: str) -> int:
+    """How many times the redis-server has run `command` (lower case), scripts' calls included
+    (INFO commandstats): a test counts what a replica asked of Redis between two reads of it."""
+    stats = await redis.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def get_calls(redis: Redis) -> int:
+    """GETs run so far: reading a key is one GET (store.get_by_hash)."""
+    return await command_calls(redis, "get")
+
+
 async def migrations_over(*replicas: Replica, seconds: float = 15.0) -> None:
     """Wait until each replica's startup layout migrations (runtime/replica.py `_migrate`) have
     ended: they SCAN the database and run a script that GETs, so a test that counts Redis commands
@@ -434,7 +446,9 @@ __all__ = [
     "ProxyTestServer",
     "RedisProcess",
     "cheap_hash",
+    "command_calls",
     "free_port",
+    "get_calls",
     "make_config",
     "migrations_over",
     "web",

@@ -29,7 +29,7 @@ from redis.asyncio import Redis
 
 from gateway.keytable.cache import MISS
 from gateway.keytable.record import KeyRecord, digest
-from tests.conftest import Gateway, RedisProcess, free_port, migrations_over
+from tests.conftest import Gateway, RedisProcess, free_port, get_calls, migrations_over
 
 ERROR_FIELDS = {"code", "title", "detail", "status", "type"}
 GENERATED_REQUEST_ID = re.compile(r"req_[0-9A-Za-z]+")
@@ -435,24 +435,19 @@ async def test_a_cached_key_is_served_without_reading_redis_again(gw: Gateway, r
         assert time.monotonic() < deadline, "the replica never became ready"
         await asyncio.sleep(0.05)
     await migrations_over(gw.replica)
+    # GETs, not every data command: the replica's heartbeat script runs every `health_check_seconds`.
 
-    async def redis_gets() -> int:
-        """GETs run so far: reading a key is one GET (store.get_by_hash). Not every data command:
-        the replica's heartbeat script runs every `health_check_seconds`, whatever the requests do."""
-        stats = await redis.info("commandstats")
-        return int(stats.get("cmdstat_get", {}).get("calls", 0))
-
-    before = await redis_gets()
+    before = await get_calls(redis)
     async with await gw.call("GET", "/api/hello", key=key) as r:
         await assert_forwarded(r)
-    after_first = await redis_gets()
+    after_first = await get_calls(redis)
     assert after_first > before, "the first request should read the key table"
     cached = gw.replica.cache.get(digest(key))
     assert isinstance(cached, KeyRecord)
 
     async with await gw.call("GET", "/api/hello", key=key) as r:
         await assert_forwarded(r)
-    assert await redis_gets() == after_first, "the second request read Redis although the key was cached"
+    assert await get_calls(redis) == after_first, "the second request read Redis although the key was cached"
 
 
 # upstream_unavailable / upstream_timeout ----------------------------------------------------

@@ -42,7 +42,16 @@ from gateway.keytable.cache import NEGATIVE_MAX
 from gateway.keytable.record import KeyRecord, digest
 from gateway.runtime.replica import Replica, build
 from gateway.runtime.serve import listen_client
-from tests.conftest import AdminTokens, Gateway, RedisProcess, free_port, make_config, migrations_over, serve_replica
+from tests.conftest import (
+    AdminTokens,
+    Gateway,
+    RedisProcess,
+    free_port,
+    get_calls,
+    make_config,
+    migrations_over,
+    serve_replica,
+)
 from tests.loopback import LoopbackServer
 
 MIB = 1024 * 1024
@@ -1045,12 +1054,6 @@ async def test_large_bodies_stream_through_a_served_gateway_with_bounded_memory(
 
 
 # --- 5. single flight ------------------------------------------------------------------------------
-
-
-async def get_calls(redis: Redis) -> int:
-    """How many GETs the redis-server has run (the key lookup is one GET; nothing else uses GET here)."""
-    stats = await redis.info("commandstats")
-    return int(stats.get("cmdstat_get", {}).get("calls", 0))
 
 
 PAUSE_MS = 2000

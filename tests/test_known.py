@@ -40,7 +40,7 @@ from gateway.keytable import record as keys
 from gateway.keytable.keyfilter import KnownKeys
 from gateway.keytable.record import KeyRecord
 from gateway.keytable.store import KeyStore
-from tests.conftest import Gateway, migrations_over
+from tests.conftest import Gateway, get_calls, migrations_over
 
 WAIT = 5.0  # bound on every wait for something asynchronous
 
@@ -84,12 +84,6 @@ async def proxy(gw: Gateway, key: str) -> tuple[int, str | None]:
         if r.headers.get("X-Upstream") == "echo":
             return r.status, None
         return r.status, orjson.loads(body)["error"]["code"]
-
-
-async def get_calls(redis: Redis) -> int:
-    """How many GETs the redis-server has run (the key lookup is one GET)."""
-    stats = await redis.info("commandstats")
-    return int(stats.get("cmdstat_get", {}).get("calls", 0))
 
 
 async def two_replicas(gateway_factory: Callable[..., Any], **overrides: Any) -> tuple[Gateway, Gateway]:

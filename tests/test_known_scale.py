@@ -21,7 +21,6 @@ import asyncio
 import dataclasses
 import hashlib
 import secrets
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -33,7 +32,7 @@ from redis.asyncio import Redis
 from gateway.keytable import record as keys
 from gateway.keytable.keyfilter import KnownKeys, Prefixes
 from gateway.keytable.store import KeyStore
-from tests.conftest import Gateway, migrations_over
+from tests.conftest import Gateway, command_calls, migrations_over
 from tests.test_known import WAIT, filter_ready, hold_resubscription, proxy, random_key, settle, two_replicas, until
 
 # Writes n records' names server-side (fast): hash i = sha1(seed..i) .. first 24 hex of sha1('x'..seed..i).
@@ -151,27 +150,7 @@ async def test_a_break_during_a_batched_rebuild_leaves_it_not_ready() -> None:
 
 
 async def scans(redis: Redis) -> int:
-    stats = await redis.info("commandstats")
-    return int(stats.get("cmdstat_scan", {}).get("calls", 0))
-
-
-async def migrations_done(gw: Gateway, redis: Redis) -> None:
-    """Both replicas' one-time audit migration (runtime/replica.py) scans the database once its
-    key filter is ready: wait until it is over (audit-moved set, SCAN calls steady) before
-    counting the scans that resubscribing causes."""
-    await migrations_over(gw.replica)
-    deadline = time.monotonic() + 15
-    while not await redis.exists(gw.replica.store.prefix + "audit-moved"):
-        assert time.monotonic() < deadline, "the audit migration did not finish"
-        await asyncio.sleep(0.05)
-    last = await scans(redis)
-    while True:
-        await asyncio.sleep(0.3)
-        now = await scans(redis)
-        if now == last:
-            return
-        assert time.monotonic() < deadline, "the SCAN calls never settled"
-        last = now
+    return await command_calls(redis, "scan")
 
 
 async def out_and_back(
@@ -219,7 +198,7 @@ async def test_a_resubscribing_replica_catches_up_from_the_change_log_without_a_
     known_b = await filter_ready(gw_b)
     assert known_b.checkpoint is not None, "the first build must remember where the log stood"
     await filter_ready(gw_a)
-    await migrations_done(gw_a, redis)
+    await migrations_over(gw_a.replica, gw_b.replica)  # each scans the database once (runtime/replica.py)
     rebuilds = dict(gw_b.replica.subscriber.rebuilds)
     size = len(known_b)
     scans_before = await scans(redis)
