@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -53,6 +53,7 @@ class Relay:
         self.redis_port = redis_port
         self.server: asyncio.Server | None = None
         self.links: set[asyncio.Task[None]] = set()
+        self.writers: set[asyncio.StreamWriter] = set()  # every socket open, both sides
 
     @property
     def url(self) -> str:
@@ -60,7 +61,7 @@ class Relay:
         return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
 
     async def start(self) -> None:
-        self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._accepted, "127.0.0.1", 0)
 
     async def close(self) -> None:
         if self.server is not None:
@@ -68,6 +69,9 @@ class Relay:
         for task in list(self.links):
             task.cancel()
         await asyncio.gather(*self.links, return_exceptions=True)
+        # A link cancelled before it ever ran closed nothing: its client socket is still here.
+        await _close(self.writers)
+        self.writers.clear()
         if self.server is not None:
             await self.server.wait_closed()  # on 3.12+ this waits for the connections, ended above
 
@@ -83,15 +87,21 @@ class Relay:
         """Redis -> client."""
         await pipe(r, w)
 
+    def _accepted(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        """A plain callback, called as the connection is made: the socket is known to `close` from
+        its first moment, before the link's task runs (or is cancelled without ever running)."""
+        self.writers.add(client_w)
+        task = asyncio.get_running_loop().create_task(self._link(client_r, client_w))
+        self.links.add(task)
+        task.add_done_callback(self.links.discard)
+
     async def _link(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        this = asyncio.current_task()
-        assert this is not None
-        self.links.add(this)
         writers = [client_w]
         tasks: list[asyncio.Task[None]] = []
         try:
             redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.port())
             writers.append(redis_w)
+            self.writers.add(redis_w)
             link: dict[str, object] = {}
             tasks = [asyncio.create_task(self.up(client_r, redis_w, link)),
                      asyncio.create_task(self.down(redis_r, client_w, link))]  # fmt: skip
@@ -100,11 +110,18 @@ class Relay:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            for w in writers:
-                w.close()
-                with contextlib.suppress(Exception):
-                    await w.wait_closed()
-            self.links.discard(this)
+            self.writers.difference_update(writers)
+            await _close(writers)
+
+
+async def _close(writers: Iterable[asyncio.StreamWriter]) -> None:
+    """Close every one at once (closing is immediate), then wait until each is closed."""
+    writers = list(writers)
+    for w in writers:
+        w.close()
+    for w in writers:
+        with contextlib.suppress(Exception):
+            await w.wait_closed()
 
 
 async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
